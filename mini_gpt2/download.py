@@ -1,0 +1,137 @@
+"""
+Fetch files over HTTP into a local cache: streamed, resumable, verified.
+
+The Hugging Face hub answers `/<repo>/resolve/main/<file>` for a large file with a redirect to
+its CDN, and tells the file's size and sha256 in the `X-Linked-Size` and `X-Linked-Etag` headers.
+We read those first, download to `<name>.incomplete` (continuing it with an HTTP Range request
+if an earlier try was cut off), check size and sha256, and only then rename to the final name:
+the cache never holds a broken file under a name that looks finished.
+"""
+
+import hashlib
+import os
+import time
+from pathlib import Path
+from urllib.parse import urljoin, urlparse
+
+import requests
+from tqdm import tqdm
+
+HF_ENDPOINT = "https://huggingface.co"
+CHUNK = 1 << 16
+TIMEOUT = 30  # seconds without a byte before we give up on a connection
+RETRIES = 5  # how many times a dropped download is resumed before failing
+
+
+class DownloadError(RuntimeError):
+    """A download failed; the message is one line, fit to show the user as it is."""
+
+
+def cache_dir():
+    """Where downloads go: $MINI_GPT2_CACHE, else ~/.cache/mini_gpt2."""
+    return Path(os.environ.get("MINI_GPT2_CACHE") or Path.home() / ".cache" / "mini_gpt2")
+
+
+def hub_url(repo, filename):
+    """The URL of a file in a hub repository ($HF_ENDPOINT replaces the hub, as in Hugging Face's tools)."""
+    endpoint = os.environ.get("HF_ENDPOINT") or HF_ENDPOINT
+    return f"{endpoint.rstrip('/')}/{repo}/resolve/main/{filename}"
+
+
+def hub_download(repo, filename):
+    """Download one file of a hub repository into the cache (if not there yet) and return its path."""
+    token = os.environ.get("HF_TOKEN")
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return download(hub_url(repo, filename), cache_dir() / repo.replace("/", "--") / filename, headers)
+
+
+def download(url, dest, headers=None, what=None):
+    """Download `url` to `dest` unless it is already there. Returns `dest` (a Path)."""
+    dest = Path(dest)
+    if dest.exists():
+        return dest
+    headers = dict(headers or {})
+    hint = f"download {url} by hand (e.g. in a browser) and save it as {dest}"
+    try:
+        return _download(url, dest, headers, what or dest.name)
+    except DownloadError as e:
+        raise DownloadError(f"{e}; {hint}") from None
+    except requests.RequestException as e:
+        reason = type(e).__name__ if isinstance(e, requests.ConnectionError) else str(e).splitlines()[0]
+        raise DownloadError(f"could not download {url} ({reason}); {hint}") from None
+
+
+def _download(url, dest, headers, what):
+    # 1. Ask where the file lives and what it should be, without fetching it yet.
+    r = requests.head(url, headers=headers, allow_redirects=False, timeout=TIMEOUT)
+    if r.is_redirect:
+        location = urljoin(url, r.headers["Location"])
+        if urlparse(location).netloc != urlparse(url).netloc:
+            headers.pop("Authorization", None)  # the token is for the hub, not for its CDN
+    elif r.ok:
+        location = url
+    else:
+        raise DownloadError(f"could not download {url} (HTTP {r.status_code})")
+    size = r.headers.get("X-Linked-Size") or (None if r.is_redirect else r.headers.get("Content-Length"))
+    size = int(size) if size else None
+    sha256 = (r.headers.get("X-Linked-Etag") or "").removeprefix("W/").strip('"') or None
+    if sha256 and len(sha256) != 64:  # a small file's ETag is a git hash, not a sha256
+        sha256 = None
+
+    # 2. Fetch into dest.incomplete, resuming whatever an earlier try left there.
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".incomplete")
+    for attempt in range(RETRIES + 1):
+        have = part.stat().st_size if part.exists() else 0
+        if size is not None and have == size:
+            break
+        try:
+            _fetch(location, part, have, size, headers, what)
+            break
+        except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError, requests.Timeout):
+            if attempt == RETRIES:
+                raise
+            time.sleep(min(2**attempt, 10) * 0.1)
+
+    # 3. Verify, then publish under the final name.
+    have = part.stat().st_size
+    if size is not None and have != size:
+        part.unlink()
+        raise DownloadError(f"{url}: got {have} bytes, expected {size}")
+    if sha256:
+        got = sha256_of(part, what)
+        if got != sha256:
+            part.unlink()
+            raise DownloadError(f"{url}: sha256 {got} does not match the published {sha256}")
+    os.replace(part, dest)
+    return dest
+
+
+def _fetch(url, part, have, size, headers, what):
+    """One GET, appending to `part` from byte `have` on."""
+    h = dict(headers, **({"Range": f"bytes={have}-"} if have else {}))
+    with requests.get(url, headers=h, stream=True, timeout=TIMEOUT) as r:
+        if r.status_code == 416 and size is None:  # we already have everything
+            return
+        if r.status_code not in (200, 206):
+            raise DownloadError(f"could not download {url} (HTTP {r.status_code})")
+        if r.status_code == 200:
+            have = 0  # the server ignored our Range: start again
+        total = size or (have + int(r.headers["Content-Length"]) if "Content-Length" in r.headers else None)
+        with open(part, "ab" if have else "wb") as f, tqdm(
+            total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024, desc=what
+        ) as bar:
+            for chunk in r.iter_content(CHUNK):
+                f.write(chunk)
+                bar.update(len(chunk))
+
+
+def sha256_of(path, what="file"):
+    h = hashlib.sha256()
+    with open(path, "rb") as f, tqdm(
+        total=os.path.getsize(path), unit="B", unit_scale=True, unit_divisor=1024, desc=f"checking {what}", leave=False
+    ) as bar:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+            bar.update(len(chunk))
+    return h.hexdigest()

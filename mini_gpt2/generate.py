@@ -1,0 +1,90 @@
+"""
+Text generation with a KV cache: the prompt runs through the model once, then each step feeds
+only the newest token and reads everything earlier from the cache.
+
+Prompts of different lengths share a batch by left-padding: the pads sit before the prompt, are
+masked out as keys, and do not count as positions, so each row computes exactly what it would
+compute alone.
+"""
+
+import torch
+
+from .tokenizer import EOT
+
+
+@torch.no_grad()
+def generate(model, prompts, max_new_tokens, *, temperature=0.0, top_k=None, stop_ids=(EOT,),
+             past_kv=None, past_valid=None, past_positions=None, generator=None):
+    """
+    prompts:        list of token-id lists, lengths may differ
+    max_new_tokens: int, or one int per prompt
+    temperature:    0 for greedy; else sample from softmax(logits / temperature), over the top_k if given
+    stop_ids:       a row ends when it produces one of these (it is not returned)
+    past_kv, past_valid, past_positions: an optional cache placed before the prompts (e.g. a prefix):
+                    one (k, v) per layer, each (B, nh, P, hd); which of its P entries are real (B, P)
+                    bool; how many positions they used (B,) ints, where the prompt's positions start
+    returns one list of new token ids per prompt
+    """
+    device = model.wte.weight.device
+    B, n_pos = len(prompts), model.config.n_positions
+    limits = [max_new_tokens] * B if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    starts = [0] * B if past_positions is None else [int(p) for p in past_positions]
+    for p, s, m in zip(prompts, starts, limits):
+        if len(p) == 0:
+            raise ValueError("empty prompt")
+        if s + len(p) + m > n_pos:
+            raise ValueError(f"{s + len(p)} prompt positions + {m} new tokens is more than GPT-2's {n_pos} positions")
+
+    # Left-pad into one (B, T) tensor; `valid` marks real tokens.
+    T = max(len(p) for p in prompts)
+    idx = torch.zeros(B, T, dtype=torch.long, device=device)
+    valid = torch.zeros(B, T, dtype=torch.bool, device=device)
+    for b, p in enumerate(prompts):
+        idx[b, T - len(p):] = torch.tensor(p, device=device)
+        valid[b, T - len(p):] = True
+    start = torch.tensor(starts, device=device)
+    pos = start[:, None] + (valid.cumsum(1) - 1).clamp(min=0)  # pads get a dummy position, unused
+    if past_kv is not None and past_valid is None:
+        past_valid = torch.ones(B, past_kv[0][0].size(2), dtype=torch.bool, device=device)
+    keys_valid = valid if past_kv is None else torch.cat([past_valid, valid], dim=1)  # (B, S)
+
+    # Prefill: the whole prompt at once. Query t sees real keys up to itself.
+    S = keys_valid.size(1)
+    causal = torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=S - T)
+    h, cache = model.hidden(idx, past_kv, keys_valid[:, None, :] & causal, pos)
+    logits = model.lm_head(h[:, -1])  # (B, vocab): only the last position predicts
+    next_pos = start + valid.sum(1)
+
+    out = [[] for _ in range(B)]
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    stop = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
+    limit = torch.tensor(limits, device=device)
+    all_valid = bool(keys_valid.all())
+    for step in range(max(limits)):
+        tok = _pick(logits, temperature, top_k, generator)  # (B,)
+        done |= torch.isin(tok, stop) | (limit <= step)
+        tok = tok.masked_fill(done, EOT)  # finished rows keep running on a harmless token
+        new = tok.tolist()
+        finished = done.tolist()
+        for b in range(B):
+            if not finished[b]:
+                out[b].append(new[b])
+        if all(finished) or step == max(limits) - 1:
+            break
+        # One step: feed the new tokens, attend to everything cached that is real.
+        keys_valid = torch.cat([keys_valid, torch.ones(B, 1, dtype=torch.bool, device=device)], dim=1)
+        mask = None if all_valid else keys_valid[:, None, :]
+        h, cache = model.hidden(tok[:, None], cache, mask, next_pos[:, None])
+        logits = model.lm_head(h[:, -1])
+        next_pos = next_pos + 1
+    return out
+
+
+def _pick(logits, temperature, top_k, generator):
+    if not temperature:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)[:, 0]

@@ -1,0 +1,110 @@
+"""
+Load OpenAI's released GPT-2 weights (as the Hugging Face hub stores them) into our model.
+
+Two things to know about those files:
+- They come in two key layouts: the hub's original files name tensors `h.0.attn.c_attn.weight`
+  and carry `h.N.attn.bias` (a saved causal-mask buffer, not a weight); `save_pretrained` writes
+  `transformer.h.0.attn.c_attn.weight`. We accept both.
+- OpenAI's code used "Conv1D" layers, a linear layer whose weight is stored [in, out]. nn.Linear
+  keeps [out, in], so those four matrices per block are transposed on the way in.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .download import hub_download
+from .model import CONFIGS, GPT, GPTConfig
+
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+NOT_WEIGHTS = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers some files carry
+
+
+def default_device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device):
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def resolve(name_or_path):
+    """A size name, a folder, or a .safetensors file -> (weights file, config.json or None)."""
+    p = Path(name_or_path)
+    if name_or_path in CONFIGS and not p.exists():
+        repo = f"openai-community/{name_or_path}"
+        return hub_download(repo, "model.safetensors"), hub_download(repo, "config.json")
+    if p.is_dir():
+        weights = p / "model.safetensors"
+        if not weights.exists():
+            raise FileNotFoundError(f"{p} holds no model.safetensors")
+    elif p.suffix == ".safetensors" and p.exists():
+        weights = p
+    else:
+        raise FileNotFoundError(
+            f"{name_or_path!r} is neither a model size ({', '.join(CONFIGS)}) nor a folder or .safetensors file"
+        )
+    config = weights.parent / "config.json"
+    return weights, (config if config.exists() else None)
+
+
+def from_pretrained(name_or_path, device=None, dtype=None):
+    """
+    Build a GPT from released weights: `gpt2`, `gpt2-medium`, `gpt2-large`, `gpt2-xl` (downloaded
+    from the hub and cached), a folder with model.safetensors and config.json, or a .safetensors
+    file. Default: bfloat16 on CUDA, float32 on CPU.
+    """
+    device = torch.device(device or default_device())
+    dtype = dtype or default_dtype(device)
+    weights, config_file = resolve(name_or_path)
+    with safe_open(weights, framework="pt") as f:
+        names = {_canonical(k): k for k in f.keys() if not k.endswith(NOT_WEIGHTS)}
+        if config_file is not None:
+            config = GPTConfig.from_dict(json.loads(Path(config_file).read_text()))
+        else:
+            config = _guess_config(f, names, weights)
+
+        # Build on the meta device: shapes only, no memory, no random init thrown away.
+        with torch.device("meta"):
+            model = GPT(config)
+        expected = {k: v.shape for k, v in model.state_dict().items() if k != "lm_head.weight"}
+        names.pop("lm_head.weight", None)  # tied to wte: nothing to load
+        missing, unexpected = sorted(expected.keys() - names.keys()), sorted(names.keys() - expected.keys())
+        if missing or unexpected:
+            raise ValueError(f"{weights}: missing tensors {_few(missing)}, unexpected tensors {_few(unexpected)}")
+
+        # One tensor at a time: read, transpose if Conv1D, move to the target dtype and device.
+        # get_tensor maps the file rather than reading it, and .t() is a view (nn.Linear's matmul
+        # reads a transposed weight just as fast), so in float32 on the CPU nothing is copied.
+        state = {}
+        for name, key in names.items():
+            t = f.get_tensor(key)
+            if name.endswith(CONV1D):
+                t = t.t()
+            if t.shape != expected[name]:
+                raise ValueError(f"{weights}: {key} has shape {tuple(t.shape)}, expected {tuple(expected[name])}")
+            state[name] = t.to(device=device, dtype=dtype)
+    model.load_state_dict(state, strict=False, assign=True)
+    model.lm_head.weight = model.wte.weight  # assign=True replaced wte.weight: tie again
+    return model.eval()
+
+
+def _canonical(key):
+    return key.removeprefix("transformer.")
+
+
+def _few(names):
+    return "none" if not names else ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
+def _guess_config(f, names, weights):
+    """No config.json: read the sizes off the tensors and recognise one of the released models."""
+    vocab, n_embd = f.get_slice(names["wte.weight"]).get_shape()
+    n_layer = len({n.split(".")[1] for n in names if n.startswith("h.")})
+    for config in CONFIGS.values():
+        if (config.n_layer, config.n_embd, config.vocab_size) == (n_layer, n_embd, vocab):
+            return config
+    raise ValueError(f"{weights}: not a released GPT-2 size; put its config.json beside it")
+

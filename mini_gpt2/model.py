@@ -1,0 +1,166 @@
+"""
+GPT-2, the whole model in one file.
+
+    tokens -> wte + wpe -> [ln_1 -> attention -> + -> ln_2 -> MLP -> +] x n_layer -> ln_f -> lm_head
+
+Shapes in the comments: B batch, T new tokens, S = past + T keys, C = n_embd,
+nh = n_head, hd = head dim (C // nh).
+
+The attention keeps a per-layer cache of past keys and values. Those entries need not come from
+tokens: prefix-tuning (prefix.py) puts learned keys/values there, which is why attention also
+takes an explicit mask and explicit position ids.
+"""
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    n_positions: int = 1024  # the longest sequence the learned position table covers
+    vocab_size: int = 50257
+    layer_norm_epsilon: float = 1e-5
+
+    @property
+    def head_dim(self):
+        return self.n_embd // self.n_head
+
+    @classmethod
+    def from_dict(cls, d):
+        """Read the fields we use from a Hugging Face config.json (extra keys are ignored)."""
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+
+
+# The four released sizes; the one place these numbers live.
+CONFIGS = {
+    "gpt2": GPTConfig(n_layer=12, n_head=12, n_embd=768),         # 124M
+    "gpt2-medium": GPTConfig(n_layer=24, n_head=16, n_embd=1024),  # 350M
+    "gpt2-large": GPTConfig(n_layer=36, n_head=20, n_embd=1280),   # 774M
+    "gpt2-xl": GPTConfig(n_layer=48, n_head=25, n_embd=1600),      # 1558M
+}
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads at once
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+
+    def forward(self, x, past=None, mask=None):
+        """
+        x:    (B, T, C) the new tokens
+        past: None or (k, v), each (B, nh, P, hd): keys/values placed before these tokens
+        mask: None (every key visible) or bool (B or 1, 1, T, S), True where a query may look
+        returns (B, T, C) and this layer's (k, v), each (B, nh, S, hd), S = P + T
+        """
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        # split the channels into heads: (B, T, C) -> (B, nh, T, hd)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        if past is not None:
+            k = torch.cat([past[0], k], dim=2)
+            v = torch.cat([past[1], v], dim=2)
+
+        # every query against every key: (B, nh, T, hd) @ (B, nh, hd, S) -> (B, nh, T, S)
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+        if mask is not None:
+            # The most negative finite number rather than -inf: a row with nothing visible
+            # (a padding query) then gives a harmless average instead of NaN.
+            att = att.masked_fill(~mask, torch.finfo(att.dtype).min)
+        att = F.softmax(att, dim=-1, dtype=torch.float32).to(v.dtype)
+        y = att @ v  # (B, nh, T, S) @ (B, nh, S, hd) -> (B, nh, T, hd)
+        y = y.transpose(1, 2).reshape(B, T, C)  # heads side by side again
+        return self.c_proj(y), (k, v)
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+
+    def forward(self, x):
+        # GPT-2 was trained with the tanh approximation of GELU; the exact erf form differs a little.
+        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: normalise, then add each sub-layer's output to the residual."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(self, x, past=None, mask=None):
+        a, kv = self.attn(self.ln_1(x), past, mask)
+        x = x + a
+        x = x + self.mlp(self.ln_2(x))
+        return x, kv
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)  # token embeddings
+        self.wpe = nn.Embedding(config.n_positions, config.n_embd)  # learned position embeddings
+        self.h = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # GPT-2 reads out with its input embedding matrix
+
+    def hidden(self, idx, past_kv=None, attn_mask=None, position_ids=None, grad_checkpoint=False):
+        """
+        The model up to ln_f, plus the cache. Callers that want only some positions' logits
+        (generation, the training loss) apply lm_head to just those.
+
+        idx:          (B, T) token ids
+        past_kv:      None or a list with one (k, v) per layer, each (B, nh, P, hd)
+        attn_mask:    None for plain causal attention after the past, else bool (B, T, P + T)
+        position_ids: None for P, P+1, ... (the past are earlier tokens), else (B, T) or (T,)
+        returns (B, T, C) and the new cache: one (k, v) per layer, each (B, nh, P + T, hd)
+        """
+        B, T = idx.shape
+        P = 0 if past_kv is None else past_kv[0][0].size(2)
+        if position_ids is None:
+            if P + T > self.config.n_positions:
+                raise ValueError(f"{P + T} positions, but GPT-2 has only {self.config.n_positions}")
+            position_ids = torch.arange(P, P + T, device=idx.device)
+        if attn_mask is not None:
+            mask = attn_mask[:, None]  # (B, 1, T, S): the same for every head
+        elif T > 1:
+            # causal: query t sees every past entry and the new tokens up to itself
+            mask = torch.ones(T, P + T, dtype=torch.bool, device=idx.device).tril(diagonal=P)
+        else:
+            mask = None  # one new token may look at everything
+
+        x = self.wte(idx) + self.wpe(position_ids)  # (B, T, C)
+        present = []
+        for i, block in enumerate(self.h):
+            past = None if past_kv is None else past_kv[i]
+            if grad_checkpoint and torch.is_grad_enabled():
+                # keep only the block's input; recompute its insides during backward
+                x, kv = checkpoint(block, x, past, mask, use_reentrant=False)
+            else:
+                x, kv = block(x, past, mask)
+            present.append(kv)
+        return self.ln_f(x), present
+
+    def forward(self, idx, past_kv=None, attn_mask=None, position_ids=None):
+        """Logits (B, T, vocab_size) for every position."""
+        return self.lm_head(self.hidden(idx, past_kv, attn_mask, position_ids)[0])

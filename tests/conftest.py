@@ -1,0 +1,60 @@
+"""Shared fixtures: tiny GPT-2 checkpoints with random weights, written in the official file format."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+# The GPT-2 tokenizer files, prefilled for machines without internet.
+_cache = Path(__file__).resolve().parents[2] / "shared" / "tiktoken_cache"
+if "TIKTOKEN_CACHE_DIR" not in os.environ and _cache.exists():
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(_cache)
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def make_checkpoint(folder, n_layer=2, n_head=5, n_embd=80, n_positions=128, vocab_size=50257,
+                    layout="save_pretrained", seed=0):
+    """
+    A GPT-2 with random weights, saved by transformers' save_pretrained (the `transformer.`
+    key layout) or rewritten in the hub's original layout (no prefix, `h.N.attn.bias` buffers).
+    The weights are drawn wide (not GPT-2's tiny init) so that every matrix matters, and not
+    symmetric, so a missed transpose shows. Returns the transformers model, in eval mode.
+    """
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=n_positions,
+                        vocab_size=vocab_size, bos_token_id=vocab_size - 1, eos_token_id=vocab_size - 1)
+    model = GPT2LMHeadModel(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("ln_1.weight") or name.endswith("ln_2.weight") or name.endswith("ln_f.weight"):
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            else:
+                p.normal_(0, 0.15)
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    if layout == "hub":
+        path = folder / "model.safetensors"
+        from safetensors.torch import load_file
+
+        sd = {k.removeprefix("transformer."): v for k, v in load_file(path).items()}
+        for i in range(n_layer):
+            sd[f"h.{i}.attn.bias"] = torch.ones(1, 1, n_positions, n_positions).tril()
+        save_file(sd, path, metadata={"format": "pt"})
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory):
+    """(folder, transformers model) of a tiny random GPT-2 with the real vocabulary."""
+    folder = tmp_path_factory.mktemp("tiny")
+    return folder, make_checkpoint(folder)
+
+
+def read_config(folder):
+    return json.loads((Path(folder) / "config.json").read_text())

@@ -1,0 +1,131 @@
+import pytest
+import torch
+
+import mini_gpt2
+from mini_gpt2 import from_pretrained, generate
+from tests.conftest import make_checkpoint
+
+
+@pytest.mark.parametrize("layout", ["save_pretrained", "hub"])
+@pytest.mark.parametrize("n_head,n_embd", [(5, 80), (4, 64)])  # 5 heads of 16: an odd count, like XL's 25
+def test_logits_match_transformers(tmp_path, layout, n_head, n_embd):
+    ref = make_checkpoint(tmp_path, n_head=n_head, n_embd=n_embd, layout=layout, seed=n_head)
+    model = from_pretrained(tmp_path, device="cpu")
+    idx = torch.randint(0, 50257, (3, 37))
+    with torch.no_grad():
+        ours, theirs = model(idx), ref(idx).logits
+    assert ours.shape == (3, 37, 50257)
+    assert (ours - theirs).abs().max().item() <= 1e-4
+    assert theirs.std() > 1  # the weights are wide enough that a wrong transpose could not hide
+
+
+def test_hub_layout_file_loads_without_config(tmp_path):
+    # A bare .safetensors of a released size: the sizes are read off the tensors.
+    make_checkpoint(tmp_path, n_layer=12, n_head=12, n_embd=768, n_positions=1024, layout="hub")
+    (tmp_path / "config.json").unlink()
+    model = from_pretrained(tmp_path / "model.safetensors", device="cpu")
+    assert model.config == mini_gpt2.CONFIGS["gpt2"]
+
+
+def test_loads_into_requested_dtype(tiny_ckpt):
+    model = from_pretrained(tiny_ckpt[0], device="cpu", dtype=torch.bfloat16)
+    tensors = list(model.parameters()) + list(model.buffers())
+    assert all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in tensors)
+    assert model.lm_head.weight is model.wte.weight
+
+
+def test_bad_checkpoints_name_the_tensors(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    make_checkpoint(tmp_path)
+    path = tmp_path / "model.safetensors"
+    good = load_file(path)
+
+    sd = dict(good)
+    del sd["transformer.h.1.mlp.c_fc.weight"]
+    sd["transformer.h.1.mlp.extra"] = torch.zeros(3)
+    save_file(sd, path)
+    with pytest.raises(ValueError, match=r"missing tensors h\.1\.mlp\.c_fc\.weight.*unexpected tensors h\.1\.mlp\.extra"):
+        from_pretrained(tmp_path, device="cpu")
+
+    sd = dict(good)
+    sd["transformer.h.0.attn.c_proj.weight"] = torch.zeros(80, 81)
+    save_file(sd, path)
+    with pytest.raises(ValueError, match=r"transformer\.h\.0\.attn\.c_proj\.weight has shape \(81, 80\)"):
+        from_pretrained(tmp_path, device="cpu")
+
+
+def test_missing_files_say_what_is_wrong(tmp_path):
+    with pytest.raises(FileNotFoundError, match="neither a model size"):
+        from_pretrained(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        from_pretrained(tmp_path)
+
+
+def test_greedy_matches_transformers_generate(tiny_ckpt):
+    folder, ref = tiny_ckpt
+    model = from_pretrained(folder, device="cpu")
+    prompt = [464, 2068, 7586, 21831, 18045, 625]
+    ours = generate(model, [prompt], 24, stop_ids=())[0]
+    with torch.no_grad():
+        theirs = ref.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False, eos_token_id=None,
+                              pad_token_id=0)[0, len(prompt):].tolist()
+    assert len(ours) == 24
+    assert ours == theirs
+
+
+def test_cached_decoding_equals_full_recompute(tiny_ckpt):
+    model = from_pretrained(tiny_ckpt[0], device="cpu")
+    idx = torch.randint(0, 50257, (2, 30))
+    with torch.no_grad():
+        full = model(idx)
+        h, cache = model.hidden(idx[:, :10])  # a prompt of 10, then one token at a time
+        steps = [model.lm_head(h)]
+        for t in range(10, 30):
+            h, cache = model.hidden(idx[:, t:t + 1], cache)
+            steps.append(model.lm_head(h))
+    assert cache[0][0].shape == (2, 5, 30, 16)
+    assert (torch.cat(steps, 1) - full).abs().max().item() <= 1e-4
+
+
+def test_batched_prompts_of_different_lengths_match_one_by_one(tiny_ckpt):
+    model = from_pretrained(tiny_ckpt[0], device="cpu")
+    prompts = [[10, 20, 30], [5, 6, 7, 8, 9, 10, 11], [42]]
+    batched = generate(model, prompts, 12, stop_ids=())
+    alone = [generate(model, [p], 12, stop_ids=())[0] for p in prompts]
+    assert batched == alone
+
+
+def test_stop_ids_and_per_row_limits(tiny_ckpt):
+    model = from_pretrained(tiny_ckpt[0], device="cpu")
+    free = generate(model, [[1, 2, 3]], 10, stop_ids=())[0]
+    stop = free[4]
+    out = generate(model, [[1, 2, 3], [1, 2, 3]], [10, 2], stop_ids=(stop,))
+    assert out[0] == free[:free.index(stop)]  # ends before the stop token, which is not returned
+    assert out[1] == free[:2]
+
+
+def test_sampling(tiny_ckpt):
+    model = from_pretrained(tiny_ckpt[0], device="cpu")
+    greedy = generate(model, [[1, 2, 3]], 8, stop_ids=())
+    assert generate(model, [[1, 2, 3]], 8, temperature=1.0, top_k=1, stop_ids=()) == greedy
+    runs = [generate(model, [[1, 2, 3]], 8, temperature=1.5, stop_ids=(), generator=torch.Generator().manual_seed(s))
+            for s in (0, 0, 1)]
+    assert runs[0] == runs[1] != runs[2]
+
+
+def test_never_runs_past_the_context(tiny_ckpt):
+    model = from_pretrained(tiny_ckpt[0], device="cpu")  # n_positions = 128
+    with pytest.raises(ValueError, match="more than GPT-2's 128 positions"):
+        generate(model, [[1] * 100], 29)
+    assert len(generate(model, [[1] * 100], 28, stop_ids=())[0]) == 28
+    with pytest.raises(ValueError, match="positions"):
+        model(torch.zeros(1, 129, dtype=torch.long))
+
+
+def test_tokenizer_round_trips_french():
+    text = "L’été, à l’hôtel « Beauséjour », Noël rêvait : « Où êtes-vous ? » — Ça m’étonne !"
+    ids = mini_gpt2.encode(text)
+    assert mini_gpt2.decode(ids) == text
+    assert mini_gpt2.encode("<|endoftext|>") != [mini_gpt2.EOT]  # special tokens are never made from text
+    assert mini_gpt2.decode([mini_gpt2.EOT]) == "<|endoftext|>"
