@@ -25,7 +25,6 @@ def generate(model, prompts, max_new_tokens, *, temperature=0.0, top_k=None, sto
                     bool; how many positions they used (B,) ints, where the prompt's positions start
     returns one list of new token ids per prompt
     """
-    device = model.wte.weight.device
     B, n_pos = len(prompts), model.config.n_positions
     limits = [max_new_tokens] * B if isinstance(max_new_tokens, int) else list(max_new_tokens)
     starts = [0] * B if past_positions is None else [int(p) for p in past_positions]
@@ -35,26 +34,9 @@ def generate(model, prompts, max_new_tokens, *, temperature=0.0, top_k=None, sto
         if s + len(p) + m > n_pos:
             raise ValueError(f"{s + len(p)} prompt positions + {m} new tokens is more than GPT-2's {n_pos} positions")
 
-    # Left-pad into one (B, T) tensor; `valid` marks real tokens.
-    T = max(len(p) for p in prompts)
-    idx = torch.zeros(B, T, dtype=torch.long, device=device)
-    valid = torch.zeros(B, T, dtype=torch.bool, device=device)
-    for b, p in enumerate(prompts):
-        idx[b, T - len(p):] = torch.tensor(p, device=device)
-        valid[b, T - len(p):] = True
-    start = torch.tensor(starts, device=device)
-    pos = start[:, None] + (valid.cumsum(1) - 1).clamp(min=0)  # pads get a dummy position, unused
-    if past_kv is not None and past_valid is None:
-        past_valid = torch.ones(B, past_kv[0][0].size(2), dtype=torch.bool, device=device)
-    keys_valid = valid if past_kv is None else torch.cat([past_valid, valid], dim=1)  # (B, S)
-
-    # Prefill: the whole prompt at once. Query t sees real keys up to itself.
-    S = keys_valid.size(1)
-    causal = torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=S - T)
-    h, cache = model.hidden(idx, past_kv, keys_valid[:, None, :] & causal, pos)
+    h, cache, keys_valid, next_pos = prefill(model, prompts, past_kv, past_valid, past_positions)
     logits = model.lm_head(h[:, -1])  # (B, vocab): only the last position predicts
-    next_pos = start + valid.sum(1)
-
+    device = logits.device
     out = [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool, device=device)
     stop = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
@@ -88,3 +70,28 @@ def _pick(logits, temperature, top_k, generator):
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)[:, 0]
+
+
+def prefill(model, prompts, past_kv=None, past_valid=None, past_positions=None):
+    """
+    Run left-padded prompts through the model at once, after an optional cache (see generate).
+    Query t sees the real keys up to itself. Returns the hidden states (B, T, C), the new cache,
+    which of its keys are real (B, S) and each row's next position (B,).
+    """
+    device = model.wte.weight.device
+    B, T = len(prompts), max(len(p) for p in prompts)
+    idx = torch.zeros(B, T, dtype=torch.long, device=device)
+    valid = torch.zeros(B, T, dtype=torch.bool, device=device)  # which entries are real tokens
+    for b, p in enumerate(prompts):
+        if p:
+            idx[b, T - len(p):] = torch.tensor(p, device=device)
+            valid[b, T - len(p):] = True
+    start = torch.tensor([0] * B if past_positions is None else list(past_positions), device=device)
+    pos = start[:, None] + (valid.cumsum(1) - 1).clamp(min=0)  # pads get a dummy position, unused
+    if past_kv is not None and past_valid is None:
+        past_valid = torch.ones(B, past_kv[0][0].size(2), dtype=torch.bool, device=device)
+    keys_valid = valid if past_kv is None else torch.cat([past_valid, valid], dim=1)  # (B, S)
+    S = keys_valid.size(1)
+    causal = torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=S - T)
+    h, cache = model.hidden(idx, past_kv, keys_valid[:, None, :] & causal, pos)
+    return h, cache, keys_valid, start + valid.sum(1)

@@ -7,7 +7,10 @@ or two tokens but never an unknown token.
 
 from functools import cache
 
+import requests
 import tiktoken
+
+from .download import DownloadError
 
 EOT = 50256  # <|endoftext|>: GPT-2 saw it between documents; we use it to end a translation
 
@@ -15,7 +18,11 @@ EOT = 50256  # <|endoftext|>: GPT-2 saw it between documents; we use it to end a
 @cache
 def _enc():
     # tiktoken downloads its two files on first use and caches them ($TIKTOKEN_CACHE_DIR).
-    return tiktoken.get_encoding("gpt2")
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except requests.RequestException as e:
+        raise DownloadError(f"could not fetch GPT-2's tokenizer files ({type(e).__name__}); on a machine without "
+                            "internet, set TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cached gpt2 files") from None
 
 
 def encode(text):

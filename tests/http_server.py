@@ -11,11 +11,12 @@ class Hub:
     /<repo>/resolve/main/<name>: a 302 to /cdn/<name> carrying X-Linked-Etag (sha256) and
     X-Linked-Size, as the hub does for large files; small files (`small`) are answered directly.
     /cdn/<name> honours Range. `drop_next` makes the next CDN answer stop half-way and hang up.
-    `sha_override` publishes a wrong sha256. Every request is logged as (method, path, Range).
+    `sha_override` publishes a wrong sha256. Every request is logged as (method, path, Range,
+    Authorization). `pages` maps other paths straight to bodies (200), counting the bytes sent.
     """
 
     def __init__(self):
-        self.files, self.small, self.log = {}, set(), []
+        self.files, self.small, self.log, self.pages = {}, set(), [], {}
         self.drop_next = 0
         self.sha_override = None
         self.bytes_sent = 0
@@ -34,7 +35,9 @@ class Hub:
                 self.answer(body=True)
 
             def answer(self, body):
-                hub.log.append((self.command, self.path, self.headers.get("Range")))
+                hub.log.append((self.command, self.path, self.headers.get("Range"), self.headers.get("Authorization")))
+                if self.path in hub.pages:
+                    return self.send(hub.pages[self.path], body)
                 m = re.fullmatch(r"/(.+)/resolve/main/([^/]+)", self.path)
                 if m and m.group(2) in hub.files and m.group(2) not in hub.small:
                     data = hub.files[m.group(2)]
@@ -51,7 +54,10 @@ class Hub:
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
-                data, start = hub.files[name], 0
+                self.send(hub.files[name], body)
+
+            def send(self, data, body):
+                start = 0
                 r = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
                 if r:
                     start = int(r.group(1))

@@ -87,6 +87,6 @@ def test_from_pretrained_downloads_a_size_name(tmp_path, monkeypatch):
         monkeypatch.setenv("MINI_GPT2_CACHE", str(tmp_path / "cache"))
         model = mini_gpt2.from_pretrained("gpt2", device="cpu")
         assert model.config.n_layer == 2
-        assert ("HEAD", "/openai-community/gpt2/resolve/main/model.safetensors", None) in server.log
+        assert ("HEAD", "/openai-community/gpt2/resolve/main/model.safetensors", None, None) in server.log
     finally:
         server.close()

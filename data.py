@@ -1,0 +1,190 @@
+"""
+The data: English-French sentence pairs from the Kaggle "en-fr-translation-dataset" (22.5M pairs
+from Canadian government sites; one CSV, header `en,fr`), read as a stream so that only the first
+rows are ever touched.
+
+With no file at hand, `fetch_kaggle` downloads the dataset's zip from Kaggle's public API and
+decompresses it as it arrives, stopping after the rows it needs: a run reads megabytes of the
+multi-gigabyte archive, not all of it. Set KAGGLE_API_ENDPOINT to use another server (the tests
+serve a zip from 127.0.0.1 this way).
+
+The held-out split is fixed by a seed (see `split`) and no held-out sentence is ever trained on.
+"""
+
+import base64
+import codecs
+import csv
+import json
+import os
+import random
+import struct
+import zlib
+from pathlib import Path
+
+import requests
+from tqdm import tqdm
+
+from mini_gpt2.download import TIMEOUT, DownloadError, cache_dir
+
+KAGGLE_DATASET = "dhruvildave/en-fr-translation-dataset"
+KAGGLE_ENDPOINT = "https://www.kaggle.com"
+DEFAULT_ROWS = 200_000  # the reference experiment used the first 200,000 pairs
+
+
+def read_pairs(path, limit=DEFAULT_ROWS):
+    """
+    The first `limit` good (en, fr) pairs of a CSV with columns en and fr, streamed.
+    Returns (pairs, skipped): rows with a missing or empty side, or that the CSV reader could not
+    parse, are skipped and counted.
+    """
+    with open(path, encoding="utf-8-sig", newline="") as f:  # utf-8-sig: a BOM, if any, is dropped
+        return parse_pairs(f, limit, str(path))
+
+
+def parse_pairs(lines, limit, source="the data", bar=None):
+    rows = csv.reader(lines)
+    try:
+        header = [h.strip().lower() for h in next(rows)]
+        en, fr = header.index("en"), header.index("fr")
+    except (StopIteration, ValueError):
+        raise ValueError(f"{source}: the first line must be a header naming the columns en and fr") from None
+    pairs, skipped = [], 0
+    while len(pairs) < limit:
+        try:
+            row = next(rows)
+        except StopIteration:
+            break
+        except csv.Error:
+            skipped += 1
+            continue
+        if not row:  # a blank line
+            continue
+        if len(row) <= max(en, fr) or not row[en].strip() or not row[fr].strip():
+            skipped += 1
+            continue
+        pairs.append((row[en].strip(), row[fr].strip()))
+        if bar is not None:
+            bar.update(1)
+    return pairs, skipped
+
+
+def split(pairs, heldout=1000, seed=0):
+    """
+    A seeded shuffle; the first `heldout` pairs (at most a tenth of the data) are held out for
+    evaluation, the rest train. A training pair that shares its English or its French with a
+    held-out pair is dropped, so that duplicates in the data cannot leak into training.
+    Returns (train, held_out).
+    """
+    order = list(range(len(pairs)))
+    random.Random(seed).shuffle(order)
+    n = min(heldout, len(pairs) // 10)
+    held = [pairs[i] for i in order[:n]]
+    seen_en, seen_fr = {en for en, _ in held}, {fr for _, fr in held}
+    train = [pairs[i] for i in order[n:] if pairs[i][0] not in seen_en and pairs[i][1] not in seen_fr]
+    return train, held
+
+
+# ----------------------------------------------------------------------------- Kaggle download
+
+def kaggle_url():
+    endpoint = os.environ.get("KAGGLE_API_ENDPOINT") or KAGGLE_ENDPOINT
+    return f"{endpoint.rstrip('/')}/api/v1/datasets/download/{KAGGLE_DATASET}"
+
+
+def kaggle_auth():
+    """(user, key) from KAGGLE_USERNAME/KAGGLE_KEY or ~/.kaggle/kaggle.json; None if there are none."""
+    if os.environ.get("KAGGLE_USERNAME") and os.environ.get("KAGGLE_KEY"):
+        return os.environ["KAGGLE_USERNAME"], os.environ["KAGGLE_KEY"]
+    path = Path(os.environ.get("KAGGLE_CONFIG_DIR") or Path.home() / ".kaggle") / "kaggle.json"
+    try:
+        creds = json.loads(path.read_text())
+        return creds["username"], creds["key"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def fetch_kaggle(rows=DEFAULT_ROWS):
+    """The first `rows` pairs of the Kaggle dataset as a small local CSV (cached). Returns its path."""
+    dest = cache_dir() / "en-fr" / f"en-fr-first-{rows}.csv"
+    if dest.exists():
+        return dest
+    url = kaggle_url()
+    headers = {}
+    if auth := kaggle_auth():
+        headers["Authorization"] = "Basic " + base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+    manual = (f"download it by hand from https://www.kaggle.com/datasets/{KAGGLE_DATASET}, unzip it, "
+              f"and pass the CSV with --data en-fr.csv")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".incomplete")
+    try:
+        with requests.get(url, headers=headers, stream=True, timeout=TIMEOUT) as r:
+            if r.status_code != 200:
+                raise DownloadError(f"could not download {url} (HTTP {r.status_code}); {manual}")
+            text = codecs.iterdecode(unzip_first_file(r.iter_content(1 << 16)), "utf-8-sig")
+            with open(part, "w", encoding="utf-8", newline="") as f, tqdm(total=rows, unit=" rows", desc="en-fr") as bar:
+                out = csv.writer(f)
+                out.writerow(["en", "fr"])
+                pairs, _ = parse_pairs(_lines(text), rows, url, bar)
+                out.writerows(pairs)
+    except requests.RequestException as e:
+        raise DownloadError(f"could not download {url} ({type(e).__name__}); {manual}") from None
+    except (zlib.error, ValueError) as e:
+        raise DownloadError(f"{url} did not give a readable zip of the dataset ({e}); {manual}") from None
+    os.replace(part, dest)
+    return dest
+
+
+def _lines(text_chunks):
+    """Text chunks -> lines, each with its newline (as the csv module wants)."""
+    rest = ""
+    for chunk in text_chunks:
+        *lines, rest = (rest + chunk).split("\n")
+        for line in lines:
+            yield line + "\n"
+    if rest:
+        yield rest
+
+
+def unzip_first_file(chunks):
+    """
+    Decompress the first file of a zip archive from a stream of bytes, as they arrive.
+
+    A zip normally is read from its end (the directory), which a stream does not have yet. But
+    each file is also preceded by a "local header" (signature PK\\x03\\x04, then fixed fields,
+    the name and an extra field) and a deflate stream knows where it ends, so the first file can
+    be read front to back.
+    """
+    chunks = iter(chunks)
+    buf = b""
+    while len(buf) < 30:
+        buf += next(chunks, b"") or _eof()
+    sig, _, flags, method, _, _, _, csize, _, name_len, extra_len = struct.unpack("<IHHHHHIIIHH", buf[:30])
+    if sig != 0x04034B50:
+        raise ValueError("not a zip file")
+    while len(buf) < 30 + name_len + extra_len:
+        buf += next(chunks, b"") or _eof()
+    buf = buf[30 + name_len + extra_len:]
+    if method == 0 and not flags & 8:  # stored, size known
+        remaining = csize
+        for piece in _prepend(buf, chunks):
+            yield piece[:remaining]
+            remaining -= len(piece[:remaining])
+            if not remaining:
+                return
+    elif method == 8:  # deflate
+        d = zlib.decompressobj(-15)
+        for piece in _prepend(buf, chunks):
+            yield d.decompress(piece)
+            if d.eof:
+                return
+    else:
+        raise ValueError(f"zip compression method {method} is not supported")
+
+
+def _prepend(first, rest):
+    yield first
+    yield from rest
+
+
+def _eof():
+    raise ValueError("the archive ended early")

@@ -1,0 +1,236 @@
+"""
+Prefix-tuning (Li & Liang, 2021): steer a frozen GPT-2 with learned keys and values.
+
+A prefix is P "virtual tokens". A real token would put one key and one value per head into every
+layer's KV cache; a virtual token puts learned ones there directly. So a prefix is a tensor
+
+    (n_layer, 2, n_head, P, head_dim)       2 = key, value;  GPT-2 XL: 48*2*1600 = 153,600 numbers per virtual token
+
+and every real token after it, in every layer, can attend to it. Only these numbers are trained.
+
+We learn two, `[start_french]` and `[start_english]`, and lay a translation out like this:
+
+    keys (every layer):  [start_french]  Bon jour ! ... Sul ly .  [start_english]  Hello ! ... <|endoftext|>
+    queries:                             Bon jour ! ... Sul ly .                   Hello ! ...
+
+- The source-language prefix comes first; the source tokens see it and the earlier source tokens.
+- The target-language prefix comes after the source. A prefix has no query and predicts nothing,
+  so the token that predicts the first target word is the source's last one (`.` above): it and
+  every target token see both prefixes, the whole source and the earlier target tokens.
+- Position ids: virtual tokens take none. Real tokens are numbered 0, 1, 2, ... straight through
+  source and target, as if the prefixes were not there, so source + target must fit in GPT-2's
+  1024 positions and the prefixes cost none of them.
+
+Attention does not care where in the cache a key sits, only which keys a query may see and what
+they hold. So training can run a whole padded batch at once, with both prefixes placed before the
+tokens and a mask that encodes the rules above (`prefix_hidden`), while decoding builds the cache
+in reading order (`translate`): the tests check that both give the same logits.
+"""
+
+import json
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from mini_gpt2 import EOT, decode, encode
+from mini_gpt2.generate import generate, prefill
+
+NAMES = ("[start_french]", "[start_english]")
+LANGUAGES = {"[start_french]": "fr", "[start_english]": "en"}
+INIT_WORDS = {"[start_french]": "French:", "[start_english]": "English:"}  # real words to start from
+
+
+class Prefixes(nn.Module):
+    """
+    The trainable prefixes. `kv()` returns them all: (n_prefixes, n_layer, 2, n_head, P, head_dim).
+
+    Plain: that tensor is the parameter. Reparameterised (the paper's trick for stable training):
+    each virtual token is a small embedding, mapped to its 2 * n_layer * n_embd numbers by an MLP
+    (hidden 512) and added to the initial value. The MLP's last layer starts at zero, so training
+    starts from the initialisation either way; `fold()` turns it into a plain tensor for saving.
+    """
+
+    def __init__(self, init, reparam=False, hidden=512):
+        super().__init__()
+        self.shape = tuple(init.shape)  # (n, L, 2, nh, P, hd)
+        n, L, _, nh, P, hd = self.shape
+        self.reparam = reparam
+        if reparam:
+            self.register_buffer("base", init.clone())
+            self.embed = nn.Parameter(torch.randn(n, P, nh * hd) * 0.02)
+            self.mlp = nn.Sequential(nn.Linear(nh * hd, hidden), nn.Tanh(), nn.Linear(hidden, L * 2 * nh * hd))
+            nn.init.zeros_(self.mlp[2].weight)
+            nn.init.zeros_(self.mlp[2].bias)
+        else:
+            self.prefix = nn.Parameter(init.clone())
+
+    def kv(self):
+        if not self.reparam:
+            return self.prefix
+        n, L, _, nh, P, hd = self.shape
+        delta = self.mlp(self.embed).view(n, P, L, 2, nh, hd).permute(0, 2, 3, 4, 1, 5)
+        return self.base + delta
+
+    @torch.no_grad()
+    def fold(self):
+        return self.kv().detach().float().clone()
+
+
+@torch.no_grad()
+def init_from_words(model, names, prefix_len, words=INIT_WORDS):
+    """
+    Start each prefix from the keys/values the frozen model itself makes for a real word
+    ("French:" repeated to fill P slots), which the paper found far better than random.
+    """
+    out = []
+    for name in names:
+        word = " " + words[name]
+        ids = encode(word * math.ceil(prefix_len / len(encode(word))))[:prefix_len]
+        _, cache = model.hidden(torch.tensor([ids], device=model.wte.weight.device))
+        out.append(torch.stack([torch.stack(kv) for kv in cache])[:, :, 0])  # (L, 2, nh, P, hd)
+    return torch.stack(out).float()
+
+
+@torch.no_grad()
+def init_random(model, names, prefix_len, generator=None):
+    """Random prefixes, drawn at the scale of the model's own keys/values in each layer."""
+    real = init_from_words(model, names, prefix_len)
+    scale = real.std(dim=(0, 3, 4, 5), keepdim=True)  # (1, L, 2, 1, 1, 1)
+    return torch.randn(real.shape, generator=generator).to(real.device) * scale
+
+
+def as_past(kv_rows):
+    """(B, L, 2, nh, P, hd) -> the model's cache format: one (k, v) per layer, each (B, nh, P, hd)."""
+    # unbind, not indexing: its backward stacks the pieces once, where indexing would build a
+    # zero-filled gradient of the whole tensor for each of the 2 * n_layer pieces
+    return [tuple(layer.unbind(1)) for layer in kv_rows.unbind(1)]
+
+
+# ----------------------------------------------------------------------------- training forward
+
+def prefix_hidden(model, kv, idx, src_len, seq_len, src_prefix, tgt_prefix, grad_checkpoint=False):
+    """
+    One forward pass over a right-padded batch of (source, target) sequences, both directions mixed.
+
+    kv:         (n_prefixes, L, 2, nh, P, hd)
+    idx:        (B, T) source tokens, then target tokens, then padding
+    src_len:    (B,) source length;  seq_len: (B,) source + target length
+    src_prefix, tgt_prefix: (B,) which prefix each row starts with / switches to
+    returns (B, T, C), the hidden state before lm_head
+
+    Keys in every layer: [source prefix (P)] [target prefix (P)] [the T tokens].
+    """
+    B, T = idx.shape
+    P = kv.size(4)
+    dev = idx.device
+    past = as_past(torch.cat([kv[src_prefix], kv[tgt_prefix]], dim=4).to(model.wte.weight.dtype))
+
+    t = torch.arange(T, device=dev)
+    query, key = t[None, :, None], t[None, None, :]  # (1, T, 1), (1, 1, T)
+    sees_tokens = (key <= query) & (key < seq_len[:, None, None])  # causal, never padding: (B, T, T)
+    sees_source_prefix = torch.ones(B, T, P, dtype=torch.bool, device=dev)
+    # the target prefix: seen from the last source token on
+    sees_target_prefix = (query >= (src_len - 1)[:, None, None]).expand(B, T, P)
+    mask = torch.cat([sees_source_prefix, sees_target_prefix, sees_tokens], dim=2)  # (B, T, 2P + T)
+
+    h, _ = model.hidden(idx, past, mask, t, grad_checkpoint=grad_checkpoint)
+    return h
+
+
+def target_loss(model, h, idx, src_len, seq_len):
+    """
+    Mean cross-entropy of the target tokens (and the final <|endoftext|>), nothing else: position t
+    predicts token t + 1 for t from the last source token to the one before the end.
+    """
+    t = torch.arange(idx.size(1) - 1, device=idx.device)[None]
+    predicts_target = (t >= (src_len - 1)[:, None]) & (t < (seq_len - 1)[:, None])  # (B, T-1)
+    logits = model.lm_head(h[:, :-1][predicts_target])  # only those rows: (N, vocab)
+    return F.cross_entropy(logits.float(), idx[:, 1:][predicts_target])
+
+
+def make_batch(examples, device):
+    """examples: (source ids, target ids ending in EOT, source prefix index, target prefix index)."""
+    T = max(len(s) + len(t) for s, t, _, _ in examples)
+    idx = torch.full((len(examples), T), EOT, dtype=torch.long)
+    for b, (s, t, _, _) in enumerate(examples):
+        idx[b, :len(s) + len(t)] = torch.tensor(s + t)
+    col = lambda i: torch.tensor([e[i] for e in examples], device=device)  # noqa: E731
+    src_len = torch.tensor([len(e[0]) for e in examples], device=device)
+    seq_len = src_len + torch.tensor([len(e[1]) for e in examples], device=device)
+    return idx.to(device), src_len, seq_len, col(2), col(3)
+
+
+# ----------------------------------------------------------------------------- decoding
+
+@torch.no_grad()
+def translate(model, kv, names, texts, targets, max_new_tokens=None, **sampling):
+    """
+    Translate each text into its target language ("en" or "fr"), all in one batch. max_new_tokens:
+    an int, or None for twice the input's length plus 8. Returns the translations as text.
+    """
+    lang = {LANGUAGES[n]: i for i, n in enumerate(names)}
+    sources = [encode(" " + text.strip()) for text in texts]  # a leading space, as in training
+    if max_new_tokens is None:
+        max_new_tokens = [2 * len(s) + 8 for s in sources]
+    out = translate_ids(model, kv, sources, [lang["fr" if t == "en" else "en"] for t in targets],
+                        [lang[t] for t in targets], max_new_tokens, **sampling)
+    return [decode(o).strip() for o in out]
+
+
+@torch.no_grad()
+def translate_ids(model, kv, sources, src_prefix, tgt_prefix, max_new_tokens, **sampling):
+    """
+    The decoding itself, on token ids. The cache is built in reading order: the source prefix,
+    the source but its last token (one prefill over the left-padded batch), then the target
+    prefix; the last source token is then fed as the first step of ordinary generation and
+    predicts the first target token. Generation stops at <|endoftext|>.
+    """
+    limits = [max_new_tokens] * len(sources) if isinstance(max_new_tokens, int) else max_new_tokens
+    n_pos = model.config.n_positions
+    for i, (s, m) in enumerate(zip(sources, limits)):
+        if len(s) + m > n_pos:
+            raise ValueError(f"input {i + 1} is {len(s)} tokens; with {m} for the translation that passes "
+                             f"GPT-2's {n_pos} positions")
+    kv = kv.to(device=model.wte.weight.device, dtype=model.wte.weight.dtype)
+    P = kv.size(4)
+    head = [s[:-1] for s in sources]
+    if max(map(len, head)) > 0:
+        _, cache, keys_valid, _ = prefill(model, head, as_past(kv[src_prefix]))
+    else:
+        cache = as_past(kv[src_prefix])
+        keys_valid = torch.ones(len(sources), P, dtype=torch.bool, device=kv.device)
+    target_prefix = as_past(kv[tgt_prefix])
+    cache = [(torch.cat([k, tk], 2), torch.cat([v, tv], 2)) for (k, v), (tk, tv) in zip(cache, target_prefix)]
+    keys_valid = torch.cat([keys_valid, keys_valid.new_ones(len(sources), P)], dim=1)
+    return generate(model, [s[-1:] for s in sources], limits, stop_ids=(EOT,), past_kv=cache,
+                    past_valid=keys_valid, past_positions=[len(h) for h in head], **sampling)
+
+
+# ----------------------------------------------------------------------------- files
+
+def save_prefixes(path, kv, names, model_config, **metadata):
+    """One safetensors file: the prefixes as plain keys/values, and what they were made for."""
+    n, L, _, nh, P, hd = kv.shape
+    meta = {"names": json.dumps(list(names)), "n_layer": str(L), "n_head": str(nh), "n_embd": str(nh * hd),
+            "prefix_len": str(P), "model_vocab": str(model_config.vocab_size)}
+    meta.update({k: str(v) for k, v in metadata.items()})
+    save_file({"prefixes": kv.detach().float().cpu().contiguous()}, str(path), metadata=meta)
+
+
+def load_prefixes(path, model_config=None):
+    """Read a prefix file -> (kv, names, metadata). With a model config, check that they fit it."""
+    with safe_open(str(path), framework="pt") as f:
+        kv, meta = f.get_tensor("prefixes"), f.metadata()
+    names = json.loads(meta["names"])
+    if model_config is not None:
+        want = (model_config.n_layer, model_config.n_head, model_config.n_embd)
+        have = (int(meta["n_layer"]), int(meta["n_head"]), int(meta["n_embd"]))
+        if have != want:
+            made_for = meta.get("model", "another model")
+            raise ValueError(f"{path} was trained for {made_for} ({have[0]} layers, {have[1]} heads, width {have[2]}), "
+                             f"but this model has {want[0]} layers, {want[1]} heads, width {want[2]}")
+    return kv, names, meta

@@ -1,0 +1,143 @@
+"""train.py and translate.py as a user runs them, on a tiny random checkpoint and a small CSV."""
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import prefix
+import train
+from prefix import load_prefixes
+
+ROOT = Path(__file__).resolve().parents[1]
+PAIRS = [("Hello! My name is Sully.", "Bonjour! Je m'appelle Sully."), ("Thank you.", "Merci."),
+         ("Where is the station?", "Où est la gare ?"), ("I like cheese, and bread.", "J'aime le fromage, et le pain."),
+         ("It is raining today.", "Il pleut aujourd'hui."), ("See you tomorrow.", "À demain."),
+         ("The cat sleeps.", "Le chat dort."), ("We are late.", "Nous sommes en retard."),
+         ("Open the window, please.", "Ouvre la fenêtre, s'il te plaît."), ("He reads a book.", "Il lit un livre."),
+         ("Good night.", "Bonne nuit."), ("The sea is blue.", "La mer est bleue.")]
+
+
+@pytest.fixture(scope="module")
+def csv_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "pairs.csv"
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["en", "fr"])
+        w.writerows(PAIRS * 3)
+    return path
+
+
+def run(script, *args, stdin=None):
+    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], input=stdin, capture_output=True,
+                          text=True, cwd=ROOT, env=os.environ | {"PYTHONPATH": str(ROOT)}, timeout=300)
+
+
+def train_args(ckpt, csv_file, out, *extra):
+    return [str(a) for a in ["--model", ckpt, "--data", csv_file, "--out", out, "--steps", 6, "--batch-size", 4, "--grad-accum", 2,
+            "--prefix-len", 3, "--warmup", 2, "--lr", 0.05, "--save-every", 2, "--heldout", 4, *extra]]
+
+
+def test_train_then_translate(tiny_ckpt, csv_file, tmp_path):
+    out = tmp_path / "run"
+    r = run("train.py", *train_args(tiny_ckpt[0], csv_file, out))
+    assert r.returncode == 0, r.stderr
+    assert f"prefixes saved: {out / 'prefix.safetensors'}" in r.stdout
+    kv, names, meta = load_prefixes(out / "prefix.safetensors")
+    assert kv.shape == (2, 2, 2, 5, 3, 16) and meta["model"] == str(tiny_ckpt[0])
+    log = list(csv.DictReader(open(out / "log.csv")))
+    assert [int(row["step"]) for row in log] == [1, 2, 3, 4, 5, 6]
+
+    r = run("translate.py", "--prefix", out / "prefix.safetensors", "--max-new-tokens", 5,
+            "Bonjour! Je m'appelle Sully.", "Hello there, my friend.")
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.splitlines()) == 2
+    r = run("translate.py", "--prefix", out / "prefix.safetensors", "--max-new-tokens", 5, "--to", "fr",
+            stdin="Good night.\n\nThe sea is blue.\n")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.split("\n")[:-1]
+    assert len(lines) == 3 and lines[1] == ""  # one line out per line in, blank for blank
+
+
+def test_resume_reproduces_the_uninterrupted_run(tiny_ckpt, csv_file, tmp_path, monkeypatch):
+    straight = tmp_path / "straight"
+    assert train.main(train_args(tiny_ckpt[0], csv_file, straight)) == 0
+
+    calls = {"n": 0}
+    real_loss = prefix.target_loss
+
+    def ctrl_c_in_step_4(*a):
+        calls["n"] += 1
+        if calls["n"] == 7:  # the first micro-batch of step 4 (2 per step)
+            raise KeyboardInterrupt
+        return real_loss(*a)
+
+    interrupted = tmp_path / "interrupted"
+    monkeypatch.setattr(train, "target_loss", ctrl_c_in_step_4)
+    assert train.main(train_args(tiny_ckpt[0], csv_file, interrupted)) == 130
+    assert torch.load(interrupted / "checkpoint.pt", weights_only=True)["step"] == 3
+    assert not (interrupted / "prefix.safetensors").exists()
+    monkeypatch.setattr(train, "target_loss", real_loss)
+    assert train.main(train_args(tiny_ckpt[0], csv_file, interrupted, "--resume")) == 0
+
+    a, _, _ = load_prefixes(straight / "prefix.safetensors")
+    b, _, _ = load_prefixes(interrupted / "prefix.safetensors")
+    assert torch.equal(a, b)
+    steps = [int(row["step"]) for row in csv.DictReader(open(interrupted / "log.csv"))]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_ckpt, csv_file, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real_loss = prefix.target_loss
+
+    def nan_in_step_5(*a):
+        calls["n"] += 1
+        loss = real_loss(*a)
+        return loss * float("nan") if calls["n"] == 9 else loss
+
+    monkeypatch.setattr(train, "target_loss", nan_in_step_5)
+    with pytest.raises(ValueError, match=r"loss became nan at step 5.*last good checkpoint \(step 4\)"):
+        train.main(train_args(tiny_ckpt[0], csv_file, tmp_path))
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 4
+    assert not (tmp_path / "prefix.safetensors").exists()
+
+
+def one_line_error(r):
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    return lines[0]
+
+
+def test_bad_inputs_give_one_line_errors(tiny_ckpt, csv_file, tmp_path):
+    ckpt = tiny_ckpt[0]
+    assert "train one first with `python train.py`" in one_line_error(run("translate.py", "--prefix", tmp_path / "none", "Bonjour"))
+    assert "No such file" in one_line_error(run("train.py", *train_args(ckpt, tmp_path / "missing.csv", tmp_path / "o")))
+    bad = tmp_path / "bad.csv"
+    bad.write_text("english;french\nHello;Bonjour\n")
+    assert "header naming the columns en and fr" in one_line_error(run("train.py", *train_args(ckpt, bad, tmp_path / "o")))
+    assert "no checkpoint" in one_line_error(run("train.py", *train_args(ckpt, csv_file, tmp_path / "o", "--resume")))
+    assert "neither a model size" in one_line_error(run("train.py", *train_args(tmp_path / "nomodel", csv_file, tmp_path / "o")))
+
+    # a prefix for a 2-layer model, loaded into a 3-layer one; and an input longer than the context
+    other = tmp_path / "other"
+    from tests.conftest import make_checkpoint
+    make_checkpoint(other, n_layer=3, n_head=4, n_embd=64)
+    pfile = tmp_path / "p.safetensors"
+    model_config = train.mini_gpt2.from_pretrained(ckpt, device="cpu").config
+    prefix.save_prefixes(pfile, torch.zeros(2, 2, 2, 5, 3, 16), prefix.NAMES, model_config, model=str(ckpt))
+    assert "but this model has 3 layers" in one_line_error(run("translate.py", "--prefix", pfile, "--model", other, "Bonjour"))
+    assert "input 2 is" in one_line_error(run("translate.py", "--prefix", pfile, "Bonjour", "mot " * 200))
+    assert "nothing to translate" in one_line_error(run("translate.py", "--prefix", pfile, stdin=""))
+
+
+def test_help():
+    for script in ("train.py", "translate.py"):
+        r = run(script, "--help")
+        assert r.returncode == 0 and "usage:" in r.stdout

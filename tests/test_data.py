@@ -1,0 +1,101 @@
+import csv
+import io
+import random
+import zipfile
+
+import pytest
+
+import data
+from tests.http_server import Hub
+
+KAGGLE_PATH = f"/api/v1/datasets/download/{data.KAGGLE_DATASET}"
+
+
+def write(path, text, bom=False):
+    path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + text.encode("utf-8"))
+    return path
+
+
+def test_reads_awkward_csv(tmp_path):
+    text = ('en,fr\r\n'
+            '"Hello, world","Bonjour, le monde"\r\n'
+            '"She said ""hi""","Elle a dit « salut »"\r\n'
+            '"Two\nlines","Deux\nlignes"\r\n'
+            '\r\n'                       # blank line: ignored
+            'only one column\r\n'        # broken: skipped
+            ',vide\r\n'                  # empty English: skipped
+            'Last,Dernier\r\n')
+    for bom in (False, True):
+        pairs, skipped = data.read_pairs(write(tmp_path / "a.csv", text, bom))
+        assert pairs == [("Hello, world", "Bonjour, le monde"), ('She said "hi"', "Elle a dit « salut »"),
+                         ("Two\nlines", "Deux\nlignes"), ("Last", "Dernier")]
+        assert skipped == 2
+
+
+def test_reads_only_the_first_rows_and_finds_columns_by_name(tmp_path):
+    path = write(tmp_path / "b.csv", "fr,en\n" + "".join(f"f{i},e{i}\n" for i in range(1000)))
+    pairs, _ = data.read_pairs(path, limit=3)
+    assert pairs == [("e0", "f0"), ("e1", "f1"), ("e2", "f2")]
+    with pytest.raises(ValueError, match="header naming the columns en and fr"):
+        data.read_pairs(write(tmp_path / "c.csv", "english,french\na,b\n"))
+
+
+def test_split_is_seeded_and_never_leaks(tmp_path):
+    pairs = [(f"e{i % 150}", f"f{i}") for i in range(300)]  # duplicated English sentences
+    train, held = data.split(pairs, heldout=20, seed=1)
+    assert data.split(pairs, heldout=20, seed=1) == (train, held)
+    assert data.split(pairs, heldout=20, seed=2)[1] != held
+    assert len(held) == 20
+    held_en, held_fr = {e for e, _ in held}, {f for _, f in held}
+    assert not any(e in held_en or f in held_fr for e, f in train)
+    assert len(data.split(pairs[:50], heldout=1000)[1]) == 5  # at most a tenth
+
+
+def kaggle_zip(rows):
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["en", "fr"])
+    w.writerows(rows)
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("en-fr.csv", "\ufeff" + buf.getvalue())
+    return out.getvalue()
+
+
+@pytest.fixture
+def kaggle(tmp_path, monkeypatch):
+    server = Hub()
+    monkeypatch.setenv("KAGGLE_API_ENDPOINT", server.url)
+    monkeypatch.setenv("MINI_GPT2_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path / "no-kaggle"))
+    monkeypatch.delenv("KAGGLE_USERNAME", raising=False)
+    monkeypatch.delenv("KAGGLE_KEY", raising=False)
+    yield server
+    server.close()
+
+
+def test_kaggle_download_streams_and_stops_early(kaggle, monkeypatch):
+    rng = random.Random(0)
+    noise = lambda: "".join(rng.choice("abcdefghijklmnopqrstuvwxyz ,\"") for _ in range(80))  # noqa: E731
+    rows = [(f"English {i} {noise()}", f"Français {i}\n{noise()}") for i in range(60_000)]
+    body = kaggle_zip(rows)
+    kaggle.pages[KAGGLE_PATH] = body
+    monkeypatch.setenv("KAGGLE_USERNAME", "ada")
+    monkeypatch.setenv("KAGGLE_KEY", "secret")
+    path = data.fetch_kaggle(rows=500)
+    pairs, skipped = data.read_pairs(path, limit=10**9)
+    assert pairs == [(en.strip(), fr.strip()) for en, fr in rows[:500]] and skipped == 0
+    assert kaggle.log[0][3] == "Basic YWRhOnNlY3JldA=="  # ada:secret
+    assert kaggle.bytes_sent < len(body) / 2, (kaggle.bytes_sent, len(body))  # it hung up early
+    n = len(kaggle.log)
+    assert data.fetch_kaggle(rows=500) == path and len(kaggle.log) == n  # cached
+
+
+def test_kaggle_failures_are_one_line(kaggle):
+    with pytest.raises(data.DownloadError) as e:
+        data.fetch_kaggle(rows=10)  # nothing served: 404
+    assert "HTTP 404" in str(e.value) and "--data" in str(e.value) and "\n" not in str(e.value)
+    kaggle.pages[KAGGLE_PATH] = b"<html>not a zip</html>"
+    with pytest.raises(data.DownloadError, match="readable zip"):
+        data.fetch_kaggle(rows=10)
+    assert not list((kaggle_cache := data.cache_dir() / "en-fr").glob("*.csv")), list(kaggle_cache.iterdir())

@@ -1,0 +1,146 @@
+import inspect
+
+import pytest
+import torch
+
+from mini_gpt2 import EOT, encode, from_pretrained
+from prefix import (NAMES, Prefixes, as_past, init_from_words, init_random, load_prefixes, make_batch,
+                    prefix_hidden, save_prefixes, target_loss, translate, translate_ids)
+from tests.conftest import make_checkpoint
+
+
+@pytest.fixture(scope="module")
+def model(tiny_ckpt):
+    m = from_pretrained(tiny_ckpt[0], device="cpu")
+    m.requires_grad_(False)
+    return m
+
+
+@pytest.fixture(scope="module")
+def kv(model):
+    return init_random(model, NAMES, 4, torch.Generator().manual_seed(0))  # (2, L, 2, nh, 4, hd)
+
+
+def examples():
+    fr, en = encode(" Bonjour! Je m'appelle Sully."), encode(" Hello! My name is Sully.")
+    return [(fr, en + [EOT], 0, 1), (en[:3], fr + [EOT], 1, 0), (fr[:1], en[:2] + [EOT], 0, 1)]
+
+
+def test_prefix_shape_is_per_layer_keys_and_values(model, kv):
+    c = model.config
+    assert kv.shape == (2, c.n_layer, 2, c.n_head, 4, c.head_dim)
+    words = init_from_words(model, NAMES, 4)
+    assert not torch.equal(words[0], words[1])  # "French:" and "English:" start apart
+
+
+def test_batched_training_forward_equals_decoding_through_the_cache(model, kv):
+    batch = make_batch(examples(), "cpu")
+    idx, src_len, seq_len, sp, tp = batch
+    with torch.no_grad():
+        batched = model.lm_head(prefix_hidden(model, kv, *batch))  # (B, T, vocab)
+        for b, (s, t, si, ti) in enumerate(examples()):
+            # reading order: [source prefix] source[:-1], then [target prefix], then the rest
+            cache = as_past(kv[si][None])
+            for pos, tok in enumerate(s + t):
+                if pos == len(s) - 1:
+                    target_prefix = as_past(kv[ti][None])
+                    cache = [(torch.cat([k, tk], 2), torch.cat([v, tv], 2)) for (k, v), (tk, tv) in zip(cache, target_prefix)]
+                h, cache = model.hidden(torch.tensor([[tok]]), cache, position_ids=torch.tensor([[pos]]))
+                assert (model.lm_head(h)[0, 0] - batched[b, pos]).abs().max().item() <= 1e-5
+
+
+def test_single_leading_prefix_matches_transformers_past_key_values(tiny_ckpt, model, kv):
+    """With only a source prefix, our forward is GPT-2 given that prefix as past_key_values (what PEFT does)."""
+    from transformers import DynamicCache
+
+    ref = tiny_ckpt[1]
+    idx = torch.tensor([encode(" Bonjour! Je m'appelle Sully.")])
+    T, P = idx.size(1), kv.size(4)
+    past = as_past(kv[0][None])
+    with torch.no_grad():
+        ours = model(idx, past_kv=past, position_ids=torch.arange(T))  # real tokens start at position 0
+        cache = DynamicCache([(k.clone(), v.clone()) for k, v in past])
+        # transformers renamed past_key_values to cache in version 5
+        name = "cache" if "cache" in inspect.signature(ref.forward).parameters else "past_key_values"
+        theirs = ref(idx, attention_mask=torch.ones(1, P + T), position_ids=torch.arange(T)[None], **{name: cache}).logits
+    assert (ours - theirs).abs().max().item() <= 1e-4
+
+
+def test_greedy_translation_follows_the_training_forward(model, kv):
+    """Batched decoding of different-length inputs picks each token the training forward ranks first."""
+    sources = [encode(" Bonjour! Je m'appelle Sully."), encode(" Merci"), encode(" Hello! My name is Sully, hi.")]
+    src, tgt = [0, 0, 1], [1, 1, 0]
+    out = translate_ids(model, kv, sources, src, tgt, max_new_tokens=6)
+    assert all(len(o) > 0 for o in out)
+    for s, si, ti, gen in zip(sources, src, tgt, out):
+        batch = make_batch([(s, gen, si, ti)], "cpu")
+        with torch.no_grad():
+            logits = model.lm_head(prefix_hidden(model, kv, *batch))[0]
+        assert logits[len(s) - 1:len(s) - 1 + len(gen)].argmax(-1).tolist() == gen
+
+
+def test_translate_gives_text(model, kv):
+    out = translate(model, kv, NAMES, ["Bonjour!", "Hello"], ["en", "fr"], max_new_tokens=4)
+    assert len(out) == 2 and all(isinstance(t, str) for t in out)
+
+
+def test_loss_counts_target_tokens_only(model, kv):
+    batch = make_batch(examples(), "cpu")
+    idx, src_len, seq_len, sp, tp = batch
+    h = prefix_hidden(model, kv, *batch)
+    h2 = h.clone()
+    for b in range(3):  # scramble what lies outside the target predictions: the loss must not move
+        h2[b, : src_len[b] - 1] = torch.randn_like(h2[b, : src_len[b] - 1])
+        h2[b, seq_len[b] - 1:] = torch.randn_like(h2[b, seq_len[b] - 1:])
+    assert torch.equal(target_loss(model, h, idx, src_len, seq_len), target_loss(model, h2, idx, src_len, seq_len))
+    n_targets = int((seq_len - src_len).sum())
+    logits = model.lm_head(h)
+    manual = sum(torch.nn.functional.cross_entropy(logits[b, src_len[b] - 1:seq_len[b] - 1], idx[b, src_len[b]:seq_len[b]],
+                                                   reduction="sum") for b in range(3)) / n_targets
+    assert torch.allclose(target_loss(model, h, idx, src_len, seq_len), manual, atol=1e-5)
+
+
+@pytest.mark.parametrize("reparam", [False, True])
+def test_training_moves_only_the_prefix_and_halves_the_loss(model, kv, reparam):
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    prefixes = Prefixes(kv, reparam=reparam)
+    assert torch.equal(prefixes.fold(), kv)  # both forms start at the initialisation
+    opt = torch.optim.AdamW(prefixes.parameters(), lr=0.05 if not reparam else 0.01, weight_decay=0)
+    batch = make_batch(examples(), "cpu")
+    losses = []
+    for _ in range(60):
+        loss = target_loss(model, prefix_hidden(model, prefixes.kv(), *batch), batch[0], batch[1], batch[2])
+        loss.backward()
+        assert all(p.grad is None for p in model.parameters())  # gradients reach only the prefix
+        assert all(p.grad is not None for p in prefixes.parameters())
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] <= losses[0] / 2, losses[::10]
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())  # bit-identical
+
+
+def test_activation_checkpointing_gives_the_same_gradients(model, kv):
+    batch = make_batch(examples(), "cpu")
+    grads = []
+    for ckpt in (False, True):
+        p = kv.clone().requires_grad_()
+        target_loss(model, prefix_hidden(model, p, *batch, grad_checkpoint=ckpt), *batch[:3]).backward()
+        grads.append(p.grad)
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_save_load_round_trip_and_size_check(tmp_path, model, kv):
+    path = tmp_path / "p.safetensors"
+    save_prefixes(path, kv, NAMES, model.config, model="tiny")
+    kv2, names, meta = load_prefixes(path, model.config)
+    assert torch.equal(kv2, kv) and names == list(NAMES) and meta["model"] == "tiny" and meta["prefix_len"] == "4"
+    other = make_checkpoint(tmp_path / "other", n_layer=3, n_head=4, n_embd=64)
+    with pytest.raises(ValueError, match=r"trained for tiny \(2 layers, 5 heads, width 80\), but this model has 3 layers"):
+        load_prefixes(path, from_pretrained(tmp_path / "other").config)
+    del other
+
+
+def test_translate_refuses_inputs_past_the_context(model, kv):
+    with pytest.raises(ValueError, match="input 2 is .* tokens"):
+        translate(model, kv, NAMES, ["Bonjour", "mot " * 100], ["en", "en"])  # tiny model: 128 positions

@@ -1,0 +1,86 @@
+"""
+Translate between French and English with the prefixes train.py learned.
+
+    python translate.py "Bonjour! Je m'appelle Sully."          # -> English
+    python translate.py "Hello! My name is Sully." "Merci."     # each to the other language
+    cat sentences.txt | python translate.py --to fr             # one line in, one line out
+
+The language of each input is guessed (--to overrides); the model is the one the prefixes were
+trained for unless --model says otherwise.
+"""
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+import cli
+import mini_gpt2
+from prefix import load_prefixes, translate
+
+DEFAULT_PREFIX = Path("runs/prefix/prefix.safetensors")  # where train.py writes
+
+FRENCH_HINTS = set("le la les un une des du de et est je tu il elle nous vous ils elles ne pas que qui au aux "
+                   "ce cette son sa ses mon ma mes pour dans sur avec c'est j'ai suis sont été très bonjour merci "
+                   "oui non où".split())
+ENGLISH_HINTS = set("the a an and is are was were i you he she we they not that which of to in on for with "
+                    "it this my your his her be have has do does hello thanks yes no where".split())
+
+
+def guess_language(text):
+    """'fr' or 'en', from common words and French accents: crude, but these are the only two choices."""
+    words = re.findall(r"[\w']+", text.lower())
+    fr = sum(w in FRENCH_HINTS for w in words) + 2 * len(re.findall(r"[àâçéèêëîïôûùüœ]", text.lower()))
+    en = sum(w in ENGLISH_HINTS for w in words)
+    return "fr" if fr > en else "en"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("text", nargs="*", help="phrases to translate (default: one per line from stdin)")
+    ap.add_argument("--to", choices=["en", "fr"], help="target language (default: the other one)")
+    ap.add_argument("--prefix", default=str(DEFAULT_PREFIX), help=f"prefix file (default {DEFAULT_PREFIX})")
+    ap.add_argument("--model", help="model size or checkpoint folder (default: the one the prefix was trained for)")
+    ap.add_argument("--max-new-tokens", type=int, help="longest translation in tokens (default: twice the input, plus 8)")
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); higher samples more freely")
+    ap.add_argument("--top-k", type=int, help="sample only from the k most likely tokens")
+    ap.add_argument("--batch-size", type=int, default=16, help="inputs translated together (default 16)")
+    ap.add_argument("--device", help="cuda or cpu (default: cuda if available)")
+    ap.add_argument("--seed", type=int, help="seed for sampling")
+    args = ap.parse_args(argv)
+
+    prefix_path = Path(args.prefix)
+    if not prefix_path.exists():
+        raise FileNotFoundError(f"no prefix file at {prefix_path}: train one first with `python train.py` "
+                                "(or point --prefix at one)")
+    texts = args.text or [line.rstrip("\n") for line in sys.stdin]
+    if not texts:
+        raise ValueError("nothing to translate: give phrases as arguments or one per line on stdin")
+
+    kv, names, meta = load_prefixes(prefix_path)
+    model = mini_gpt2.from_pretrained(args.model or meta.get("model", "gpt2-xl"), device=args.device)
+    load_prefixes(prefix_path, model.config)  # check the prefixes fit this model
+    generator = None
+    if args.seed is not None:
+        generator = torch.Generator(model.wte.weight.device).manual_seed(args.seed)
+
+    for b in range(0, len(texts), args.batch_size):
+        chunk = texts[b:b + args.batch_size]
+        todo = [i for i, t in enumerate(chunk) if t.strip()]  # a blank line in gives a blank line out
+        targets = [args.to or ("en" if guess_language(chunk[i]) == "fr" else "fr") for i in todo]
+        try:
+            out = translate(model, kv, names, [chunk[i] for i in todo], targets, args.max_new_tokens,
+                            temperature=args.temperature, top_k=args.top_k, generator=generator) if todo else []
+        except ValueError as e:  # number the input among all inputs, not within this batch
+            raise ValueError(re.sub(r"input (\d+)", lambda m: f"input {b + todo[int(m.group(1)) - 1] + 1}", str(e))) from None
+        lines = [""] * len(chunk)
+        for i, text in zip(todo, out):
+            lines[i] = text.replace("\n", " ")
+        print("\n".join(lines), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)
