@@ -166,6 +166,11 @@ def make_batch(examples, device):
 
 # ----------------------------------------------------------------------------- decoding
 
+def max_new_tokens_for(source_ids):
+    """The default length limit of a translation: twice the source, plus a little for short ones."""
+    return 2 * len(source_ids) + 8
+
+
 @torch.no_grad()
 def translate(model, kv, names, texts, targets, max_new_tokens=None, **sampling):
     """
@@ -175,7 +180,7 @@ def translate(model, kv, names, texts, targets, max_new_tokens=None, **sampling)
     lang = {LANGUAGES[n]: i for i, n in enumerate(names)}
     sources = [encode(" " + text.strip()) for text in texts]  # a leading space, as in training
     if max_new_tokens is None:
-        max_new_tokens = [2 * len(s) + 8 for s in sources]
+        max_new_tokens = [max_new_tokens_for(s) for s in sources]
     out = translate_ids(model, kv, sources, [lang["fr" if t == "en" else "en"] for t in targets],
                         [lang[t] for t in targets], max_new_tokens, **sampling)
     return [decode(o).strip() for o in out]

@@ -1,11 +1,14 @@
 """
-Train the [start_french] / [start_english] prefixes on a frozen GPT-2.
+Train the [start_french] / [start_english] prefixes on a frozen GPT-2, then compare them with
+3-shot prompting of the same model on held-out pairs (evaluate.py).
 
     python train.py                              # the reference experiment: GPT-2 XL, 200,000 pairs
     python train.py --model gpt2 --data pairs.csv --steps 200    # small, runs on a CPU
     python train.py --resume                     # continue an interrupted run in --out
+    python train.py --eval-only --prefix runs/prefix/prefix.safetensors   # only the comparison
 
-Writes to --out: prefix.safetensors (the result), checkpoint.pt (to resume), log.csv (loss per step).
+Writes to --out: prefix.safetensors (the result), checkpoint.pt (to resume), log.csv (loss per
+step), results.json and results.md (the comparison).
 """
 
 import argparse
@@ -22,9 +25,11 @@ from tqdm import tqdm
 
 import cli
 import data
+import evaluate
 import mini_gpt2
 from mini_gpt2 import EOT, encode
-from prefix import NAMES, Prefixes, init_from_words, init_random, make_batch, prefix_hidden, save_prefixes, target_loss
+from prefix import (NAMES, Prefixes, init_from_words, init_random, load_prefixes, make_batch, prefix_hidden,
+                    save_prefixes, target_loss)
 
 # Settings that must match for --resume to continue the same run.
 SAME_RUN = ("model", "data", "rows", "heldout", "seed", "steps", "batch_size", "grad_accum", "lr", "warmup",
@@ -33,7 +38,8 @@ SAME_RUN = ("model", "data", "rows", "heldout", "seed", "steps", "batch_size", "
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="gpt2-xl", help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a checkpoint folder (default gpt2-xl)")
+    ap.add_argument("--model", help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a checkpoint folder "
+                    "(default gpt2-xl; with --eval-only, the prefix's own)")
     ap.add_argument("--data", help="CSV with columns en,fr (default: the first --rows of the Kaggle dataset, downloaded)")
     ap.add_argument("--rows", type=int, default=data.DEFAULT_ROWS, help="read only the first N pairs (default 200000)")
     ap.add_argument("--heldout", type=int, default=1000, help="pairs held out for evaluation (at most a tenth; default 1000)")
@@ -53,8 +59,11 @@ def parse_args(argv=None):
     ap.add_argument("--device", help="cuda or cpu (default: cuda if available)")
     ap.add_argument("--seed", type=int, default=0, help="seeds the split, the data order and random init (default 0)")
     ap.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    ap.add_argument("--no-eval", action="store_true", help="stop after training, without the comparison")
+    evaluate.add_args(ap)
     args = ap.parse_args(argv)
-    for name in ("steps", "batch_size", "grad_accum", "prefix_len", "max_len", "rows", "save_every"):
+    for name in ("steps", "batch_size", "grad_accum", "prefix_len", "max_len", "rows", "save_every", "eval_size",
+                 "shots", "eval_batch_size"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be at least 1")
     return args
@@ -137,15 +146,31 @@ def save_checkpoint(path, prefixes, optimizer, step, args):
     os.replace(tmp, path)  # never a half-written checkpoint under the real name
 
 
+def eval_only(args, device):
+    prefix_path = Path(args.prefix or Path(args.out) / "prefix.safetensors")
+    if not prefix_path.exists():
+        raise FileNotFoundError(f"no prefix file at {prefix_path}: train one first, or point --prefix at one")
+    _, _, meta = load_prefixes(prefix_path)
+    args.model = args.model or meta.get("model", "gpt2-xl")
+    evaluate.check_split(args, meta)
+    train_pairs, held = load_data(args)
+    model = mini_gpt2.from_pretrained(args.model, device=device)
+    evaluate.run(args, model, prefix_path, train_pairs, held)
+    return 0
+
+
 def main(argv=None):
     args = parse_args(argv)
     out = Path(args.out)
     device = args.device or mini_gpt2.default_device()
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda, but PyTorch sees no CUDA GPU")
-    if device == "cpu" and args.model in ("gpt2-large", "gpt2-xl"):
-        print(f"note: no CUDA GPU, so {args.model} runs on the CPU, where training takes days; "
+    if device == "cpu" and (args.model or "gpt2-xl") in ("gpt2-large", "gpt2-xl"):
+        print(f"note: no CUDA GPU, so {args.model or 'gpt2-xl'} would run on the CPU, where training takes days; "
               "for a CPU, try --model gpt2", file=sys.stderr)
+    if args.eval_only:
+        return eval_only(args, device)
+    args.model = args.model or "gpt2-xl"
 
     checkpoint_path = out / "checkpoint.pt"
     state = None
@@ -235,8 +260,10 @@ def main(argv=None):
     prefix_path = out / "prefix.safetensors"
     save_prefixes(prefix_path, prefixes.fold(), NAMES, model.config, model=args.model, steps=args.steps,
                   lr=args.lr, batch=args.batch_size * args.grad_accum, reparam=args.reparam, init=args.init,
-                  rows=args.rows, seed=args.seed)
+                  data=args.data or "kaggle", rows=args.rows, heldout=args.heldout, seed=args.seed)
     print(f"prefixes saved: {prefix_path}")
+    if not args.no_eval:
+        evaluate.run(args, model, prefix_path, train_pairs, held)
     return 0
 
 

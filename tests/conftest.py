@@ -16,7 +16,7 @@ if "TIKTOKEN_CACHE_DIR" not in os.environ and _cache.exists():
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
-def make_checkpoint(folder, n_layer=2, n_head=5, n_embd=80, n_positions=128, vocab_size=50257,
+def make_checkpoint(folder, n_layer=2, n_head=5, n_embd=80, n_positions=1024, vocab_size=50257,
                     layout="save_pretrained", seed=0):
     """
     A GPT-2 with random weights, saved by transformers' save_pretrained (the `transformer.`

@@ -39,7 +39,7 @@ def run(script, *args, stdin=None):
 
 def train_args(ckpt, csv_file, out, *extra):
     return [str(a) for a in ["--model", ckpt, "--data", csv_file, "--out", out, "--steps", 6, "--batch-size", 4, "--grad-accum", 2,
-            "--prefix-len", 3, "--warmup", 2, "--lr", 0.05, "--save-every", 2, "--heldout", 4, *extra]]
+            "--prefix-len", 3, "--warmup", 2, "--lr", 0.05, "--save-every", 2, "--heldout", 4, "--eval-size", 2, *extra]]
 
 
 def test_train_then_translate(tiny_ckpt, csv_file, tmp_path):
@@ -47,6 +47,7 @@ def test_train_then_translate(tiny_ckpt, csv_file, tmp_path):
     r = run("train.py", *train_args(tiny_ckpt[0], csv_file, out))
     assert r.returncode == 0, r.stderr
     assert f"prefixes saved: {out / 'prefix.safetensors'}" in r.stdout
+    assert "| 3-shot | both | 4 |" in r.stdout and (out / "results.json").exists()  # then the comparison
     kv, names, meta = load_prefixes(out / "prefix.safetensors")
     assert kv.shape == (2, 2, 2, 5, 3, 16) and meta["model"] == str(tiny_ckpt[0])
     log = list(csv.DictReader(open(out / "log.csv")))
@@ -65,7 +66,7 @@ def test_train_then_translate(tiny_ckpt, csv_file, tmp_path):
 
 def test_resume_reproduces_the_uninterrupted_run(tiny_ckpt, csv_file, tmp_path, monkeypatch):
     straight = tmp_path / "straight"
-    assert train.main(train_args(tiny_ckpt[0], csv_file, straight)) == 0
+    assert train.main(train_args(tiny_ckpt[0], csv_file, straight, "--no-eval")) == 0
 
     calls = {"n": 0}
     real_loss = prefix.target_loss
@@ -78,11 +79,11 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_ckpt, csv_file, tmp_path, 
 
     interrupted = tmp_path / "interrupted"
     monkeypatch.setattr(train, "target_loss", ctrl_c_in_step_4)
-    assert train.main(train_args(tiny_ckpt[0], csv_file, interrupted)) == 130
+    assert train.main(train_args(tiny_ckpt[0], csv_file, interrupted, "--no-eval")) == 130
     assert torch.load(interrupted / "checkpoint.pt", weights_only=True)["step"] == 3
     assert not (interrupted / "prefix.safetensors").exists()
     monkeypatch.setattr(train, "target_loss", real_loss)
-    assert train.main(train_args(tiny_ckpt[0], csv_file, interrupted, "--resume")) == 0
+    assert train.main(train_args(tiny_ckpt[0], csv_file, interrupted, "--resume", "--no-eval")) == 0
 
     a, _, _ = load_prefixes(straight / "prefix.safetensors")
     b, _, _ = load_prefixes(interrupted / "prefix.safetensors")
@@ -102,7 +103,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_ckpt, csv_file, 
 
     monkeypatch.setattr(train, "target_loss", nan_in_step_5)
     with pytest.raises(ValueError, match=r"loss became nan at step 5.*last good checkpoint \(step 4\)"):
-        train.main(train_args(tiny_ckpt[0], csv_file, tmp_path))
+        train.main(train_args(tiny_ckpt[0], csv_file, tmp_path, "--no-eval"))
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 4
     assert not (tmp_path / "prefix.safetensors").exists()
 
@@ -133,7 +134,7 @@ def test_bad_inputs_give_one_line_errors(tiny_ckpt, csv_file, tmp_path):
     model_config = train.mini_gpt2.from_pretrained(ckpt, device="cpu").config
     prefix.save_prefixes(pfile, torch.zeros(2, 2, 2, 5, 3, 16), prefix.NAMES, model_config, model=str(ckpt))
     assert "but this model has 3 layers" in one_line_error(run("translate.py", "--prefix", pfile, "--model", other, "Bonjour"))
-    assert "input 2 is" in one_line_error(run("translate.py", "--prefix", pfile, "Bonjour", "mot " * 200))
+    assert "input 2 is" in one_line_error(run("translate.py", "--prefix", pfile, "Bonjour", "mot " * 400))
     assert "nothing to translate" in one_line_error(run("translate.py", "--prefix", pfile, stdin=""))
 
 

@@ -115,12 +115,12 @@ def test_sampling(tiny_ckpt):
 
 
 def test_never_runs_past_the_context(tiny_ckpt):
-    model = from_pretrained(tiny_ckpt[0], device="cpu")  # n_positions = 128
-    with pytest.raises(ValueError, match="more than GPT-2's 128 positions"):
-        generate(model, [[1] * 100], 29)
-    assert len(generate(model, [[1] * 100], 28, stop_ids=())[0]) == 28
+    model = from_pretrained(tiny_ckpt[0], device="cpu")
+    with pytest.raises(ValueError, match="more than GPT-2's 1024 positions"):
+        generate(model, [[1] * 1000], 25)
+    assert len(generate(model, [[1] * 1000], 24, stop_ids=())[0]) == 24
     with pytest.raises(ValueError, match="positions"):
-        model(torch.zeros(1, 129, dtype=torch.long))
+        model(torch.zeros(1, 1025, dtype=torch.long))
 
 
 def test_tokenizer_round_trips_french():

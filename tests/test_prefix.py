@@ -143,4 +143,4 @@ def test_save_load_round_trip_and_size_check(tmp_path, model, kv):
 
 def test_translate_refuses_inputs_past_the_context(model, kv):
     with pytest.raises(ValueError, match="input 2 is .* tokens"):
-        translate(model, kv, NAMES, ["Bonjour", "mot " * 100], ["en", "en"])  # tiny model: 128 positions
+        translate(model, kv, NAMES, ["Bonjour", "mot " * 400], ["en", "en"])  # 400 tokens + 808 new > 1024

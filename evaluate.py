@@ -1,0 +1,217 @@
+"""
+The comparison: the learned prefixes against 3-shot prompting of the same frozen GPT-2, by BLEU,
+on held-out pairs, in both directions.
+
+3-shot prompting gives the model three real translation pairs from the training split, then the
+sentence to translate, and lets it continue greedily until the end of the line:
+
+    fr: <French>
+    en: <English>
+
+    fr: <French>
+    en: <English>
+
+    fr: <French>
+    en: <English>
+
+    fr: <the sentence>
+    en:
+
+(with en/fr swapped for English to French). Both methods decode greedily with the same length
+limit. BLEU is NLTK's, on tokens made by `bleu_tokens` (words and punctuation marks apart).
+
+    python train.py --eval-only --prefix runs/prefix/prefix.safetensors
+"""
+
+import json
+import random
+import re
+import warnings
+from pathlib import Path
+
+import torch
+from nltk.translate.bleu_score import SmoothingFunction, corpus_bleu, sentence_bleu
+from tqdm import tqdm
+
+from mini_gpt2 import EOT, decode, encode
+from mini_gpt2.generate import generate
+from mini_gpt2.tokenizer import ids_containing
+from prefix import LANGUAGES, load_prefixes, max_new_tokens_for, translate_ids
+
+DIRECTIONS = (("fr", "en"), ("en", "fr"))  # (source, target)
+N_EXAMPLES = 5  # examples per direction in results.md
+
+
+def add_args(ap):
+    g = ap.add_argument_group("evaluation (prefix against few-shot prompting)")
+    g.add_argument("--eval-only", action="store_true", help="skip training; evaluate the prefix file given by --prefix")
+    g.add_argument("--prefix", help="prefix file for --eval-only (default: --out/prefix.safetensors)")
+    g.add_argument("--eval-size", type=int, default=500, help="held-out pairs to evaluate, each both ways (default 500)")
+    g.add_argument("--shots", type=int, default=3, help="examples in the few-shot prompt (default 3)")
+    g.add_argument("--eval-batch-size", type=int, default=16, help="sentences decoded together (default 16)")
+
+
+# ----------------------------------------------------------------------------- BLEU
+
+def bleu_tokens(text):
+    """Words and single punctuation marks, case kept: "L'été, déjà." -> L ' été , déjà ."""
+    return re.findall(r"\w+|[^\w\s]", text)
+
+
+def bleu_scores(hypotheses, references):
+    """
+    BLEU of hypotheses against one reference each, in percent:
+    corpus: NLTK corpus BLEU (4-grams), the headline figure;
+    sentence_smoothed: the mean of sentence BLEU with smoothing method 1 (no zero for a missing 4-gram);
+    sentence_whitespace: the mean of unsmoothed sentence BLEU on whitespace tokens, as the original
+    experiment computed it (a sentence with no matching 4-gram scores 0).
+    """
+    hyp, ref = [bleu_tokens(h) for h in hypotheses], [[bleu_tokens(r)] for r in references]
+    smooth = SmoothingFunction().method1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # NLTK warns about every sentence without some n-gram
+        scores = {
+            "corpus": corpus_bleu(ref, hyp),
+            "sentence_smoothed": sum(sentence_bleu(r, h, smoothing_function=smooth) for r, h in zip(ref, hyp)) / len(hyp),
+            "sentence_whitespace": sum(sentence_bleu([r.split()], h.split()) for r, h in zip(references, hypotheses)) / len(hyp),
+        }
+    return {k: 100 * v for k, v in scores.items()}
+
+
+# ----------------------------------------------------------------------------- the two methods
+
+def few_shot_examples(train_pairs, shots, seed):
+    """`shots` real, aligned (en, fr) pairs from the training split, the same for a given seed."""
+    short = [p for p in train_pairs if len(p[0]) <= 200 and len(p[1]) <= 200 and "\n" not in p[0] + p[1]]
+    return random.Random(f"shots-{seed}").sample(short or train_pairs, min(shots, len(short or train_pairs)))
+
+
+def few_shot_prompt(examples, text, source, target):
+    """The prompt for one sentence: the examples, then the sentence, each as `xx: ...` lines."""
+    blocks = [f"{source}: {ex[source]}\n{target}: {ex[target]}" for ex in examples]
+    return "\n\n".join(blocks + [f"{source}: {text}\n{target}:"])
+
+
+class FewShot:
+    def __init__(self, model, examples):
+        self.model = model
+        self.examples = [{"en": en, "fr": fr} for en, fr in examples]
+        self.stop = ids_containing("\n") + [EOT]  # the answer ends with its line
+
+    def __call__(self, texts, source, target, limits):
+        prompts = [encode(few_shot_prompt(self.examples, t, source, target)) for t in texts]
+        return [decode(o).strip() for o in generate(self.model, prompts, limits, stop_ids=self.stop)]
+
+
+class Prefix:
+    def __init__(self, model, kv, names):
+        self.model, self.kv = model, kv
+        self.index = {LANGUAGES[n]: i for i, n in enumerate(names)}
+
+    def __call__(self, texts, source, target, limits):
+        sources = [encode(" " + t) for t in texts]
+        out = translate_ids(self.model, self.kv, sources, [self.index[source]] * len(texts),
+                            [self.index[target]] * len(texts), limits)
+        return [decode(o).strip() for o in out]
+
+
+# ----------------------------------------------------------------------------- the evaluation
+
+def evaluate(model, kv, names, train_pairs, held_out, size, shots, seed, batch_size):
+    """Translate `size` held-out pairs both ways with both methods. Returns (scores, outputs, shot examples)."""
+    pairs = held_out[:size]
+    examples = few_shot_examples(train_pairs, shots, seed)
+    methods = {"prefix": Prefix(model, kv, names), f"{shots}-shot": FewShot(model, examples)}
+    scores, outputs = {}, {}
+    bar = tqdm(total=2 * len(methods) * len(pairs), desc="evaluating", unit=" sentences")
+    for source, target in DIRECTIONS:
+        col = {"en": 0, "fr": 1}
+        texts = [p[col[source]] for p in pairs]
+        refs = [p[col[target]] for p in pairs]
+        limits = [max_new_tokens_for(encode(" " + t)) for t in texts]  # the same limit for both methods
+        for name, method in methods.items():
+            hyps = []
+            for b in range(0, len(texts), batch_size):
+                hyps += method(texts[b:b + batch_size], source, target, limits[b:b + batch_size])
+                bar.update(len(texts[b:b + batch_size]))
+            outputs[(name, source, target)] = hyps
+    bar.close()
+    for name in methods:
+        all_h, all_r = [], []
+        for source, target in DIRECTIONS:
+            refs = [p[{"en": 0, "fr": 1}[target]] for p in pairs]
+            hyps = outputs[(name, source, target)]
+            scores[f"{name} {source}->{target}"] = bleu_scores(hyps, refs) | {"pairs": len(pairs)}
+            all_h, all_r = all_h + hyps, all_r + refs
+        scores[f"{name} both"] = bleu_scores(all_h, all_r) | {"pairs": 2 * len(pairs)}
+    return scores, outputs, examples
+
+
+def table(scores):
+    """A Markdown table: method x direction."""
+    lines = ["| method | direction | pairs | corpus BLEU | mean sentence BLEU (smoothed) | mean sentence BLEU (whitespace, unsmoothed) |",
+             "|---|---|---:|---:|---:|---:|"]
+    for key, s in scores.items():
+        method, direction = key.rsplit(" ", 1)
+        lines.append(f"| {method} | {direction} | {s['pairs']} | {s['corpus']:.2f} | {s['sentence_smoothed']:.2f} | "
+                     f"{s['sentence_whitespace']:.2f} |")
+    return "\n".join(lines)
+
+
+def write_reports(out, scores, outputs, examples, pairs, settings):
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    shot_name = next(k[0] for k in outputs if k[0] != "prefix")
+    samples = {f"{s}->{t}": [{"source": p[{"en": 0, "fr": 1}[s]], "reference": p[{"en": 0, "fr": 1}[t]],
+                              shot_name: outputs[(shot_name, s, t)][i], "prefix": outputs[("prefix", s, t)][i]}
+                             for i, p in enumerate(pairs)]
+               for s, t in DIRECTIONS}
+    results = {"scores": scores, "settings": settings, "few_shot_examples": [{"en": e, "fr": f} for e, f in examples],
+               "tokenisation": "BLEU on words and single punctuation marks (regex \\w+|[^\\w\\s]), case kept; "
+                               "sentence_whitespace: str.split()",
+               "translations": samples}
+    (out / "results.json").write_text(json.dumps(results, ensure_ascii=False, indent=2))
+
+    md = [f"# Prefix-tuning against {shot_name} prompting", "",
+          f"Model `{settings['model']}`, prefixes `{settings['prefix']}`, {settings['eval_size']} held-out pairs "
+          f"each way, greedy decoding, at most twice the source length plus 8 tokens. BLEU in percent (NLTK; "
+          f"words and punctuation marks as tokens).", "", table(scores), "", "## Examples", ""]
+    for direction, rows in samples.items():
+        md += [f"### {direction}", ""]
+        for row in rows[:N_EXAMPLES]:
+            md += [f"- source: {row['source']}", f"  - reference: {row['reference']}",
+                   f"  - {shot_name}: {row[shot_name]}", f"  - prefix: {row['prefix']}", ""]
+    (out / "results.md").write_text("\n".join(md))
+    return out / "results.json", out / "results.md"
+
+
+def run(args, model, prefix_path, train_pairs, held_out):
+    """Evaluate, print the table, write results.json and results.md to args.out."""
+    kv, names, meta = load_prefixes(prefix_path, model.config)
+    # Held-out pairs longer than training allowed (--max-len) are left out, as in training.
+    fits = [p for p in held_out if len(encode(" " + p[0])) + len(encode(" " + p[1])) + 1 <= args.max_len]
+    if len(fits) < len(held_out):
+        print(f"evaluation: {len(held_out) - len(fits)} held-out pairs longer than --max-len {args.max_len} left out")
+    held_out = fits
+    if not held_out:
+        raise ValueError("no held-out pair to evaluate")
+    size = min(args.eval_size, len(held_out))
+    with torch.no_grad():
+        scores, outputs, examples = evaluate(model, kv, names, train_pairs, held_out, size, args.shots, args.seed,
+                                             args.eval_batch_size)
+    settings = {"model": args.model, "prefix": str(prefix_path), "eval_size": size, "shots": args.shots,
+                "seed": args.seed, "data": args.data or "kaggle", "rows": args.rows, "heldout": args.heldout,
+                "max_len": args.max_len, "prefix_metadata": meta}
+    paths = write_reports(args.out, scores, outputs, examples, held_out[:size], settings)
+    print("\n" + table(scores) + "\n")
+    print(f"results: {paths[0]} and {paths[1]}")
+    return scores
+
+
+def check_split(args, meta):
+    """Warn if the held-out pairs may not be the ones this prefix was kept from."""
+    now = {"data": args.data or "kaggle", "rows": args.rows, "heldout": args.heldout, "seed": args.seed}
+    differ = [k for k in now if k in meta and meta[k] != str(now[k])]
+    if differ:
+        print(f"warning: the prefix was trained with other {', '.join('--' + k for k in differ)} "
+              f"({', '.join(meta[k] for k in differ)}): its held-out pairs may differ from these")

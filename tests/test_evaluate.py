@@ -1,0 +1,84 @@
+import json
+import math
+
+import pytest
+import torch
+
+import data
+import evaluate
+import prefix
+from mini_gpt2 import from_pretrained
+from tests.test_cli import PAIRS, csv_file, run  # noqa: F401  (csv_file is a fixture)
+
+
+def test_bleu_hand_checked_cases():
+    s = evaluate.bleu_scores(["Le chat dort sur le tapis."], ["Le chat dort sur le tapis."])
+    assert s["corpus"] == pytest.approx(100) and s["sentence_smoothed"] == pytest.approx(100)
+    assert s["sentence_whitespace"] == pytest.approx(100)
+    assert evaluate.bleu_scores(["un deux trois quatre"], ["five six seven eight"])["corpus"] == 0
+
+    # a b c d e f against a b c d x f: 1-grams 5/6, 2-grams 3/5 (ab bc cd), 3-grams 2/4 (abc bcd),
+    # 4-grams 1/3 (abcd); same length, so no brevity penalty: BLEU = (5/6 * 3/5 * 2/4 * 1/3) ** (1/4)
+    by_hand = 100 * (5 / 6 * 3 / 5 * 2 / 4 * 1 / 3) ** 0.25
+    assert by_hand == pytest.approx(53.73, abs=0.01)
+    s = evaluate.bleu_scores(["a b c d e f"], ["a b c d x f"])
+    assert s["corpus"] == pytest.approx(by_hand) and s["sentence_whitespace"] == pytest.approx(by_hand)
+
+
+def test_bleu_tokens_split_punctuation():
+    assert evaluate.bleu_tokens("L'été, déjà.") == ["L", "'", "été", ",", "déjà", "."]
+
+
+def test_few_shot_prompt_layout():
+    shots = [{"en": "Thank you.", "fr": "Merci."}, {"en": "Good night.", "fr": "Bonne nuit."}]
+    assert evaluate.few_shot_prompt(shots, "Le chat dort.", "fr", "en") == (
+        "fr: Merci.\nen: Thank you.\n\nfr: Bonne nuit.\nen: Good night.\n\nfr: Le chat dort.\nen:")
+    assert evaluate.few_shot_prompt(shots[:1], "The cat sleeps.", "en", "fr") == (
+        "en: Thank you.\nfr: Merci.\n\nen: The cat sleeps.\nfr:")
+
+
+def test_few_shot_examples_are_aligned_training_pairs_never_held_out():
+    pairs = [(f"English {i % 40}", f"Français {i % 40}") for i in range(400)]  # with duplicates
+    train, held = data.split(pairs, heldout=30, seed=3)
+    shots = evaluate.few_shot_examples(train, 3, seed=3)
+    assert shots == evaluate.few_shot_examples(train, 3, seed=3) and len(shots) == 3
+    assert all(s in train for s in shots)
+    assert all(en.split()[1] == fr.split()[1] for en, fr in shots)  # each example's two sides match
+    held_sides = {en for en, _ in held} | {fr for _, fr in held}
+    assert not any(en in held_sides or fr in held_sides for en, fr in train)
+
+
+def test_eval_only_end_to_end(tiny_ckpt, csv_file, tmp_path):  # noqa: F811
+    model = from_pretrained(tiny_ckpt[0], device="cpu")
+    kv = prefix.init_random(model, prefix.NAMES, 3, torch.Generator().manual_seed(0))
+    pfile = tmp_path / "prefix.safetensors"
+    prefix.save_prefixes(pfile, kv, prefix.NAMES, model.config, model=str(tiny_ckpt[0]), data=str(csv_file),
+                         rows=200000, heldout=8, seed=0)
+    r = run("train.py", "--eval-only", "--prefix", pfile, "--data", csv_file, "--heldout", 8, "--eval-size", 3,
+            "--out", tmp_path / "out")
+    assert r.returncode == 0, r.stderr
+    assert "| prefix | fr->en | 3 |" in r.stdout and "| 3-shot | both | 6 |" in r.stdout
+    assert "warning" not in r.stdout  # same split settings as the prefix was made with
+
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    keys = [f"{m} {d}" for m in ("prefix", "3-shot") for d in ("fr->en", "en->fr", "both")]
+    assert sorted(results["scores"]) == sorted(keys)
+    for key in keys:
+        figures = results["scores"][key]
+        assert set(figures) == {"corpus", "sentence_smoothed", "sentence_whitespace", "pairs"}
+        assert all(math.isfinite(v) for v in figures.values())
+    assert results["settings"]["model"] == str(tiny_ckpt[0]) and results["settings"]["eval_size"] == 3
+
+    # the evaluated sentences are held out: neither trained on nor used as a few-shot example
+    train, held = data.split(data.read_pairs(csv_file)[0], heldout=8, seed=0)
+    evaluated = {row["source"] for rows in results["translations"].values() for row in rows}
+    shots = {s for ex in results["few_shot_examples"] for s in ex.values()}
+    assert evaluated and evaluated <= {s for p in held for s in p}
+    assert not evaluated & ({s for p in train for s in p} | shots)
+
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "| method | direction | pairs | corpus BLEU" in md and "- source:" in md and "  - prefix:" in md
+
+    r = run("train.py", "--eval-only", "--prefix", pfile, "--data", csv_file, "--heldout", 6, "--eval-size", 2,
+            "--out", tmp_path / "out2")
+    assert r.returncode == 0 and "warning: the prefix was trained with other --heldout" in r.stdout
