@@ -10,8 +10,8 @@ and every real token after it, in every layer, can attend to it. Only these numb
 
 We learn two, `[start_french]` and `[start_english]`, and lay a translation out like this:
 
-    keys (every layer):  [start_french]  Bon jour ! ... Sul ly .  [start_english]  Hello ! ... <|endoftext|>
-    queries:                             Bon jour ! ... Sul ly .                   Hello ! ...
+    keys (every layer):  [start_french]  Bon j our ! ... S ully .  [start_english]  Hello ! ... S ully .  <|endoftext|>
+    queries:                             Bon j our ! ... S ully .                   Hello ! ... S ully .
 
 - The source-language prefix comes first; the source tokens see it and the earlier source tokens.
 - The target-language prefix comes after the source. A prefix has no query and predicts nothing,
@@ -201,16 +201,12 @@ def translate_ids(model, kv, sources, src_prefix, tgt_prefix, max_new_tokens, **
             raise ValueError(f"input {i + 1} is {len(s)} tokens; with {m} for the translation that passes "
                              f"GPT-2's {n_pos} positions")
     kv = kv.to(device=model.wte.weight.device, dtype=model.wte.weight.dtype)
-    P = kv.size(4)
     head = [s[:-1] for s in sources]
-    if max(map(len, head)) > 0:
-        _, cache, keys_valid, _ = prefill(model, head, as_past(kv[src_prefix]))
-    else:
-        cache = as_past(kv[src_prefix])
-        keys_valid = torch.ones(len(sources), P, dtype=torch.bool, device=kv.device)
-    target_prefix = as_past(kv[tgt_prefix])
-    cache = [(torch.cat([k, tk], 2), torch.cat([v, tv], 2)) for (k, v), (tk, tv) in zip(cache, target_prefix)]
-    keys_valid = torch.cat([keys_valid, keys_valid.new_ones(len(sources), P)], dim=1)
+    room = kv.size(4) + 1 + max(limits)  # the target prefix, the last source token, the translation
+    _, cache, keys_valid, _ = prefill(model, head, as_past(kv[src_prefix]), room=room)
+    for layer, (k, v) in zip(cache, as_past(kv[tgt_prefix])):
+        layer.update(k, v)
+    keys_valid = torch.cat([keys_valid, keys_valid.new_ones(len(sources), kv.size(4))], dim=1)
     return generate(model, [s[-1:] for s in sources], limits, stop_ids=(EOT,), past_kv=cache,
                     past_valid=keys_valid, past_positions=[len(h) for h in head], **sampling)
 

@@ -159,6 +159,82 @@ def eval_only(args, device):
     return 0
 
 
+class LossNotFinite(ValueError):
+    pass
+
+
+def open_log(path, resume_step):
+    """log.csv, one row per step; on resume, rows past the checkpoint (from a crash) are dropped."""
+    rows = []
+    if resume_step and path.exists():
+        with open(path, newline="") as f:
+            rows = [r for r in list(csv.reader(f))[1:] if r and int(r[0]) <= resume_step]
+    f = open(path, "w", newline="")
+    log = csv.writer(f)
+    log.writerows([["step", "loss", "lr", "tokens", "seconds"]] + rows)
+    return f, log
+
+
+def train_loop(args, model, prefixes, optimizer, batches, step, device):
+    """
+    Optimizer steps from `step` to args.steps; returns the step reached. Ctrl-C or a crash saves a
+    checkpoint of the last completed step first (a step cut short is dropped whole); a loss that is
+    not finite stops the run without overwriting the last good checkpoint.
+    """
+    checkpoint_path = Path(args.out) / "checkpoint.pt"
+    log_file, log = open_log(Path(args.out) / "log.csv", step)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")
+    bar = tqdm(total=args.steps, initial=step, desc="training", unit="step")
+    t0, tokens_seen, saved = time.time(), 0, step
+    try:
+        while step < args.steps:
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, args)
+            loss_sum, tokens = 0.0, 0
+            for micro in range(args.grad_accum):
+                idx, src_len, seq_len, sp, tp = make_batch(batches[step * args.grad_accum + micro], device)
+                with autocast:
+                    h = prefix_hidden(model, prefixes.kv(), idx, src_len, seq_len, sp, tp, args.grad_checkpoint)
+                    loss = target_loss(model, h, idx, src_len, seq_len)
+                (loss / args.grad_accum).backward()
+                loss_sum += loss.item() / args.grad_accum
+                tokens += int(seq_len.sum())
+            if not math.isfinite(loss_sum):
+                kept = f"the last good checkpoint (step {saved}) is {checkpoint_path}" if saved else "nothing was saved"
+                raise LossNotFinite(f"the loss became {loss_sum} at step {step + 1}; stopped, and {kept}. "
+                                    "Try a lower --lr, then --resume")
+            torch.nn.utils.clip_grad_norm_(prefixes.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens_seen += tokens
+            elapsed = time.time() - t0
+            log.writerow([step, f"{loss_sum:.4f}", f"{lr_at(step - 1, args):.3g}", tokens, f"{elapsed:.1f}"])
+            bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tokens_seen / elapsed:.0f}")
+            bar.update(1)
+            if step % args.save_every == 0 or step == args.steps:
+                log_file.flush()
+                save_checkpoint(checkpoint_path, prefixes, optimizer, step, args)
+                saved = step
+    except BaseException as e:
+        bar.close()
+        log_file.close()
+        if isinstance(e, LossNotFinite):
+            raise
+        if step > saved:
+            optimizer.zero_grad(set_to_none=True)
+            save_checkpoint(checkpoint_path, prefixes, optimizer, step, args)
+        if isinstance(e, KeyboardInterrupt):
+            print(f"\ninterrupted at step {step}; saved {checkpoint_path}. Continue with the same command "
+                  "and --resume", file=sys.stderr)
+            return step
+        print(f"\nstopped by an error at step {step}; saved {checkpoint_path} (--resume continues)", file=sys.stderr)
+        raise
+    bar.close()
+    log_file.close()
+    return step
+
+
 def main(argv=None):
     args = parse_args(argv)
     out = Path(args.out)
@@ -207,55 +283,8 @@ def main(argv=None):
           f"({'MLP reparameterisation' if args.reparam else 'plain'}, {args.prefix_len} virtual tokens each)")
 
     out.mkdir(parents=True, exist_ok=True)
-    log_file = open(out / "log.csv", "a" if state else "w", newline="")
-    log = csv.writer(log_file)
-    if not state:
-        log.writerow(["step", "loss", "lr", "tokens", "seconds"])
-    batches = Batches(examples, args.batch_size, args.seed)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")
-    bar = tqdm(total=args.steps, initial=step, desc="training", unit="step")
-    t0, tokens_seen, last_good = time.time(), 0, step
-    try:
-        while step < args.steps:
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, args)
-            loss_sum, tokens = 0.0, 0
-            for micro in range(args.grad_accum):
-                idx, src_len, seq_len, sp, tp = make_batch(batches[step * args.grad_accum + micro], device)
-                with autocast:
-                    h = prefix_hidden(model, prefixes.kv(), idx, src_len, seq_len, sp, tp, args.grad_checkpoint)
-                    loss = target_loss(model, h, idx, src_len, seq_len)
-                (loss / args.grad_accum).backward()
-                loss_sum += loss.item() / args.grad_accum
-                tokens += int(seq_len.sum())
-            if not math.isfinite(loss_sum):
-                bar.close()
-                saved = f"the last good checkpoint (step {last_good}) is {checkpoint_path}" if last_good else "nothing was saved"
-                raise ValueError(f"the loss became {loss_sum} at step {step + 1}; stopped, and {saved}. "
-                                 "Try a lower --lr, then --resume")
-            torch.nn.utils.clip_grad_norm_(prefixes.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            tokens_seen += tokens
-            elapsed = time.time() - t0
-            log.writerow([step, f"{loss_sum:.4f}", f"{lr_at(step - 1, args):.3g}", tokens, f"{elapsed:.1f}"])
-            bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tokens_seen / elapsed:.0f}")
-            bar.update(1)
-            if step % args.save_every == 0 or step == args.steps:
-                log_file.flush()
-                save_checkpoint(checkpoint_path, prefixes, optimizer, step, args)
-                last_good = step
-    except KeyboardInterrupt:
-        bar.close()
-        log_file.close()
-        optimizer.zero_grad(set_to_none=True)  # the interrupted step is dropped whole
-        save_checkpoint(checkpoint_path, prefixes, optimizer, step, args)
-        print(f"\ninterrupted at step {step}; saved {checkpoint_path}. Continue with: python train.py --resume "
-              f"(and the same options)", file=sys.stderr)
+    if train_loop(args, model, prefixes, optimizer, Batches(examples, args.batch_size, args.seed), step, device) != args.steps:
         return 130
-    bar.close()
-    log_file.close()
 
     prefix_path = out / "prefix.safetensors"
     save_prefixes(prefix_path, prefixes.fold(), NAMES, model.config, model=args.model, steps=args.steps,

@@ -48,6 +48,11 @@ def main():
         t_hf = best_time(load_hf, args.repeats, device)
         print(f"\nload    mini_gpt2 {t_ours:6.2f} s   transformers {t_hf:6.2f} s   speed-up x{t_hf / t_ours:.2f}")
         ours, hf = load_ours(), load_hf()
+        x = torch.randint(0, 50256, (4, 128), generator=torch.Generator().manual_seed(1)).to(device)
+        with torch.no_grad():
+            a, b = ours(x).float(), hf(x).logits.float()
+        print(f"logits on 4 x 128 random tokens: max |difference| {(a - b).abs().max().item():.3g} "
+              f"(largest logit {b.abs().max().item():.3g}), same top token {(a.argmax(-1) == b.argmax(-1)).float().mean().item():.1%}")
 
         print(f"\n{'batch':>5} {'mini_gpt2 tok/s':>16} {'transformers tok/s':>19} {'ratio':>6} {'same tokens':>12}")
         g = torch.Generator().manual_seed(0)

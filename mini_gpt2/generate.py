@@ -9,6 +9,7 @@ compute alone.
 
 import torch
 
+from .model import KVCache
 from .tokenizer import EOT
 
 
@@ -21,8 +22,9 @@ def generate(model, prompts, max_new_tokens, *, temperature=0.0, top_k=None, sto
     temperature:    0 for greedy; else sample from softmax(logits / temperature), over the top_k if given
     stop_ids:       a row ends when it produces one of these (it is not returned)
     past_kv, past_valid, past_positions: an optional cache placed before the prompts (e.g. a prefix):
-                    one (k, v) per layer, each (B, nh, P, hd); which of its P entries are real (B, P)
-                    bool; how many positions they used (B,) ints, where the prompt's positions start
+                    per layer (k, v) each (B, nh, P, hd), or a KVCache with room for the rest; which
+                    of its P entries are real (B, P) bool; how many positions they used (B,) ints,
+                    where the prompt's positions start
     returns one list of new token ids per prompt
     """
     B, n_pos = len(prompts), model.config.n_positions
@@ -34,7 +36,7 @@ def generate(model, prompts, max_new_tokens, *, temperature=0.0, top_k=None, sto
         if s + len(p) + m > n_pos:
             raise ValueError(f"{s + len(p)} prompt positions + {m} new tokens is more than GPT-2's {n_pos} positions")
 
-    h, cache, keys_valid, next_pos = prefill(model, prompts, past_kv, past_valid, past_positions)
+    h, cache, keys_valid, next_pos = prefill(model, prompts, past_kv, past_valid, past_positions, max(limits))
     logits = model.lm_head(h[:, -1])  # (B, vocab): only the last position predicts
     device = logits.device
     out = [[] for _ in range(B)]
@@ -72,14 +74,22 @@ def _pick(logits, temperature, top_k, generator):
     return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)[:, 0]
 
 
-def prefill(model, prompts, past_kv=None, past_valid=None, past_positions=None):
+def prefill(model, prompts, past_kv=None, past_valid=None, past_positions=None, room=0):
     """
-    Run left-padded prompts through the model at once, after an optional cache (see generate).
-    Query t sees the real keys up to itself. Returns the hidden states (B, T, C), the new cache,
-    which of its keys are real (B, S) and each row's next position (B,).
+    Run left-padded prompts through the model at once, after an optional cache (see generate),
+    into a KVCache per layer with `room` entries to spare. Query t sees the real keys up to itself.
+    Returns the hidden states (B, T, C) (None if every prompt is empty), the caches, which of
+    their keys are real (B, S), and each row's next position (B,).
     """
-    device = model.wte.weight.device
+    device, dtype = model.wte.weight.device, model.wte.weight.dtype
+    c = model.config
     B, T = len(prompts), max(len(p) for p in prompts)
+    if past_kv is None or not isinstance(past_kv[0], KVCache):
+        P = 0 if past_kv is None else past_kv[0][0].size(2)
+        caches = [KVCache(B, c.n_head, P + T + room, c.head_dim, device, dtype) for _ in range(c.n_layer)]
+        for cache, kv in zip(caches, past_kv or []):
+            cache.update(*kv)
+        past_kv = caches
     idx = torch.zeros(B, T, dtype=torch.long, device=device)
     valid = torch.zeros(B, T, dtype=torch.bool, device=device)  # which entries are real tokens
     for b, p in enumerate(prompts):
@@ -88,9 +98,11 @@ def prefill(model, prompts, past_kv=None, past_valid=None, past_positions=None):
             valid[b, T - len(p):] = True
     start = torch.tensor([0] * B if past_positions is None else list(past_positions), device=device)
     pos = start[:, None] + (valid.cumsum(1) - 1).clamp(min=0)  # pads get a dummy position, unused
-    if past_kv is not None and past_valid is None:
-        past_valid = torch.ones(B, past_kv[0][0].size(2), dtype=torch.bool, device=device)
-    keys_valid = valid if past_kv is None else torch.cat([past_valid, valid], dim=1)  # (B, S)
+    if past_valid is None:
+        past_valid = torch.ones(B, past_kv[0].len, dtype=torch.bool, device=device)
+    keys_valid = torch.cat([past_valid, valid], dim=1)  # (B, S)
+    if T == 0:
+        return None, past_kv, keys_valid, start
     S = keys_valid.size(1)
     causal = torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=S - T)
     h, cache = model.hidden(idx, past_kv, keys_valid[:, None, :] & causal, pos)

@@ -48,6 +48,27 @@ CONFIGS = {
 }
 
 
+class KVCache:
+    """
+    One layer's keys and values during generation, in buffers made once for `capacity` entries:
+    each step writes its new entry in place, where torch.cat would copy the whole cache, in every
+    layer, at every step.
+    """
+
+    def __init__(self, B, n_head, capacity, head_dim, device, dtype):
+        self.k = torch.empty(B, n_head, capacity, head_dim, device=device, dtype=dtype)
+        self.v = torch.empty_like(self.k)
+        self.len = 0
+
+    def update(self, k, v):
+        """Append keys/values (B, nh, T, hd); return all of them so far, each (B, nh, len, hd)."""
+        T = k.size(2)
+        self.k[:, :, self.len:self.len + T] = k
+        self.v[:, :, self.len:self.len + T] = v
+        self.len += T
+        return self.k[:, :, :self.len], self.v[:, :, :self.len]
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -59,9 +80,10 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, past=None, mask=None):
         """
         x:    (B, T, C) the new tokens
-        past: None or (k, v), each (B, nh, P, hd): keys/values placed before these tokens
+        past: keys/values placed before these tokens: None, or (k, v) each (B, nh, P, hd), or a
+              KVCache holding P entries, which these tokens' keys/values are written into
         mask: None (every key visible) or bool (B or 1, 1, T, S), True where a query may look
-        returns (B, T, C) and this layer's (k, v), each (B, nh, S, hd), S = P + T
+        returns (B, T, C) and this layer's keys/values, S = P + T of them: (k, v) or the KVCache
         """
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
@@ -69,9 +91,14 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        if past is not None:
-            k = torch.cat([past[0], k], dim=2)
-            v = torch.cat([past[1], v], dim=2)
+        if isinstance(past, KVCache):
+            k, v = past.update(k, v)
+            present = past
+        else:
+            if past is not None:  # e.g. a learned prefix, through which gradients must flow
+                k = torch.cat([past[0], k], dim=2)
+                v = torch.cat([past[1], v], dim=2)
+            present = (k, v)
 
         # every query against every key: (B, nh, T, hd) @ (B, nh, hd, S) -> (B, nh, T, S)
         att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
@@ -82,7 +109,7 @@ class CausalSelfAttention(nn.Module):
         att = F.softmax(att, dim=-1, dtype=torch.float32).to(v.dtype)
         y = att @ v  # (B, nh, T, S) @ (B, nh, S, hd) -> (B, nh, T, hd)
         y = y.transpose(1, 2).reshape(B, T, C)  # heads side by side again
-        return self.c_proj(y), (k, v)
+        return self.c_proj(y), present
 
 
 class MLP(nn.Module):
@@ -130,13 +157,16 @@ class GPT(nn.Module):
         (generation, the training loss) apply lm_head to just those.
 
         idx:          (B, T) token ids
-        past_kv:      None or a list with one (k, v) per layer, each (B, nh, P, hd)
+        past_kv:      None, or per layer (k, v) each (B, nh, P, hd), or per layer a KVCache
         attn_mask:    None for plain causal attention after the past, else bool (B, T, P + T)
         position_ids: None for P, P+1, ... (the past are earlier tokens), else (B, T) or (T,)
-        returns (B, T, C) and the new cache: one (k, v) per layer, each (B, nh, P + T, hd)
+        returns (B, T, C) and the new cache: per layer (k, v) each (B, nh, P + T, hd), or the KVCache
         """
         B, T = idx.shape
-        P = 0 if past_kv is None else past_kv[0][0].size(2)
+        if past_kv is None:
+            P = 0
+        else:
+            P = past_kv[0].len if isinstance(past_kv[0], KVCache) else past_kv[0][0].size(2)
         if position_ids is None:
             if P + T > self.config.n_positions:
                 raise ValueError(f"{P + T} positions, but GPT-2 has only {self.config.n_positions}")

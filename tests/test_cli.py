@@ -142,3 +142,12 @@ def test_help():
     for script in ("train.py", "translate.py"):
         r = run(script, "--help")
         assert r.returncode == 0 and "usage:" in r.stdout
+
+
+@pytest.mark.parametrize("text,lang", [("Bonjour! Je m'appelle Sully.", "fr"), ("Hello! My name is Sully.", "en"),
+                                       ("Où est la gare ?", "fr"), ("Where is the station?", "en"),
+                                       ("Cela est fait, en partie, pour répondre aux besoins des sénateurs.", "fr"),
+                                       ("This is done, in part, to meet the needs of senators.", "en")])
+def test_guess_language(text, lang):
+    import translate
+    assert translate.guess_language(text) == lang

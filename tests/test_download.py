@@ -24,8 +24,11 @@ def hub(tmp_path, monkeypatch):
     server.close()
 
 
-def test_full_download(hub, tmp_path):
+def test_full_download(hub, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
     path = hub_download(REPO, "model.safetensors")
+    assert hub.log[0][:2] == ("HEAD", f"/{REPO}/resolve/main/model.safetensors")
+    assert hub.log[0][3] == "Bearer hf_secret"
     assert path == tmp_path / "cache" / "openai-community--gpt2" / "model.safetensors"
     assert path.read_bytes() == hub.files["model.safetensors"]
     assert hub_download(REPO, "config.json").read_bytes() == b'{"n_layer": 2}'
