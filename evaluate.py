@@ -36,9 +36,10 @@ from tqdm import tqdm
 from mini_gpt2 import EOT, decode, encode
 from mini_gpt2.generate import generate
 from mini_gpt2.tokenizer import ids_containing
-from prefix import LANGUAGES, load_prefixes, max_new_tokens_for, translate_ids
+from prefix import load_prefixes, max_new_tokens_for, translate
 
 DIRECTIONS = (("fr", "en"), ("en", "fr"))  # (source, target)
+COLUMN = {"en": 0, "fr": 1}  # where each language sits in an (en, fr) pair
 N_EXAMPLES = 5  # examples per direction in results.md
 
 
@@ -105,14 +106,10 @@ class FewShot:
 
 class Prefix:
     def __init__(self, model, kv, names):
-        self.model, self.kv = model, kv
-        self.index = {LANGUAGES[n]: i for i, n in enumerate(names)}
+        self.model, self.kv, self.names = model, kv, names
 
     def __call__(self, texts, source, target, limits):
-        sources = [encode(" " + t) for t in texts]
-        out = translate_ids(self.model, self.kv, sources, [self.index[source]] * len(texts),
-                            [self.index[target]] * len(texts), limits)
-        return [decode(o).strip() for o in out]
+        return translate(self.model, self.kv, self.names, texts, [target] * len(texts), limits)
 
 
 # ----------------------------------------------------------------------------- the evaluation
@@ -125,9 +122,7 @@ def evaluate(model, kv, names, train_pairs, held_out, size, shots, seed, batch_s
     scores, outputs = {}, {}
     bar = tqdm(total=2 * len(methods) * len(pairs), desc="evaluating", unit=" sentences")
     for source, target in DIRECTIONS:
-        col = {"en": 0, "fr": 1}
-        texts = [p[col[source]] for p in pairs]
-        refs = [p[col[target]] for p in pairs]
+        texts = [p[COLUMN[source]] for p in pairs]
         limits = [max_new_tokens_for(encode(" " + t)) for t in texts]  # the same limit for both methods
         for name, method in methods.items():
             hyps = []
@@ -139,7 +134,7 @@ def evaluate(model, kv, names, train_pairs, held_out, size, shots, seed, batch_s
     for name in methods:
         all_h, all_r = [], []
         for source, target in DIRECTIONS:
-            refs = [p[{"en": 0, "fr": 1}[target]] for p in pairs]
+            refs = [p[COLUMN[target]] for p in pairs]
             hyps = outputs[(name, source, target)]
             scores[f"{name} {source}->{target}"] = bleu_scores(hyps, refs) | {"pairs": len(pairs)}
             all_h, all_r = all_h + hyps, all_r + refs
@@ -162,7 +157,7 @@ def write_reports(out, scores, outputs, examples, pairs, settings):
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     shot_name = next(k[0] for k in outputs if k[0] != "prefix")
-    samples = {f"{s}->{t}": [{"source": p[{"en": 0, "fr": 1}[s]], "reference": p[{"en": 0, "fr": 1}[t]],
+    samples = {f"{s}->{t}": [{"source": p[COLUMN[s]], "reference": p[COLUMN[t]],
                               shot_name: outputs[(shot_name, s, t)][i], "prefix": outputs[("prefix", s, t)][i]}
                              for i, p in enumerate(pairs)]
                for s, t in DIRECTIONS}

@@ -24,7 +24,7 @@ We learn two, `[start_french]` and `[start_english]`, and lay a translation out 
 Attention does not care where in the cache a key sits, only which keys a query may see and what
 they hold. So training can run a whole padded batch at once, with both prefixes placed before the
 tokens and a mask that encodes the rules above (`prefix_hidden`), while decoding builds the cache
-in reading order (`translate`): the tests check that both give the same logits.
+in reading order (`translate_ids`): the tests check that both give the same logits.
 """
 
 import json
@@ -49,8 +49,8 @@ class Prefixes(nn.Module):
     The trainable prefixes. `kv()` returns them all: (n_prefixes, n_layer, 2, n_head, P, head_dim).
 
     Plain: that tensor is the parameter. Reparameterised (the paper's trick for stable training):
-    each virtual token is a small embedding, mapped to its 2 * n_layer * n_embd numbers by an MLP
-    (hidden 512) and added to the initial value. The MLP's last layer starts at zero, so training
+    each virtual token is an embedding n_embd wide, mapped to its 2 * n_layer * n_embd numbers by
+    an MLP (hidden 512), and that is added to the initial value. The MLP's last layer starts at zero, so training
     starts from the initialisation either way; `fold()` turns it into a plain tensor for saving.
     """
 
@@ -175,7 +175,7 @@ def max_new_tokens_for(source_ids):
 def translate(model, kv, names, texts, targets, max_new_tokens=None, **sampling):
     """
     Translate each text into its target language ("en" or "fr"), all in one batch. max_new_tokens:
-    an int, or None for twice the input's length plus 8. Returns the translations as text.
+    an int, one int per text, or None for twice the input's length plus 8. Returns the translations.
     """
     lang = {LANGUAGES[n]: i for i, n in enumerate(names)}
     sources = [encode(" " + text.strip()) for text in texts]  # a leading space, as in training

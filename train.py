@@ -54,7 +54,7 @@ def parse_args(argv=None):
     ap.add_argument("--reparam", action="store_true", help="train through the paper's MLP reparameterisation")
     ap.add_argument("--init", choices=["words", "random"], default="words",
                     help="start from the model's keys/values for 'French:'/'English:' (default) or random")
-    ap.add_argument("--grad-checkpoint", action="store_true", help="recompute activations in backward: less memory, ~30%% slower")
+    ap.add_argument("--grad-checkpoint", action="store_true", help="recompute activations during backward: less memory, more time")
     ap.add_argument("--save-every", type=int, default=250, help="checkpoint every N steps (default 250)")
     ap.add_argument("--device", help="cuda or cpu (default: cuda if available)")
     ap.add_argument("--seed", type=int, default=0, help="seeds the split, the data order and random init (default 0)")

@@ -6,7 +6,6 @@ speed at batch 1 and 16. Prints figures and ratios; asserts nothing.
     python benchmarks/bench_model.py --size gpt2-xl    # the default on CUDA
 """
 
-import argparse
 import os
 import shutil
 import sys
@@ -17,22 +16,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import mini_gpt2  # noqa: E402
-from benchmarks.common import best_time, random_checkpoint, setup  # noqa: E402
+from benchmarks.common import best_time, parser, random_checkpoint, setup  # noqa: E402
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", choices=list(mini_gpt2.CONFIGS), help="default: gpt2-xl on CUDA, gpt2 on CPU")
-    ap.add_argument("--device", choices=["cpu", "cuda"])
-    ap.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
+    ap = parser(__doc__)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
-    ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
-    device = setup(args)
-    size = args.size or ("gpt2-xl" if device == "cuda" else "gpt2")
-    dtype = mini_gpt2.default_dtype(device)
+    device, size, dtype = setup(args)
     from transformers import GPT2LMHeadModel
 
     print(f"{size}, random weights, {dtype}, {args.new_tokens} new tokens after a {args.prompt_len}-token prompt")

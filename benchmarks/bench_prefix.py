@@ -12,7 +12,6 @@ standard causal-LM setup). Memory: on CUDA the peak allocated during a step, bey
 on the CPU the bytes autograd saves for backward (the activations), which is what differs.
 """
 
-import argparse
 import os
 import shutil
 import sys
@@ -22,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import mini_gpt2  # noqa: E402
-from benchmarks.common import best_time, random_checkpoint, setup  # noqa: E402
+from benchmarks.common import best_time, parser, random_checkpoint, setup  # noqa: E402
 from prefix import NAMES, Prefixes, init_random, prefix_hidden, target_loss  # noqa: E402
 
 
@@ -66,18 +65,12 @@ def measure(step, device, repeats, weights):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", choices=list(mini_gpt2.CONFIGS), help="default: gpt2-xl on CUDA, gpt2 on CPU")
-    ap.add_argument("--device", choices=["cpu", "cuda"])
-    ap.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
+    ap = parser(__doc__)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=64, help="real tokens per sequence (default 64)")
     ap.add_argument("--prefix-len", type=int, default=16)
-    ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
-    device = setup(args)
-    size = args.size or ("gpt2-xl" if device == "cuda" else "gpt2")
-    dtype = mini_gpt2.default_dtype(device)
+    device, size, dtype = setup(args)
     B, T, P = args.batch_size, args.seq_len, args.prefix_len
     print(f"{size}, random weights, {dtype}; batch {B} x {T} tokens, prefix length {P}")
     folder = random_checkpoint(size, dtype=dtype)
