@@ -261,6 +261,8 @@ def main(argv=None):
     train_pairs, held = load_data(args)
     model = mini_gpt2.from_pretrained(args.model, device=device)
     model.requires_grad_(False)  # GPT-2 stays frozen: only the prefixes learn
+    if args.max_len > model.config.n_positions:
+        raise ValueError(f"--max-len {args.max_len} is more than the model's {model.config.n_positions} positions")
     examples, too_long = make_examples(train_pairs, args.max_len)
     if not examples:
         raise ValueError(f"every training pair is longer than --max-len {args.max_len} tokens")
@@ -279,8 +281,8 @@ def main(argv=None):
         step = state["step"]
         print(f"resuming at step {step} of {args.steps}")
     n_params = sum(p.numel() for p in prefixes.parameters())
-    print(f"model {args.model} on {device}, frozen; training {n_params:,} prefix numbers "
-          f"({'MLP reparameterisation' if args.reparam else 'plain'}, {args.prefix_len} virtual tokens each)")
+    print(f"model {args.model} on {device}, frozen; training {n_params:,} parameters for the prefixes "
+          f"({'through the MLP' if args.reparam else 'directly'}, {args.prefix_len} virtual tokens each)")
 
     out.mkdir(parents=True, exist_ok=True)
     if train_loop(args, model, prefixes, optimizer, Batches(examples, args.batch_size, args.seed), step, device) != args.steps:
@@ -290,7 +292,7 @@ def main(argv=None):
     save_prefixes(prefix_path, prefixes.fold(), NAMES, model.config, model=args.model, steps=args.steps,
                   lr=args.lr, batch=args.batch_size * args.grad_accum, reparam=args.reparam, init=args.init,
                   data=args.data or "kaggle", rows=args.rows, heldout=args.heldout, seed=args.seed)
-    print(f"prefixes saved: {prefix_path}")
+    print(f"prefixes saved: {prefix_path} ({prefix_path.stat().st_size / 2**20:.1f} MB)")
     if not args.no_eval:
         evaluate.run(args, model, prefix_path, train_pairs, held)
     return 0

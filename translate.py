@@ -50,6 +50,11 @@ def main(argv=None):
     ap.add_argument("--device", help="cuda or cpu (default: cuda if available)")
     ap.add_argument("--seed", type=int, help="seed for sampling")
     args = ap.parse_args(argv)
+    for name in ("max_new_tokens", "batch_size", "top_k"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.temperature < 0:
+        ap.error("--temperature must not be negative")
 
     prefix_path = Path(args.prefix)
     if not prefix_path.exists():

@@ -46,7 +46,7 @@ def test_train_then_translate(tiny_ckpt, csv_file, tmp_path):
     out = tmp_path / "run"
     r = run("train.py", *train_args(tiny_ckpt[0], csv_file, out))
     assert r.returncode == 0, r.stderr
-    assert f"prefixes saved: {out / 'prefix.safetensors'}" in r.stdout
+    assert f"prefixes saved: {out / 'prefix.safetensors'} (" in r.stdout
     assert "| 3-shot | both | 4 |" in r.stdout and (out / "results.json").exists()  # then the comparison
     kv, names, meta = load_prefixes(out / "prefix.safetensors")
     assert kv.shape == (2, 2, 2, 5, 3, 16) and meta["model"] == str(tiny_ckpt[0])
