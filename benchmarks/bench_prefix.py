@@ -64,6 +64,50 @@ def measure(step, device, repeats, weights):
     return seconds, saved.total
 
 
+def bench_ours(folder, idx, P, device, dtype, args):
+    B, T = idx.shape
+    model = mini_gpt2.from_pretrained(folder, device=device, dtype=dtype).requires_grad_(False)
+    prefixes = Prefixes(init_random(model, NAMES, P, torch.Generator().manual_seed(0))).to(device)
+    opt = torch.optim.AdamW(prefixes.parameters(), lr=1e-3)
+    src_len = torch.full((B,), T // 2, device=device)  # half source, half target
+    seq_len = torch.full((B,), T, device=device)
+    which = torch.arange(B, device=device) % 2  # both directions
+
+    def step():
+        with autocast(device):
+            h = prefix_hidden(model, prefixes.kv(), idx, src_len, seq_len, which, 1 - which)
+            loss = target_loss(model, h, idx, src_len, seq_len)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return measure(step, device, args.repeats, list(model.parameters()))
+
+
+def bench_peft(folder, idx, P, device, dtype, args):
+    from peft import PrefixTuningConfig, TaskType, get_peft_model
+    from transformers import GPT2LMHeadModel
+
+    hf = GPT2LMHeadModel.from_pretrained(folder, dtype=dtype).to(device)
+    model = get_peft_model(hf, PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=P))
+    model.eval()  # no dropout, like ours
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    mask = torch.ones_like(idx)
+
+    def step():
+        with autocast(device):
+            loss = model(input_ids=idx, attention_mask=mask, labels=idx).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return measure(step, device, args.repeats, list(hf.parameters()))
+
+
+def autocast(device):
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")
+
+
 def main():
     ap = parser(__doc__)
     ap.add_argument("--batch-size", type=int, default=8)
@@ -74,56 +118,19 @@ def main():
     B, T, P = args.batch_size, args.seq_len, args.prefix_len
     print(f"{size}, random weights, {dtype}; batch {B} x {T} tokens, prefix length {P}")
     folder = random_checkpoint(size, dtype=dtype)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")
+    idx = torch.randint(0, 50256, (B, T), generator=torch.Generator().manual_seed(0)).to(device)
     try:
-        # ours
-        model = mini_gpt2.from_pretrained(folder, device=device, dtype=dtype).requires_grad_(False)
-        prefixes = Prefixes(init_random(model, NAMES, P, torch.Generator().manual_seed(0))).to(device)
-        opt = torch.optim.AdamW(prefixes.parameters(), lr=1e-3)
-        g = torch.Generator().manual_seed(0)
-        idx = torch.randint(0, 50256, (B, T), generator=g).to(device)
-        src_len = torch.full((B,), T // 2, device=device)
-        seq_len = torch.full((B,), T, device=device)
-        which = torch.arange(B, device=device) % 2
-
-        def ours():
-            with autocast:
-                h = prefix_hidden(model, prefixes.kv(), idx, src_len, seq_len, which, 1 - which)
-                loss = target_loss(model, h, idx, src_len, seq_len)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        s_ours, m_ours = measure(ours, device, args.repeats, list(model.parameters()))
-        del model, prefixes, opt
+        s_ours, m_ours = bench_ours(folder, idx, P, device, dtype, args)
         if device == "cuda":
             torch.cuda.empty_cache()
-
-        # PEFT
-        from peft import PrefixTuningConfig, TaskType, get_peft_model
-        from transformers import GPT2LMHeadModel
-
-        hf = GPT2LMHeadModel.from_pretrained(folder, dtype=dtype).to(device)
-        peft_model = get_peft_model(hf, PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=P))
-        peft_model.eval()  # no dropout, like ours
-        popt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-3)
-        mask = torch.ones_like(idx)
-
-        def peft():
-            with autocast:
-                loss = peft_model(input_ids=idx, attention_mask=mask, labels=idx).loss
-            loss.backward()
-            popt.step()
-            popt.zero_grad(set_to_none=True)
-
-        s_peft, m_peft = measure(peft, device, args.repeats, list(hf.parameters()))
-        what = "peak CUDA memory beyond weights" if device == "cuda" else "activations saved for backward"
-        print(f"\n{'':12} {'tokens/s':>10} {'s/step':>8} {what:>34}")
-        print(f"{'ours':12} {B * T / s_ours:>10.0f} {s_ours:>8.3f} {m_ours / 2**20:>30.1f} MiB")
-        print(f"{'PEFT':12} {B * T / s_peft:>10.0f} {s_peft:>8.3f} {m_peft / 2**20:>30.1f} MiB")
-        print(f"{'ours / PEFT':12} {s_peft / s_ours:>9.2f}x {'':>8} {m_ours / m_peft:>33.2f}x")
+        s_peft, m_peft = bench_peft(folder, idx, P, device, dtype, args)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+    what = "peak CUDA memory beyond weights" if device == "cuda" else "activations saved for backward"
+    print(f"\n{'':12} {'tokens/s':>10} {'s/step':>8} {what:>34}")
+    print(f"{'ours':12} {B * T / s_ours:>10.0f} {s_ours:>8.3f} {m_ours / 2**20:>30.1f} MiB")
+    print(f"{'PEFT':12} {B * T / s_peft:>10.0f} {s_peft:>8.3f} {m_peft / 2**20:>30.1f} MiB")
+    print(f"{'ours / PEFT':12} {s_peft / s_ours:>9.2f}x {'':>8} {m_ours / m_peft:>33.2f}x")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,5 @@
 """Shared fixtures: tiny GPT-2 checkpoints with random weights, written in the official file format."""
 
-import json
 import os
 from pathlib import Path
 
@@ -54,7 +53,3 @@ def tiny_ckpt(tmp_path_factory):
     """(folder, transformers model) of a tiny random GPT-2 with the real vocabulary."""
     folder = tmp_path_factory.mktemp("tiny")
     return folder, make_checkpoint(folder)
-
-
-def read_config(folder):
-    return json.loads((Path(folder) / "config.json").read_text())
