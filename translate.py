@@ -65,7 +65,10 @@ def main(argv=None):
         raise ValueError("nothing to translate: give phrases as arguments or one per line on stdin")
 
     kv, names, meta = load_prefixes(prefix_path)
-    model = mini_gpt2.from_pretrained(args.model or meta.get("model", "gpt2-xl"), device=args.device)
+    name = args.model or meta.get("model", "gpt2-xl")
+    if (args.device or mini_gpt2.default_device()) == "cpu" and name in ("gpt2-large", "gpt2-xl"):
+        print(f"note: no CUDA GPU, so {name} runs on the CPU: expect seconds per word", file=sys.stderr)
+    model = mini_gpt2.from_pretrained(name, device=args.device)
     load_prefixes(prefix_path, model.config)  # check the prefixes fit this model
     generator = None
     if args.seed is not None:
