@@ -226,12 +226,16 @@ def load_prefixes(path, model_config=None):
     """Read a prefix file -> (kv, names, metadata). With a model config, check that they fit it."""
     with safe_open(str(path), framework="pt") as f:
         kv, meta = f.get_tensor("prefixes"), f.metadata()
-    names = json.loads(meta["names"])
     if model_config is not None:
-        want = (model_config.n_layer, model_config.n_head, model_config.n_embd)
-        have = (int(meta["n_layer"]), int(meta["n_head"]), int(meta["n_embd"]))
-        if have != want:
-            made_for = meta.get("model", "another model")
-            raise ValueError(f"{path} was trained for {made_for} ({have[0]} layers, {have[1]} heads, width {have[2]}), "
-                             f"but this model has {want[0]} layers, {want[1]} heads, width {want[2]}")
-    return kv, names, meta
+        check_fits(meta, model_config, path)
+    return kv, json.loads(meta["names"]), meta
+
+
+def check_fits(meta, model_config, path):
+    """A one-line error if a prefix file's metadata says it was made for another model size."""
+    want = (model_config.n_layer, model_config.n_head, model_config.n_embd)
+    have = (int(meta["n_layer"]), int(meta["n_head"]), int(meta["n_embd"]))
+    if have != want:
+        made_for = meta.get("model", "another model")
+        raise ValueError(f"{path} was trained for {made_for} ({have[0]} layers, {have[1]} heads, width {have[2]}), "
+                         f"but this model has {want[0]} layers, {want[1]} heads, width {want[2]}")

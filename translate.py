@@ -18,7 +18,7 @@ import torch
 
 import cli
 import mini_gpt2
-from prefix import load_prefixes, translate
+from prefix import check_fits, load_prefixes, translate
 
 DEFAULT_PREFIX = Path("runs/prefix/prefix.safetensors")  # where train.py writes
 
@@ -69,7 +69,7 @@ def main(argv=None):
     if (args.device or mini_gpt2.default_device()) == "cpu" and name in ("gpt2-large", "gpt2-xl"):
         print(f"note: no CUDA GPU, so {name} runs on the CPU: expect seconds per word", file=sys.stderr)
     model = mini_gpt2.from_pretrained(name, device=args.device)
-    load_prefixes(prefix_path, model.config)  # check the prefixes fit this model
+    check_fits(meta, model.config, prefix_path)
     generator = None
     if args.seed is not None:
         generator = torch.Generator(model.wte.weight.device).manual_seed(args.seed)

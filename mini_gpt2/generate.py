@@ -56,8 +56,10 @@ def generate(model, prompts, max_new_tokens, *, temperature=0.0, top_k=None, sto
         if all(finished) or step == max(limits) - 1:
             break
         # One step: feed the new tokens, attend to everything cached that is real.
-        keys_valid = torch.cat([keys_valid, torch.ones(B, 1, dtype=torch.bool, device=device)], dim=1)
-        mask = None if all_valid else keys_valid[:, None, :]
+        mask = None
+        if not all_valid:
+            keys_valid = torch.cat([keys_valid, torch.ones(B, 1, dtype=torch.bool, device=device)], dim=1)
+            mask = keys_valid[:, None, :]
         h, cache = model.hidden(tok[:, None], cache, mask, next_pos[:, None])
         logits = model.lm_head(h[:, -1])
         next_pos = next_pos + 1
