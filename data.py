@@ -14,6 +14,7 @@ The held-out split is fixed by a seed (see `split`) and no held-out sentence is 
 import base64
 import codecs
 import csv
+import itertools
 import json
 import os
 import random
@@ -155,25 +156,23 @@ def unzip_first_file(chunks):
     be read front to back.
     """
     chunks = iter(chunks)
-    buf = b""
-    while len(buf) < 30:
-        buf += next(chunks, b"") or _eof()
+    buf = _at_least(b"", chunks, 30)
     sig, _, flags, method, _, _, _, csize, _, name_len, extra_len = struct.unpack("<IHHHHHIIIHH", buf[:30])
     if sig != 0x04034B50:
         raise ValueError("not a zip file")
-    while len(buf) < 30 + name_len + extra_len:
-        buf += next(chunks, b"") or _eof()
-    buf = buf[30 + name_len + extra_len:]
+    buf = _at_least(buf, chunks, 30 + name_len + extra_len)[30 + name_len + extra_len:]
+    pieces = itertools.chain([buf], chunks)  # the file's data, from its first byte on
     if method == 0 and not flags & 8:  # stored, size known
         remaining = csize
-        for piece in _prepend(buf, chunks):
-            yield piece[:remaining]
-            remaining -= len(piece[:remaining])
+        for piece in pieces:
+            piece = piece[:remaining]
+            yield piece
+            remaining -= len(piece)
             if not remaining:
                 return
     elif method == 8:  # deflate
         d = zlib.decompressobj(-15)
-        for piece in _prepend(buf, chunks):
+        for piece in pieces:
             yield d.decompress(piece)
             if d.eof:
                 return
@@ -181,10 +180,11 @@ def unzip_first_file(chunks):
         raise ValueError(f"zip compression method {method} is not supported")
 
 
-def _prepend(first, rest):
-    yield first
-    yield from rest
-
-
-def _eof():
-    raise ValueError("the archive ended early")
+def _at_least(buf, chunks, n):
+    """`buf` extended from the stream until it holds n bytes."""
+    while len(buf) < n:
+        chunk = next(chunks, None)
+        if chunk is None:
+            raise ValueError("the archive ended early")
+        buf += chunk
+    return buf

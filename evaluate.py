@@ -36,7 +36,7 @@ from tqdm import tqdm
 from mini_gpt2 import EOT, decode, encode
 from mini_gpt2.generate import generate
 from mini_gpt2.tokenizer import ids_containing
-from prefix import load_prefixes, max_new_tokens_for, translate
+from prefix import encode_sentence, load_prefixes, max_new_tokens_for, translate
 
 DIRECTIONS = (("fr", "en"), ("en", "fr"))  # (source, target)
 COLUMN = {"en": 0, "fr": 1}  # where each language sits in an (en, fr) pair
@@ -123,7 +123,7 @@ def evaluate(model, kv, names, train_pairs, held_out, size, shots, seed, batch_s
     bar = tqdm(total=2 * len(methods) * len(pairs), desc="evaluating", unit=" sentences")
     for source, target in DIRECTIONS:
         texts = [p[COLUMN[source]] for p in pairs]
-        limits = [max_new_tokens_for(encode(" " + t)) for t in texts]  # the same limit for both methods
+        limits = [max_new_tokens_for(encode_sentence(t)) for t in texts]  # the same limit for both methods
         for name, method in methods.items():
             hyps = []
             for b in range(0, len(texts), batch_size):
@@ -184,7 +184,7 @@ def run(args, model, prefix_path, train_pairs, held_out):
     """Evaluate, print the table, write results.json and results.md to args.out."""
     kv, names, meta = load_prefixes(prefix_path, model.config)
     # Held-out pairs longer than training allowed (--max-len) are left out, as in training.
-    fits = [p for p in held_out if len(encode(" " + p[0])) + len(encode(" " + p[1])) + 1 <= args.max_len]
+    fits = [p for p in held_out if len(encode_sentence(p[0])) + len(encode_sentence(p[1])) + 1 <= args.max_len]
     if len(fits) < len(held_out):
         print(f"evaluation: {len(held_out) - len(fits)} held-out pairs longer than --max-len {args.max_len} left out")
     held_out = fits

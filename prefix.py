@@ -110,6 +110,11 @@ def as_past(kv_rows):
     return [tuple(layer.unbind(1)) for layer in kv_rows.unbind(1)]
 
 
+def encode_sentence(text):
+    """A sentence's tokens, with a leading space as words have inside a text; training and decoding agree."""
+    return encode(" " + text.strip())
+
+
 # ----------------------------------------------------------------------------- training forward
 
 def prefix_hidden(model, kv, idx, src_len, seq_len, src_prefix, tgt_prefix, grad_checkpoint=False):
@@ -158,10 +163,9 @@ def make_batch(examples, device):
     idx = torch.full((len(examples), T), EOT, dtype=torch.long)
     for b, (s, t, _, _) in enumerate(examples):
         idx[b, :len(s) + len(t)] = torch.tensor(s + t)
-    col = lambda i: torch.tensor([e[i] for e in examples], device=device)  # noqa: E731
-    src_len = torch.tensor([len(e[0]) for e in examples], device=device)
-    seq_len = src_len + torch.tensor([len(e[1]) for e in examples], device=device)
-    return idx.to(device), src_len, seq_len, col(2), col(3)
+    src_len, tgt_len, src_prefix, tgt_prefix = torch.tensor(
+        [(len(s), len(t), sp, tp) for s, t, sp, tp in examples], device=device).unbind(1)
+    return idx.to(device), src_len, src_len + tgt_len, src_prefix, tgt_prefix
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -178,7 +182,7 @@ def translate(model, kv, names, texts, targets, max_new_tokens=None, **sampling)
     an int, one int per text, or None for twice the input's length plus 8. Returns the translations.
     """
     lang = {LANGUAGES[n]: i for i, n in enumerate(names)}
-    sources = [encode(" " + text.strip()) for text in texts]  # a leading space, as in training
+    sources = [encode_sentence(text) for text in texts]
     if max_new_tokens is None:
         max_new_tokens = [max_new_tokens_for(s) for s in sources]
     out = translate_ids(model, kv, sources, [lang["fr" if t == "en" else "en"] for t in targets],

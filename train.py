@@ -27,9 +27,9 @@ import cli
 import data
 import evaluate
 import mini_gpt2
-from mini_gpt2 import EOT, encode
-from prefix import (NAMES, Prefixes, init_from_words, init_random, load_prefixes, make_batch, prefix_hidden,
-                    save_prefixes, target_loss)
+from mini_gpt2 import EOT
+from prefix import (NAMES, Prefixes, encode_sentence, init_from_words, init_random, load_prefixes, make_batch,
+                    prefix_hidden, save_prefixes, target_loss)
 
 # Settings that must match for --resume to continue the same run.
 SAME_RUN = ("model", "data", "rows", "heldout", "seed", "steps", "batch_size", "grad_accum", "lr", "warmup",
@@ -84,12 +84,11 @@ def load_data(args):
 def make_examples(pairs, max_len):
     """
     Each pair, both ways: (source ids, target ids + EOT, source prefix, target prefix), prefix 0 being
-    [start_french]. Text gets a leading space, as words have inside a sentence. Returns the examples
-    and how many were longer than max_len.
+    [start_french]. Returns the examples and how many were longer than max_len.
     """
     examples, too_long = [], 0
     for en, fr in tqdm(pairs, desc="tokenizing", unit=" pairs", leave=False):
-        en_ids, fr_ids = encode(" " + en), encode(" " + fr)
+        en_ids, fr_ids = encode_sentence(en), encode_sentence(fr)
         for src, tgt, s, t in ((fr_ids, en_ids, 0, 1), (en_ids, fr_ids, 1, 0)):
             if len(src) + len(tgt) + 1 > max_len:
                 too_long += 1

@@ -1,6 +1,9 @@
 """Shared fixtures: tiny GPT-2 checkpoints with random weights, written in the official file format."""
 
+import csv
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -53,3 +56,29 @@ def tiny_ckpt(tmp_path_factory):
     """(folder, transformers model) of a tiny random GPT-2 with the real vocabulary."""
     folder = tmp_path_factory.mktemp("tiny")
     return folder, make_checkpoint(folder)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+PAIRS = [("Hello! My name is Sully.", "Bonjour! Je m'appelle Sully."), ("Thank you.", "Merci."),
+         ("Where is the station?", "Où est la gare ?"), ("I like cheese, and bread.", "J'aime le fromage, et le pain."),
+         ("It is raining today.", "Il pleut aujourd'hui."), ("See you tomorrow.", "À demain."),
+         ("The cat sleeps.", "Le chat dort."), ("We are late.", "Nous sommes en retard."),
+         ("Open the window, please.", "Ouvre la fenêtre, s'il te plaît."), ("He reads a book.", "Il lit un livre."),
+         ("Good night.", "Bonne nuit."), ("The sea is blue.", "La mer est bleue.")]
+
+
+@pytest.fixture(scope="session")
+def csv_file(tmp_path_factory):
+    """A small en,fr CSV of real sentence pairs (with repeats, as real data has)."""
+    path = tmp_path_factory.mktemp("data") / "pairs.csv"
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["en", "fr"])
+        w.writerows(PAIRS * 3)
+    return path
+
+
+def run(script, *args, stdin=None):
+    """Run one of the project's scripts as a user would, in a fresh process."""
+    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], input=stdin, capture_output=True,
+                          text=True, cwd=ROOT, env=os.environ | {"PYTHONPATH": str(ROOT)}, timeout=300)

@@ -1,10 +1,6 @@
 """train.py and translate.py as a user runs them, on a tiny random checkpoint and a small CSV."""
 
 import csv
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,30 +8,7 @@ import torch
 import prefix
 import train
 from prefix import load_prefixes
-
-ROOT = Path(__file__).resolve().parents[1]
-PAIRS = [("Hello! My name is Sully.", "Bonjour! Je m'appelle Sully."), ("Thank you.", "Merci."),
-         ("Where is the station?", "Où est la gare ?"), ("I like cheese, and bread.", "J'aime le fromage, et le pain."),
-         ("It is raining today.", "Il pleut aujourd'hui."), ("See you tomorrow.", "À demain."),
-         ("The cat sleeps.", "Le chat dort."), ("We are late.", "Nous sommes en retard."),
-         ("Open the window, please.", "Ouvre la fenêtre, s'il te plaît."), ("He reads a book.", "Il lit un livre."),
-         ("Good night.", "Bonne nuit."), ("The sea is blue.", "La mer est bleue.")]
-
-
-@pytest.fixture(scope="module")
-def csv_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "pairs.csv"
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["en", "fr"])
-        w.writerows(PAIRS * 3)
-    return path
-
-
-def run(script, *args, stdin=None):
-    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], input=stdin, capture_output=True,
-                          text=True, cwd=ROOT, env=os.environ | {"PYTHONPATH": str(ROOT)}, timeout=300)
-
+from tests.conftest import run
 
 def train_args(ckpt, csv_file, out, *extra):
     return [str(a) for a in ["--model", ckpt, "--data", csv_file, "--out", out, "--steps", 6, "--batch-size", 4, "--grad-accum", 2,

@@ -8,7 +8,7 @@ import data
 import evaluate
 import prefix
 from mini_gpt2 import from_pretrained
-from tests.test_cli import PAIRS, csv_file, run  # noqa: F401  (csv_file is a fixture)
+from tests.conftest import run
 
 
 def test_bleu_hand_checked_cases():
@@ -48,7 +48,7 @@ def test_few_shot_examples_are_aligned_training_pairs_never_held_out():
     assert not any(en in held_sides or fr in held_sides for en, fr in train)
 
 
-def test_eval_only_end_to_end(tiny_ckpt, csv_file, tmp_path):  # noqa: F811
+def test_eval_only_end_to_end(tiny_ckpt, csv_file, tmp_path):
     model = from_pretrained(tiny_ckpt[0], device="cpu")
     kv = prefix.init_random(model, prefix.NAMES, 3, torch.Generator().manual_seed(0))
     pfile = tmp_path / "prefix.safetensors"
