@@ -13,6 +13,9 @@ class Hub:
     /cdn/<name> honours Range. `drop_next` makes the next CDN answer stop half-way and hang up.
     `sha_override` publishes a wrong sha256. Every request is logged as (method, path, Range,
     Authorization). `pages` maps other paths straight to bodies (200), counting the bytes sent.
+    `hold[path] = n` sends only the first n bytes of that page, then waits for the client to hang up
+    before sending the rest: `hung_up` is set if the client closed the connection there, `sent_all`
+    if it kept listening and got the whole body. What happened does not depend on socket buffers.
     """
 
     def __init__(self):
@@ -20,6 +23,8 @@ class Hub:
         self.drop_next = 0
         self.sha_override = None
         self.bytes_sent = 0
+        self.hold = {}
+        self.hung_up, self.sent_all = threading.Event(), threading.Event()
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -37,7 +42,7 @@ class Hub:
             def answer(self, body):
                 hub.log.append((self.command, self.path, self.headers.get("Range"), self.headers.get("Authorization")))
                 if self.path in hub.pages:
-                    return self.send(hub.pages[self.path], body)
+                    return self.send(hub.pages[self.path], body, hub.hold.get(self.path))
                 m = re.fullmatch(r"/(.+)/resolve/main/([^/]+)", self.path)
                 if m and m.group(2) in hub.files and m.group(2) not in hub.small:
                     data = hub.files[m.group(2)]
@@ -56,7 +61,7 @@ class Hub:
                     return
                 self.send(hub.files[name], body)
 
-            def send(self, data, body):
+            def send(self, data, body, hold=None):
                 start = 0
                 r = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
                 if r:
@@ -75,11 +80,25 @@ class Hub:
                     part = part[: len(part) // 2]
                     self.close_connection = True
                 try:
-                    for i in range(0, len(part), 1 << 16):
-                        self.wfile.write(part[i:i + (1 << 16)])
-                        hub.bytes_sent += len(part[i:i + (1 << 16)])
+                    if hold is not None:
+                        self.write(part[:hold])
+                        self.wfile.flush()
+                        if not self.connection.recv(1):  # blocks until the client hangs up (or writes)
+                            hub.hung_up.set()
+                            self.close_connection = True
+                            return
+                        part = part[hold:]
+                    self.write(part)
+                    if hold is not None:
+                        hub.sent_all.set()
                 except (BrokenPipeError, ConnectionResetError):
+                    hub.hung_up.set()
                     self.close_connection = True
+
+            def write(self, part):
+                for i in range(0, len(part), 1 << 16):
+                    self.wfile.write(part[i:i + (1 << 16)])
+                    hub.bytes_sent += len(part[i:i + (1 << 16)])
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
