@@ -1,16 +1,82 @@
-"""What train.py and translate.py share: expected failures end in one line, not a traceback."""
+"""
+What train.py and translate.py share: argument checks, and the one place where a failure the user
+can fix (mini_gpt2.UserError, or an OSError from a file) becomes one line instead of a traceback.
+"""
 
+import argparse
+import math
 import sys
 
-from mini_gpt2 import DownloadError
+import torch
+
+from mini_gpt2 import UserError
+from mini_gpt2.files import os_problem
 
 
 def run(main):
     try:
         sys.exit(main())
-    except (DownloadError, FileNotFoundError, ValueError) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except OSError as e:  # a file or folder the code did not expect to fail
+        print(f"error: {os_problem(e, e.filename or 'a file', 'using')}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         sys.exit(130)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with its error in one line (`train.py: error: ...`, exit status 2), not the whole usage."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
+
+
+# ----------------------------------------------------------------------------- argparse types
+# argparse calls these on the text given; ArgumentTypeError becomes its usual error (exit status 2).
+
+def _number(kind, ok, what):
+    def parse(text):
+        try:
+            x = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not ok(x):
+            raise argparse.ArgumentTypeError(f"{text} is not {what}")
+        return x
+    return parse
+
+
+positive_int = _number(int, lambda x: x >= 1, "a whole number of at least 1")
+natural_int = _number(int, lambda x: x >= 0, "a whole number of at least 0")
+positive_float = _number(float, lambda x: math.isfinite(x) and x > 0, "a positive finite number")
+natural_float = _number(float, lambda x: math.isfinite(x) and x >= 0, "a finite number of at least 0")
+
+
+def device(text):
+    """--device: cpu, cuda, cuda:N or mps, and only one this machine has."""
+    try:
+        d = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device: use cpu, cuda, cuda:N or mps") from None
+    if d.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise argparse.ArgumentTypeError(f"{text}: PyTorch sees no CUDA GPU on this machine (try cpu)")
+        if d.index is not None and d.index >= n:
+            raise argparse.ArgumentTypeError(f"{text}: this machine has {n} CUDA GPU{'s' * (n > 1)}, cuda:0 to cuda:{n - 1}")
+    elif d.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise argparse.ArgumentTypeError(f"{text}: this machine has no Apple GPU that PyTorch can use (try cpu)")
+    elif d.type != "cpu":
+        raise argparse.ArgumentTypeError(f"{text}: use cpu, cuda, cuda:N or mps")
+    return str(d)
+
+
+def note_if_slow(model, device):
+    """A large model on the CPU works, but the user should know what they are in for."""
+    if torch.device(device).type == "cpu" and model in ("gpt2-large", "gpt2-xl"):
+        print(f"note: {model} on the CPU is slow (seconds per word, days of training); "
+              "on a CPU, try --model gpt2", file=sys.stderr)

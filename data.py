@@ -25,7 +25,8 @@ from pathlib import Path
 import requests
 from tqdm import tqdm
 
-from mini_gpt2.download import TIMEOUT, DownloadError, cache_dir
+from mini_gpt2.download import TIMEOUT, DownloadError, cache_dir, cached, make_cache_folder, publish
+from mini_gpt2.files import UserError, os_problem
 
 KAGGLE_DATASET = "dhruvildave/en-fr-translation-dataset"
 KAGGLE_ENDPOINT = "https://www.kaggle.com"
@@ -38,8 +39,14 @@ def read_pairs(path, limit=DEFAULT_ROWS):
     Returns (pairs, skipped): rows with a missing or empty side, or that the CSV reader could not
     parse, are skipped and counted.
     """
-    with open(path, encoding="utf-8-sig", newline="") as f:  # utf-8-sig: a BOM, if any, is dropped
-        return parse_pairs(f, limit, str(path))
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:  # utf-8-sig: a BOM, if any, is dropped
+            return parse_pairs(f, limit, str(path))
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r}); "
+                        "save it as UTF-8 (e.g. iconv -f latin1 -t utf-8) and pass that file") from None
+    except OSError as e:
+        raise UserError(f"{os_problem(e, path, 'reading')}; --data takes a CSV file with columns en,fr") from None
 
 
 def parse_pairs(lines, limit, source="the data", bar=None):
@@ -47,8 +54,10 @@ def parse_pairs(lines, limit, source="the data", bar=None):
     try:
         header = [h.strip().lower() for h in next(rows)]
         en, fr = header.index("en"), header.index("fr")
-    except (StopIteration, ValueError):
-        raise ValueError(f"{source}: the first line must be a header naming the columns en and fr") from None
+    except UnicodeDecodeError:
+        raise
+    except (StopIteration, ValueError, csv.Error):
+        raise UserError(f"{source}: the first line must be a header naming the columns en and fr") from None
     pairs, skipped = [], 0
     while len(pairs) < limit:
         try:
@@ -107,7 +116,7 @@ def kaggle_auth():
 def fetch_kaggle(rows=DEFAULT_ROWS):
     """The first `rows` pairs of the Kaggle dataset as a small local CSV (cached). Returns its path."""
     dest = cache_dir() / "en-fr" / f"en-fr-first-{rows}.csv"
-    if dest.exists():
+    if cached(dest):
         return dest
     url = kaggle_url()
     headers = {}
@@ -115,7 +124,7 @@ def fetch_kaggle(rows=DEFAULT_ROWS):
         headers["Authorization"] = "Basic " + base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
     manual = (f"download it by hand from https://www.kaggle.com/datasets/{KAGGLE_DATASET}, unzip it, "
               f"and pass the CSV with --data en-fr.csv")
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    make_cache_folder(dest.parent)
     part = dest.with_name(dest.name + ".incomplete")
     try:
         with requests.get(url, headers=headers, stream=True, timeout=TIMEOUT) as r:
@@ -129,10 +138,13 @@ def fetch_kaggle(rows=DEFAULT_ROWS):
                 out.writerows(pairs)
     except requests.RequestException as e:
         raise DownloadError(f"could not download {url} ({type(e).__name__}); {manual}") from None
-    except (zlib.error, ValueError) as e:
+    except (zlib.error, ValueError, UserError) as e:  # UnicodeDecodeError is a ValueError
+        part.unlink(missing_ok=True)
         raise DownloadError(f"{url} did not give a readable zip of the dataset ({e}); {manual}") from None
-    os.replace(part, dest)
-    return dest
+    except OSError as e:
+        part.unlink(missing_ok=True)
+        raise UserError(os_problem(e, part, "writing")) from None
+    return publish(part, dest)
 
 
 def _lines(text_chunks):

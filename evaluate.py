@@ -33,7 +33,9 @@ import torch
 from nltk.translate.bleu_score import SmoothingFunction, corpus_bleu, sentence_bleu
 from tqdm import tqdm
 
-from mini_gpt2 import EOT, decode, encode
+from cli import positive_int
+from mini_gpt2 import EOT, UserError, decode, encode
+from mini_gpt2.files import write_bytes
 from mini_gpt2.generate import generate
 from mini_gpt2.tokenizer import ids_containing
 from prefix import encode_sentence, load_prefixes, max_new_tokens_for, translate
@@ -47,9 +49,9 @@ def add_args(ap):
     g = ap.add_argument_group("evaluation (prefix against few-shot prompting)")
     g.add_argument("--eval-only", action="store_true", help="skip training; evaluate the prefix file given by --prefix")
     g.add_argument("--prefix", help="prefix file for --eval-only (default: --out/prefix.safetensors)")
-    g.add_argument("--eval-size", type=int, default=500, help="held-out pairs to evaluate, each both ways (default 500)")
-    g.add_argument("--shots", type=int, default=3, help="examples in the few-shot prompt (default 3)")
-    g.add_argument("--eval-batch-size", type=int, default=16, help="sentences decoded together (default 16)")
+    g.add_argument("--eval-size", type=positive_int, default=500, help="held-out pairs to evaluate, each both ways (default 500)")
+    g.add_argument("--shots", type=positive_int, default=3, help="examples in the few-shot prompt (default 3)")
+    g.add_argument("--eval-batch-size", type=positive_int, default=16, help="sentences decoded together (default 16)")
 
 
 # ----------------------------------------------------------------------------- BLEU
@@ -165,7 +167,7 @@ def write_reports(out, scores, outputs, examples, pairs, settings):
                "tokenisation": "BLEU on words and single punctuation marks (regex \\w+|[^\\w\\s]), case kept; "
                                "sentence_whitespace: str.split()",
                "translations": samples}
-    (out / "results.json").write_text(json.dumps(results, ensure_ascii=False, indent=2))
+    write_bytes(out / "results.json", json.dumps(results, ensure_ascii=False, indent=2).encode())
 
     md = [f"# Prefix-tuning against {shot_name} prompting", "",
           f"Model `{settings['model']}`, prefixes `{settings['prefix']}`, {settings['eval_size']} held-out pairs "
@@ -176,7 +178,7 @@ def write_reports(out, scores, outputs, examples, pairs, settings):
         for row in rows[:N_EXAMPLES]:
             md += [f"- source: {row['source']}", f"  - reference: {row['reference']}",
                    f"  - {shot_name}: {row[shot_name]}", f"  - prefix: {row['prefix']}", ""]
-    (out / "results.md").write_text("\n".join(md))
+    write_bytes(out / "results.md", "\n".join(md).encode())
     return out / "results.json", out / "results.md"
 
 
@@ -189,7 +191,7 @@ def run(args, model, prefix_path, train_pairs, held_out):
         print(f"evaluation: {len(held_out) - len(fits)} held-out pairs longer than --max-len {args.max_len} left out")
     held_out = fits
     if not held_out:
-        raise ValueError("no held-out pair to evaluate")
+        raise UserError("no held-out pair to evaluate")
     size = min(args.eval_size, len(held_out))
     with torch.no_grad():
         scores, outputs, examples = evaluate(model, kv, names, train_pairs, held_out, size, args.shots, args.seed,

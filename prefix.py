@@ -29,14 +29,16 @@ in reading order (`translate_ids`): the tests check that both give the same logi
 
 import json
 import math
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
 
-from mini_gpt2 import EOT, decode, encode
+from mini_gpt2 import EOT, UserError, decode, encode
+from mini_gpt2.files import os_problem, write_bytes
 from mini_gpt2.generate import generate, prefill
 
 NAMES = ("[start_french]", "[start_english]")
@@ -202,7 +204,7 @@ def translate_ids(model, kv, sources, src_prefix, tgt_prefix, max_new_tokens, **
     n_pos = model.config.n_positions
     for i, (s, m) in enumerate(zip(sources, limits)):
         if len(s) + m > n_pos:
-            raise ValueError(f"input {i + 1} is {len(s)} tokens; with {m} for the translation that passes "
+            raise UserError(f"input {i + 1} is {len(s)} tokens; with {m} for the translation that passes "
                              f"GPT-2's {n_pos} positions")
     kv = kv.to(device=model.wte.weight.device, dtype=model.wte.weight.dtype)
     head = [s[:-1] for s in sources]
@@ -219,20 +221,48 @@ def translate_ids(model, kv, sources, src_prefix, tgt_prefix, max_new_tokens, **
 
 def save_prefixes(path, kv, names, model_config, **metadata):
     """One safetensors file: the prefixes as plain keys/values, and what they were made for."""
+    if not bool(torch.isfinite(kv).all()):
+        raise UserError(f"the prefixes hold NaN or inf values; {path} was not written")
     n, L, _, nh, P, hd = kv.shape
     meta = {"names": json.dumps(list(names)), "n_layer": str(L), "n_head": str(nh), "n_embd": str(nh * hd),
             "prefix_len": str(P), "model_vocab": str(model_config.vocab_size)}
     meta.update({k: str(v) for k, v in metadata.items()})
-    save_file({"prefixes": kv.detach().float().cpu().contiguous()}, str(path), metadata=meta)
+    write_bytes(path, save({"prefixes": kv.detach().float().cpu().contiguous()}, metadata=meta))
 
 
 def load_prefixes(path, model_config=None):
-    """Read a prefix file -> (kv, names, metadata). With a model config, check that they fit it."""
-    with safe_open(str(path), framework="pt") as f:
-        kv, meta = f.get_tensor("prefixes"), f.metadata()
+    """
+    Read a prefix file -> (kv, names, metadata), checked: a file that is not whole, not one train.py
+    wrote, or holds NaN/inf is a one-line error. With a model config, also check that they fit it.
+    """
+    fix = "train again, or point --prefix at a prefix.safetensors that train.py wrote"
+    if Path(path).is_dir():
+        raise UserError(f"{path} is a folder, not a prefix file; {fix}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+            if "prefixes" not in f.keys():
+                raise UserError(f"{path} holds no tensor named 'prefixes' ({', '.join(f.keys()) or 'none'}); {fix}")
+            kv = f.get_tensor("prefixes")
+    except SafetensorError as e:
+        raise UserError(f"{path} is not a readable safetensors file ({e}); {fix}") from None
+    except OSError as e:
+        raise UserError(f"{os_problem(e, path, 'reading')}; {fix}") from None
+    try:
+        names = json.loads(meta["names"])
+        sizes = {k: int(meta[k]) for k in ("n_layer", "n_head", "n_embd", "prefix_len")}
+        if sorted(names) != sorted(NAMES) or sizes["n_embd"] % sizes["n_head"]:
+            raise ValueError
+    except (TypeError, KeyError, ValueError):  # TypeError: no metadata at all
+        raise UserError(f"{path} lacks the metadata train.py writes (names, sizes); {fix}") from None
+    want = (len(names), sizes["n_layer"], 2, sizes["n_head"], sizes["prefix_len"], sizes["n_embd"] // sizes["n_head"])
+    if tuple(kv.shape) != want:
+        raise UserError(f"{path}: the prefixes have shape {tuple(kv.shape)}, but its metadata says {want}; {fix}")
+    if not bool(torch.isfinite(kv).all()):
+        raise UserError(f"{path} holds NaN or inf values (the training diverged); {fix}")
     if model_config is not None:
         check_fits(meta, model_config, path)
-    return kv, json.loads(meta["names"]), meta
+    return kv, names, meta
 
 
 def check_fits(meta, model_config, path):
@@ -241,5 +271,5 @@ def check_fits(meta, model_config, path):
     have = (int(meta["n_layer"]), int(meta["n_head"]), int(meta["n_embd"]))
     if have != want:
         made_for = meta.get("model", "another model")
-        raise ValueError(f"{path} was trained for {made_for} ({have[0]} layers, {have[1]} heads, width {have[2]}), "
-                         f"but this model has {want[0]} layers, {want[1]} heads, width {want[2]}")
+        raise UserError(f"{path} was trained for {made_for} ({have[0]} layers, {have[1]} heads, width {have[2]}), "
+                        f"but this model has {want[0]} layers, {want[1]} heads, width {want[2]}")

@@ -13,11 +13,13 @@ step), results.json and results.md (the comparison).
 
 import argparse
 import csv
+import io
 import math
 import os
 import random
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -27,45 +29,56 @@ import cli
 import data
 import evaluate
 import mini_gpt2
-from mini_gpt2 import EOT
+from cli import natural_int, positive_float, positive_int
+from mini_gpt2 import EOT, UserError
+from mini_gpt2.files import atomic_write, os_problem, write_bytes
+from mini_gpt2.load import config_of
 from prefix import (NAMES, Prefixes, encode_sentence, init_from_words, init_random, load_prefixes, make_batch,
                     prefix_hidden, save_prefixes, target_loss)
 
-# Settings that must match for --resume to continue the same run.
-SAME_RUN = ("model", "data", "rows", "heldout", "seed", "steps", "batch_size", "grad_accum", "lr", "warmup",
-            "prefix_len", "max_len", "reparam", "init")
+# --resume continues a run only with the settings that fix its data order and its shapes...
+SAME_RUN = ("model", "data", "rows", "heldout", "seed", "batch_size", "grad_accum", "prefix_len", "max_len",
+            "reparam", "init")
+# ...while these may change on the way (a lower --lr after a diverged loss, say), with a note.
+MAY_CHANGE = ("steps", "lr", "warmup", "save_every", "grad_checkpoint", "device")
+# What a run writes to --out; a new run refuses to replace them without --overwrite.
+RUN_FILES = ("checkpoint.pt", "log.csv", "prefix.safetensors", "results.json", "results.md")
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli.ArgumentParser(prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a checkpoint folder "
                     "(default gpt2-xl; with --eval-only, the prefix's own)")
     ap.add_argument("--data", help="CSV with columns en,fr (default: the first --rows of the Kaggle dataset, downloaded)")
-    ap.add_argument("--rows", type=int, default=data.DEFAULT_ROWS, help="read only the first N pairs (default 200000)")
-    ap.add_argument("--heldout", type=int, default=1000, help="pairs held out for evaluation (at most a tenth; default 1000)")
+    ap.add_argument("--rows", type=positive_int, default=data.DEFAULT_ROWS, help="read only the first N pairs (default 200000)")
+    ap.add_argument("--heldout", type=natural_int, default=1000,
+                    help="pairs held out for evaluation (at most a tenth; default 1000)")
     ap.add_argument("--out", default="runs/prefix", help="output folder (default runs/prefix)")
-    ap.add_argument("--steps", type=int, default=5000, help="optimizer steps (default 5000)")
-    ap.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
-    ap.add_argument("--grad-accum", type=int, default=4, help="forward passes per optimizer step (default 4)")
-    ap.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
-    ap.add_argument("--warmup", type=int, default=100, help="linear warm-up steps, then linear decay to 0 (default 100)")
-    ap.add_argument("--prefix-len", type=int, default=10, help="virtual tokens per prefix (default 10)")
-    ap.add_argument("--max-len", type=int, default=128, help="skip pairs longer than this many tokens (default 128)")
+    ap.add_argument("--steps", type=positive_int, default=5000, help="optimizer steps (default 5000)")
+    ap.add_argument("--batch-size", type=positive_int, default=8, help="sequences per forward pass (default 8)")
+    ap.add_argument("--grad-accum", type=positive_int, default=4, help="forward passes per optimizer step (default 4)")
+    ap.add_argument("--lr", type=positive_float, default=1e-3, help="peak learning rate (default 1e-3)")
+    ap.add_argument("--warmup", type=natural_int, default=100,
+                    help="linear warm-up steps, then linear decay to 0 (default 100)")
+    ap.add_argument("--prefix-len", type=positive_int, default=10, help="virtual tokens per prefix (default 10)")
+    ap.add_argument("--max-len", type=positive_int, default=128, help="skip pairs longer than this many tokens (default 128)")
     ap.add_argument("--reparam", action="store_true", help="train through the paper's MLP reparameterisation")
     ap.add_argument("--init", choices=["words", "random"], default="words",
                     help="start from the model's keys/values for 'French:'/'English:' (default) or random")
     ap.add_argument("--grad-checkpoint", action="store_true", help="recompute activations during backward: less memory, more time")
-    ap.add_argument("--save-every", type=int, default=250, help="checkpoint every N steps (default 250)")
-    ap.add_argument("--device", help="cuda or cpu (default: cuda if available)")
+    ap.add_argument("--save-every", type=positive_int, default=250, help="checkpoint every N steps (default 250)")
+    ap.add_argument("--device", type=cli.device, help="cpu, cuda, cuda:N or mps (default: cuda if available)")
     ap.add_argument("--seed", type=int, default=0, help="seeds the split, the data order and random init (default 0)")
-    ap.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    ap.add_argument("--resume", action="store_true", help="continue the run saved in --out (--lr, --steps, --warmup, "
+                    "--save-every, --device, --grad-checkpoint may change; the rest must be as before)")
+    ap.add_argument("--overwrite", action="store_true", help="start a new run in an --out that holds one, replacing it")
     ap.add_argument("--no-eval", action="store_true", help="stop after training, without the comparison")
     evaluate.add_args(ap)
     args = ap.parse_args(argv)
-    for name in ("steps", "batch_size", "grad_accum", "prefix_len", "max_len", "rows", "save_every", "eval_size",
-                 "shots", "eval_batch_size"):
-        if getattr(args, name) < 1:
-            ap.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.resume and args.overwrite:
+        ap.error("--resume continues the run in --out and --overwrite replaces it: give one of them")
+    if args.heldout == 0 and not args.no_eval:
+        ap.error("--heldout 0 leaves nothing to evaluate: hold some pairs out, or add --no-eval")
     return args
 
 
@@ -74,10 +87,11 @@ def load_data(args):
     path = args.data or data.fetch_kaggle(args.rows)
     pairs, skipped = data.read_pairs(path, args.rows)
     if len(pairs) < 2:
-        raise ValueError(f"{path}: found {len(pairs)} usable pairs")
+        raise UserError(f"{path}: found {len(pairs)} usable pairs; training needs more")
     train, held = data.split(pairs, args.heldout, args.seed)
+    dropped = len(pairs) - len(held) - len(train)
     print(f"data: {len(pairs)} pairs from {path} ({skipped} empty or broken rows skipped); "
-          f"{len(train)} to train, {len(held)} held out")
+          f"{len(train)} to train, {len(held)} held out, {dropped} dropped as duplicates of held-out pairs")
     return train, held
 
 
@@ -138,19 +152,100 @@ def lr_at(step, args):
     return args.lr * max(0.0, (args.steps - step) / max(1, args.steps - args.warmup))
 
 
-def save_checkpoint(path, prefixes, optimizer, step, args):
-    tmp = path.with_name(path.name + ".tmp")
+def run_settings(args):
+    """The settings a checkpoint records, with paths made absolute so that CK, CK/ and ./CK are one."""
+    canonical = lambda x: str(Path(x).resolve()) if x and Path(x).exists() else x  # noqa: E731
+    return {k: canonical(getattr(args, k)) if k in ("model", "data") else getattr(args, k) for k in SAME_RUN + MAY_CHANGE}
+
+
+def save_checkpoint(path, prefixes, optimizer, step, seconds, args):
+    """Write checkpoint.pt atomically; prefixes that are not finite are never saved."""
+    if not all(bool(torch.isfinite(p).all()) for p in prefixes.parameters()):
+        raise UserError(f"the prefixes hold NaN or inf values at step {step}; {path} was not overwritten")
+    buf = io.BytesIO()  # serialised in memory first: torch.save reports a failing disk as an unclear RuntimeError
     torch.save({"prefixes": prefixes.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                "args": {k: getattr(args, k) for k in SAME_RUN}}, tmp)
-    os.replace(tmp, path)  # never a half-written checkpoint under the real name
+                "seconds": seconds, "args": run_settings(args)}, buf)
+    write_bytes(path, buf.getbuffer())
+
+
+def read_checkpoint(path, args):
+    """checkpoint.pt, checked: whole, from this program, and made with the same data and shapes."""
+    fix = "start a new run with --overwrite, or use another --out"
+    if not path.exists():
+        raise UserError(f"--resume: no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as e:
+        raise UserError(f"{os_problem(e, path, 'reading')}; {fix}") from None
+    except Exception as e:  # truncated or not a checkpoint: torch raises many kinds here
+        raise UserError(f"{path} is damaged and cannot be resumed ({type(e).__name__}); {fix}") from None
+    if not (isinstance(state, dict) and {"prefixes", "optimizer", "step", "args"} <= state.keys()
+            and isinstance(state["args"], dict) and set(SAME_RUN) <= state["args"].keys()):
+        raise UserError(f"{path} is not a checkpoint of this program; {fix}")
+    saved, now = state["args"], run_settings(args)
+    changed = [k for k in SAME_RUN if saved[k] != now[k]]
+    if changed:
+        was = ", ".join(f"{flag(k)} {saved[k]}" for k in changed)
+        raise UserError(f"--resume: {path} was made with other settings ({was}); give the same ones, "
+                        "or start a new run in another --out")
+    if args.steps < state["step"]:
+        raise UserError(f"--resume: {path} is at step {state['step']}, past --steps {args.steps}")
+    for k in MAY_CHANGE:
+        if saved.get(k, now[k]) != now[k]:
+            print(f"note: resuming with {flag(k)} {now[k]} (the run so far used {saved[k]})")
+    return state
+
+
+def flag(name):
+    return "--" + name.replace("_", "-")
+
+
+@contextmanager
+def run_folder(out, args):
+    """
+    Claim --out for this run, before anything large is loaded: it must be a folder we can write, no
+    other run may be using it, and a new run must not replace an earlier one's files by accident.
+    """
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder: choose another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = open(out / ".lock", "a+")
+    except OSError as e:
+        raise UserError(f"--out: {os_problem(e, out, 'creating')}") from None
+    with lock:
+        lock.seek(0)
+        try:
+            if os.name == "nt":
+                import msvcrt
+                msvcrt.locking(lock.fileno(), msvcrt.LK_NBLCK, 1)
+            else:
+                import fcntl
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released by the OS when we exit, however we exit
+        except OSError:
+            raise UserError(f"another run (process {lock.read().strip() or '?'}) is using {out}: "
+                            "wait for it to end, or choose another --out") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(str(os.getpid()))
+        lock.flush()
+        found = [name for name in RUN_FILES if (out / name).exists()]
+        if found and not (args.resume or args.overwrite or args.eval_only):
+            raise UserError(f"{out} already holds a run ({', '.join(found)}): continue it with --resume, "
+                            "choose another --out, or replace it with --overwrite")
+        if args.overwrite:
+            for name in found:
+                (out / name).unlink()
+        yield
 
 
 def eval_only(args, device):
     prefix_path = Path(args.prefix or Path(args.out) / "prefix.safetensors")
     if not prefix_path.exists():
-        raise FileNotFoundError(f"no prefix file at {prefix_path}: train one first, or point --prefix at one")
+        raise UserError(f"no prefix file at {prefix_path}: train one first, or point --prefix at one")
     _, _, meta = load_prefixes(prefix_path)
     args.model = args.model or meta.get("model", "gpt2-xl")
+    cli.note_if_slow(args.model, device)
     evaluate.check_split(args, meta)
     train_pairs, held = load_data(args)
     model = mini_gpt2.from_pretrained(args.model, device=device)
@@ -158,33 +253,53 @@ def eval_only(args, device):
     return 0
 
 
-class LossNotFinite(ValueError):
+class LossNotFinite(UserError):
     pass
 
 
+LOG_HEADER = ["step", "loss", "lr", "tokens", "seconds"]
+
+
 def open_log(path, resume_step):
-    """log.csv, one row per step; on resume, rows past the checkpoint (from a crash) are dropped."""
+    """
+    log.csv, one row per step. On resume it keeps exactly the rows up to the checkpoint's step
+    (rows a crash left after it, and a half-written last row, are dropped).
+    """
     rows = []
     if resume_step and path.exists():
-        with open(path, newline="") as f:
-            rows = [r for r in list(csv.reader(f))[1:] if r and int(r[0]) <= resume_step]
-    f = open(path, "w", newline="")
-    log = csv.writer(f)
-    log.writerows([["step", "loss", "lr", "tokens", "seconds"]] + rows)
-    return f, log
+        try:
+            with open(path, newline="", encoding="utf-8") as f:
+                table = list(csv.reader(f))
+        except (OSError, ValueError, csv.Error) as e:
+            problem = os_problem(e, path, "reading") if isinstance(e, OSError) else f"{path} is not a log train.py wrote"
+            raise UserError(f"{problem}; move it away and --resume again") from None
+        if not table or table[0] != LOG_HEADER:
+            raise UserError(f"{path} is not a log train.py wrote; move it away and --resume again")
+        whole = [r for r in table[1:] if len(r) == len(LOG_HEADER) and r[0].isdigit() and r[-1]]
+        rows = [r for r in whole if int(r[0]) <= resume_step]
+    with atomic_write(path, "w") as f:
+        csv.writer(f).writerows([LOG_HEADER] + rows)
+    try:
+        return open(path, "a", newline="", encoding="utf-8")
+    except OSError as e:
+        raise UserError(os_problem(e, path, "writing")) from None
 
 
-def train_loop(args, model, prefixes, optimizer, batches, step, device):
+def train_loop(args, model, prefixes, optimizer, batches, state, device):
     """
-    Optimizer steps from `step` to args.steps; returns the step reached. Ctrl-C or a crash saves a
-    checkpoint of the last completed step first (a step cut short is dropped whole); a loss that is
-    not finite stops the run without overwriting the last good checkpoint.
+    Optimizer steps from the checkpoint's step (0 for a new run) to args.steps; returns the step
+    reached. Ctrl-C or a crash saves a checkpoint of the last completed step first (a step cut short
+    is dropped whole); a loss that is not finite stops the run without overwriting the last good
+    checkpoint.
     """
     checkpoint_path = Path(args.out) / "checkpoint.pt"
-    log_file, log = open_log(Path(args.out) / "log.csv", step)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")
+    log_path = Path(args.out) / "log.csv"
+    step = saved = state["step"] if state else 0
+    seconds_before = state.get("seconds", 0.0) if state else 0.0  # the time column continues on resume
+    log_file = open_log(log_path, step)
+    log = csv.writer(log_file)
     bar = tqdm(total=args.steps, initial=step, desc="training", unit="step")
-    t0, tokens_seen, saved = time.time(), 0, step
+    t0, tokens_seen = time.time(), 0
     try:
         while step < args.steps:
             for group in optimizer.param_groups:
@@ -192,42 +307,56 @@ def train_loop(args, model, prefixes, optimizer, batches, step, device):
             loss_sum, tokens = 0.0, 0
             for micro in range(args.grad_accum):
                 idx, src_len, seq_len, sp, tp = make_batch(batches[step * args.grad_accum + micro], device)
-                with autocast:
-                    h = prefix_hidden(model, prefixes.kv(), idx, src_len, seq_len, sp, tp, args.grad_checkpoint)
-                    loss = target_loss(model, h, idx, src_len, seq_len)
+                h = prefix_hidden(model, prefixes.kv(), idx, src_len, seq_len, sp, tp, args.grad_checkpoint)
+                loss = target_loss(model, h, idx, src_len, seq_len)
                 (loss / args.grad_accum).backward()
                 loss_sum += loss.item() / args.grad_accum
                 tokens += int(seq_len.sum())
-            if not math.isfinite(loss_sum):
-                kept = f"the last good checkpoint (step {saved}) is {checkpoint_path}" if saved else "nothing was saved"
-                raise LossNotFinite(f"the loss became {loss_sum} at step {step + 1}; stopped, and {kept}. "
-                                    "Try a lower --lr, then --resume")
-            torch.nn.utils.clip_grad_norm_(prefixes.parameters(), 1.0)
+            norm = torch.nn.utils.clip_grad_norm_(prefixes.parameters(), 1.0)
+            if not (math.isfinite(loss_sum) and math.isfinite(norm)):
+                what = f"the loss became {loss_sum}" if not math.isfinite(loss_sum) else f"the gradient became {norm}"
+                todo = (f"the last good checkpoint (step {saved}) is {checkpoint_path}: --resume with a lower --lr"
+                        if saved else f"nothing was saved: run again with a lower --lr and --overwrite")
+                raise LossNotFinite(f"{what} at step {step + 1}; stopped, and {todo}")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             tokens_seen += tokens
             elapsed = time.time() - t0
-            log.writerow([step, f"{loss_sum:.4f}", f"{lr_at(step - 1, args):.3g}", tokens, f"{elapsed:.1f}"])
+            try:
+                log.writerow([step, f"{loss_sum:.4f}", f"{lr_at(step - 1, args):.3g}", tokens,
+                              f"{seconds_before + elapsed:.1f}"])
+                log_file.flush()
+            except OSError as e:
+                raise UserError(os_problem(e, log_path, "writing")) from None
             bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tokens_seen / elapsed:.0f}")
             bar.update(1)
             if step % args.save_every == 0 or step == args.steps:
-                log_file.flush()
-                save_checkpoint(checkpoint_path, prefixes, optimizer, step, args)
+                save_checkpoint(checkpoint_path, prefixes, optimizer, step, seconds_before + elapsed, args)
                 saved = step
     except BaseException as e:
         bar.close()
         log_file.close()
         if isinstance(e, LossNotFinite):
             raise
-        if step > saved:
+        if step > saved:  # a checkpoint of the last completed step, if the disk lets us
             optimizer.zero_grad(set_to_none=True)
-            save_checkpoint(checkpoint_path, prefixes, optimizer, step, args)
+            try:
+                save_checkpoint(checkpoint_path, prefixes, optimizer, step, seconds_before + time.time() - t0, args)
+                saved = step
+            except UserError:
+                pass
+        if saved:
+            kept = f"{checkpoint_path} holds step {saved}: continue with the same command and --resume"
+        else:
+            kept = "no step was completed, so nothing was saved"
         if isinstance(e, KeyboardInterrupt):
-            print(f"\ninterrupted at step {step}; saved {checkpoint_path}. Continue with the same command "
-                  "and --resume", file=sys.stderr)
+            print(f"\ninterrupted at step {step}; {kept}", file=sys.stderr)
             return step
-        print(f"\nstopped by an error at step {step}; saved {checkpoint_path} (--resume continues)", file=sys.stderr)
+        if isinstance(e, (UserError, OSError)):
+            problem = os_problem(e, e.filename, "using") if isinstance(e, OSError) else str(e)
+            raise UserError(f"{problem}. Stopped at step {step}; {kept}") from None
+        print(f"\nstopped by an error at step {step}; {kept}", file=sys.stderr)
         raise
     bar.close()
     log_file.close()
@@ -238,34 +367,31 @@ def main(argv=None):
     args = parse_args(argv)
     out = Path(args.out)
     device = args.device or mini_gpt2.default_device()
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda, but PyTorch sees no CUDA GPU")
-    if device == "cpu" and (args.model or "gpt2-xl") in ("gpt2-large", "gpt2-xl"):
-        print(f"note: no CUDA GPU, so {args.model or 'gpt2-xl'} would run on the CPU, where training takes days; "
-              "for a CPU, try --model gpt2", file=sys.stderr)
-    if args.eval_only:
-        return eval_only(args, device)
-    args.model = args.model or "gpt2-xl"
+    with run_folder(out, args):
+        if args.eval_only:
+            return eval_only(args, device)
+        args.model = args.model or "gpt2-xl"
+        cli.note_if_slow(args.model, device)
+        return train(args, out, device)
 
-    checkpoint_path = out / "checkpoint.pt"
-    state = None
-    if args.resume:
-        if not checkpoint_path.exists():
-            raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint_path}")
-        state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-        changed = [k for k in SAME_RUN if state["args"][k] != getattr(args, k)]
-        if changed:
-            raise ValueError(f"--resume: {checkpoint_path} was made with other settings ({', '.join('--' + k.replace('_', '-') for k in changed)})")
+
+def train(args, out, device):
+    state = read_checkpoint(out / "checkpoint.pt", args) if args.resume else None
+    n_positions = config_of(args.model).n_positions  # a small file: checked before the large ones load
+    for name, value in (("--prefix-len", args.prefix_len), ("--max-len", args.max_len)):
+        if value > n_positions:
+            what = "a prefix length" if name == "--prefix-len" else "a sequence length"
+            raise UserError(f"{name} {value}: {what} of at most {n_positions} fits this model")
 
     train_pairs, held = load_data(args)
-    model = mini_gpt2.from_pretrained(args.model, device=device)
-    model.requires_grad_(False)  # GPT-2 stays frozen: only the prefixes learn
-    if args.max_len > model.config.n_positions:
-        raise ValueError(f"--max-len {args.max_len} is more than the model's {model.config.n_positions} positions")
+    if not train_pairs:
+        raise UserError("no pair is left to train on: every pair is held out or a duplicate of a held-out pair")
     examples, too_long = make_examples(train_pairs, args.max_len)
     if not examples:
-        raise ValueError(f"every training pair is longer than --max-len {args.max_len} tokens")
+        raise UserError(f"every training pair is longer than --max-len {args.max_len} tokens")
     print(f"training examples: {len(examples)} (both directions; {too_long} longer than {args.max_len} tokens skipped)")
+    model = mini_gpt2.from_pretrained(args.model, device=device)
+    model.requires_grad_(False)  # GPT-2 stays frozen: only the prefixes learn
 
     if args.init == "words":
         init = init_from_words(model, NAMES, args.prefix_len)
@@ -273,18 +399,20 @@ def main(argv=None):
         init = init_random(model, NAMES, args.prefix_len, torch.Generator().manual_seed(args.seed))
     prefixes = Prefixes(init, reparam=args.reparam).to(device)
     optimizer = torch.optim.AdamW(prefixes.parameters(), lr=args.lr, weight_decay=0.0)
-    step = 0
     if state:
-        prefixes.load_state_dict(state["prefixes"])
-        optimizer.load_state_dict(state["optimizer"])
-        step = state["step"]
-        print(f"resuming at step {step} of {args.steps}")
+        try:
+            prefixes.load_state_dict(state["prefixes"])
+            optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise UserError(f"{out / 'checkpoint.pt'} does not fit these settings ({str(e).splitlines()[0]}); "
+                            "start a new run with --overwrite, or use another --out") from None
+        print(f"resuming at step {state['step']} of {args.steps}")
     n_params = sum(p.numel() for p in prefixes.parameters())
     print(f"model {args.model} on {device}, frozen; training {n_params:,} parameters for the prefixes "
           f"({'through the MLP' if args.reparam else 'directly'}, {args.prefix_len} virtual tokens each)")
 
-    out.mkdir(parents=True, exist_ok=True)
-    if train_loop(args, model, prefixes, optimizer, Batches(examples, args.batch_size, args.seed), step, device) != args.steps:
+    batches = Batches(examples, args.batch_size, args.seed)
+    if train_loop(args, model, prefixes, optimizer, batches, state, device) != args.steps:
         return 130
 
     prefix_path = out / "prefix.safetensors"

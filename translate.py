@@ -18,6 +18,8 @@ import torch
 
 import cli
 import mini_gpt2
+from cli import natural_float, positive_int
+from mini_gpt2 import UserError
 from prefix import check_fits, load_prefixes, translate
 
 DEFAULT_PREFIX = Path("runs/prefix/prefix.safetensors")  # where train.py writes
@@ -38,37 +40,35 @@ def guess_language(text):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli.ArgumentParser(prog="translate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("text", nargs="*", help="phrases to translate (default: one per line from stdin)")
     ap.add_argument("--to", choices=["en", "fr"], help="target language (default: the other one)")
     ap.add_argument("--prefix", default=str(DEFAULT_PREFIX), help=f"prefix file (default {DEFAULT_PREFIX})")
     ap.add_argument("--model", help="model size or checkpoint folder (default: the one the prefix was trained for)")
-    ap.add_argument("--max-new-tokens", type=int, help="longest translation in tokens (default: twice the input, plus 8)")
-    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); higher samples more freely")
-    ap.add_argument("--top-k", type=int, help="sample only from the k most likely tokens")
-    ap.add_argument("--batch-size", type=int, default=16, help="inputs translated together (default 16)")
-    ap.add_argument("--device", help="cuda or cpu (default: cuda if available)")
+    ap.add_argument("--max-new-tokens", type=positive_int,
+                    help="longest translation in tokens (default: twice the input, plus 8)")
+    ap.add_argument("--temperature", type=natural_float, default=0.0, help="0 = greedy (default); higher samples more freely")
+    ap.add_argument("--top-k", type=positive_int, help="with --temperature: sample only from the k most likely tokens")
+    ap.add_argument("--batch-size", type=positive_int, default=16, help="inputs translated together (default 16)")
+    ap.add_argument("--device", type=cli.device, help="cpu, cuda, cuda:N or mps (default: cuda if available)")
     ap.add_argument("--seed", type=int, help="seed for sampling")
     args = ap.parse_args(argv)
-    for name in ("max_new_tokens", "batch_size", "top_k"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            ap.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.temperature < 0:
-        ap.error("--temperature must not be negative")
+    if args.top_k is not None and args.temperature == 0:
+        ap.error("--top-k has no effect with greedy decoding: give --temperature above 0 too")
 
     prefix_path = Path(args.prefix)
     if not prefix_path.exists():
-        raise FileNotFoundError(f"no prefix file at {prefix_path}: train one first with `python train.py` "
-                                "(or point --prefix at one)")
+        raise UserError(f"no prefix file at {prefix_path}: train one first with `python train.py` "
+                        "(or point --prefix at one)")
     texts = args.text or [line.rstrip("\n") for line in sys.stdin]
     if not texts:
-        raise ValueError("nothing to translate: give phrases as arguments or one per line on stdin")
+        raise UserError("nothing to translate: give phrases as arguments or one per line on stdin")
 
     kv, names, meta = load_prefixes(prefix_path)
     name = args.model or meta.get("model", "gpt2-xl")
-    if (args.device or mini_gpt2.default_device()) == "cpu" and name in ("gpt2-large", "gpt2-xl"):
-        print(f"note: no CUDA GPU, so {name} runs on the CPU: expect seconds per word", file=sys.stderr)
-    model = mini_gpt2.from_pretrained(name, device=args.device)
+    device = args.device or mini_gpt2.default_device()
+    cli.note_if_slow(name, device)
+    model = mini_gpt2.from_pretrained(name, device=device)
     check_fits(meta, model.config, prefix_path)
     generator = None
     if args.seed is not None:
@@ -81,8 +81,8 @@ def main(argv=None):
         try:
             out = translate(model, kv, names, [chunk[i] for i in todo], targets, args.max_new_tokens,
                             temperature=args.temperature, top_k=args.top_k, generator=generator) if todo else []
-        except ValueError as e:  # number the input among all inputs, not within this batch
-            raise ValueError(re.sub(r"input (\d+)", lambda m: f"input {b + todo[int(m.group(1)) - 1] + 1}", str(e))) from None
+        except UserError as e:  # number the input among all inputs, not within this batch
+            raise UserError(re.sub(r"input (\d+)", lambda m: f"input {b + todo[int(m.group(1)) - 1] + 1}", str(e))) from None
         lines = [""] * len(chunk)
         for i, text in zip(todo, out):
             lines[i] = text.replace("\n", " ")

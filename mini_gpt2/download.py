@@ -5,10 +5,13 @@ The Hugging Face hub answers `/<repo>/resolve/main/<file>` for a large file with
 its CDN, and tells the file's size and sha256 in the `X-Linked-Size` and `X-Linked-Etag` headers.
 We read those first, download to `<name>.incomplete` (continuing it with an HTTP Range request
 if an earlier try was cut off), check size and sha256, and only then rename to the final name:
-the cache never holds a broken file under a name that looks finished.
+the cache never holds a broken file under a name that looks finished. Beside it, `<name>.verified`
+records the size and sha256 that were checked, and every later use checks the size again, so a
+file damaged in the cache is named instead of trusted.
 """
 
 import hashlib
+import json
 import os
 import time
 from pathlib import Path
@@ -17,19 +20,64 @@ from urllib.parse import urljoin, urlparse
 import requests
 from tqdm import tqdm
 
+from .files import UserError, os_problem, write_bytes
+
 HF_ENDPOINT = "https://huggingface.co"
 CHUNK = 1 << 16
 TIMEOUT = 30  # seconds without a byte before we give up on a connection
 RETRIES = 5  # how many times a dropped download is resumed before failing
 
 
-class DownloadError(RuntimeError):
+class DownloadError(UserError):
     """A download failed; the message is one line, fit to show the user as it is."""
 
 
 def cache_dir():
     """Where downloads go: $MINI_GPT2_CACHE, else ~/.cache/mini_gpt2."""
     return Path(os.environ.get("MINI_GPT2_CACHE") or Path.home() / ".cache" / "mini_gpt2")
+
+
+def in_cache(path):
+    """True if `path` lies in the download cache (so deleting it means downloading it again)."""
+    return Path(path).resolve().is_relative_to(cache_dir().resolve())
+
+
+def make_cache_folder(folder):
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{os_problem(e, folder, 'creating the download folder')}; "
+                        "set MINI_GPT2_CACHE to a folder you can write") from None
+
+
+def cached(dest):
+    """
+    `dest` if it is in the cache and still what was verified when it was published, None if it is
+    not there yet. A file whose size changed since is an error that names it.
+    """
+    dest = Path(dest)
+    if not dest.exists():
+        return None
+    record = dest.with_name(dest.name + ".verified")
+    try:
+        want = json.loads(record.read_text())["size"]
+    except FileNotFoundError:
+        return dest  # placed there by hand: nothing to check against
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"{record} is damaged: delete it and {dest}, and run again to download the file anew") from None
+    have = dest.stat().st_size
+    if have != want:
+        raise UserError(f"{dest} is {have} bytes, but {want} were downloaded and verified: it was damaged since; "
+                        f"delete it and run again to download it anew")
+    return dest
+
+
+def publish(part, dest, sha256=None):
+    """Record `part`'s size and sha256 beside `dest`, then rename `part` to `dest`."""
+    record = {"size": part.stat().st_size, "sha256": sha256 or sha256_of(part, dest.name)}
+    write_bytes(dest.with_name(dest.name + ".verified"), json.dumps(record).encode())
+    os.replace(part, dest)
+    return dest
 
 
 def hub_url(repo, filename):
@@ -48,8 +96,9 @@ def hub_download(repo, filename):
 def download(url, dest, headers=None, what=None):
     """Download `url` to `dest` unless it is already there. Returns `dest` (a Path)."""
     dest = Path(dest)
-    if dest.exists():
+    if cached(dest):
         return dest
+    make_cache_folder(dest.parent)
     headers = dict(headers or {})
     hint = f"download {url} by hand (e.g. in a browser) and save it as {dest}"
     try:
@@ -79,7 +128,6 @@ def _download(url, dest, headers, what):
         sha256 = None
 
     # 2. Fetch into dest.incomplete, resuming whatever an earlier try left there.
-    dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".incomplete")
     for attempt in range(RETRIES + 1):
         have = part.stat().st_size if part.exists() else 0
@@ -103,8 +151,7 @@ def _download(url, dest, headers, what):
         if got != sha256:
             part.unlink()
             raise DownloadError(f"{url}: sha256 {got} does not match the published {sha256}")
-    os.replace(part, dest)
-    return dest
+    return publish(part, dest, sha256)
 
 
 def _fetch(url, part, have, size, headers, what):
@@ -118,12 +165,18 @@ def _fetch(url, part, have, size, headers, what):
         if r.status_code == 200:
             have = 0  # the server ignored our Range: start again
         total = size or (have + int(r.headers["Content-Length"]) if "Content-Length" in r.headers else None)
-        with open(part, "ab" if have else "wb") as f, tqdm(
-            total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024, desc=what
-        ) as bar:
-            for chunk in r.iter_content(CHUNK):
-                f.write(chunk)
-                bar.update(len(chunk))
+        try:
+            with open(part, "ab" if have else "wb") as f, tqdm(
+                total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024, desc=what
+            ) as bar:
+                for chunk in r.iter_content(CHUNK):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+        except requests.RequestException:  # an OSError too, but the network's: retried by the caller
+            raise
+        except OSError as e:  # what was written stays in `part`: the next run resumes from there
+            raise UserError(f"{os_problem(e, part, 'downloading to')} (the download resumes there when run again; "
+                            "MINI_GPT2_CACHE moves the cache to another disk)") from None
 
 
 def sha256_of(path, what="file"):

@@ -10,12 +10,14 @@ Two things to know about those files:
 """
 
 import json
+from dataclasses import fields
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
-from .download import hub_download
+from .download import hub_download, in_cache
+from .files import UserError, os_problem
 from .model import CONFIGS, GPT, GPTConfig
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -39,15 +41,62 @@ def resolve(name_or_path):
     if p.is_dir():
         weights = p / "model.safetensors"
         if not weights.exists():
-            raise FileNotFoundError(f"{p} holds no model.safetensors")
+            raise UserError(f"{p} holds no model.safetensors")
     elif p.suffix == ".safetensors" and p.exists():
         weights = p
     else:
-        raise FileNotFoundError(
-            f"{name_or_path!r} is neither a model size ({', '.join(CONFIGS)}) nor a folder or .safetensors file"
-        )
+        raise UserError(f"{name_or_path!r} is neither a model size ({', '.join(CONFIGS)}) nor a folder or .safetensors file")
     config = weights.parent / "config.json"
     return weights, (config if config.exists() else None)
+
+
+def read_config(config_file):
+    """A Hugging Face config.json -> GPTConfig, or a one-line error that names the file."""
+    try:
+        d = json.loads(Path(config_file).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise UserError(os_problem(e, config_file, "reading")) from None
+    except ValueError as e:  # not JSON, or not UTF-8
+        raise UserError(f"{config_file} is not a valid config.json ({e}); {_fix(config_file)}") from None
+    if not isinstance(d, dict):
+        raise UserError(f"{config_file} is not a GPT-2 config.json (not a JSON object); {_fix(config_file)}")
+    kinds = {int: int, float: (int, float)}
+    bad = [f.name for f in fields(GPTConfig) if f.name in d and not isinstance(d[f.name], kinds[f.type])]
+    if bad:
+        raise UserError(f"{config_file} is not a GPT-2 config.json (wrong {', '.join(bad)}); {_fix(config_file)}")
+    config = GPTConfig.from_dict(d)
+    sizes = (config.n_layer, config.n_head, config.n_embd, config.n_positions, config.vocab_size)
+    if min(sizes) < 1 or config.n_embd % config.n_head:
+        raise UserError(f"{config_file} gives impossible sizes {sizes}; {_fix(config_file)}")
+    return config
+
+
+def config_of(name_or_path):
+    """The model's sizes, without loading (or downloading) its weights."""
+    if name_or_path in CONFIGS and not Path(name_or_path).exists():
+        return CONFIGS[name_or_path]
+    weights, config_file = resolve(name_or_path)
+    if config_file is not None:
+        return read_config(config_file)
+    with _open(weights) as f:
+        return _guess_config(f, {_canonical(k): k for k in f.keys()}, weights)
+
+
+def _open(weights):
+    """safe_open, with a one-line error for a file that is not whole safetensors."""
+    if weights.is_dir():
+        raise UserError(f"{weights} is a folder, not a safetensors file; {_fix(weights)}")
+    try:
+        return safe_open(weights, framework="pt")
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{weights} is not a readable safetensors file ({e}); {_fix(weights)}") from None
+
+
+def _fix(path):
+    """What to do about a damaged model file."""
+    if in_cache(path):
+        return f"delete {path} and run again to download it anew"
+    return "replace it with the file as released (e.g. from https://huggingface.co/openai-community/gpt2-xl)"
 
 
 def from_pretrained(name_or_path, device=None, dtype=None):
@@ -59,10 +108,10 @@ def from_pretrained(name_or_path, device=None, dtype=None):
     device = torch.device(device or default_device())
     dtype = dtype or default_dtype(device)
     weights, config_file = resolve(name_or_path)
-    with safe_open(weights, framework="pt") as f:
+    with _open(weights) as f:
         names = {_canonical(k): k for k in f.keys() if not k.endswith(NOT_WEIGHTS)}
         if config_file is not None:
-            config = GPTConfig.from_dict(json.loads(Path(config_file).read_text()))
+            config = read_config(config_file)
         else:
             config = _guess_config(f, names, weights)
 
@@ -73,18 +122,22 @@ def from_pretrained(name_or_path, device=None, dtype=None):
         names.pop("lm_head.weight", None)  # tied to wte: nothing to load
         missing, unexpected = sorted(expected.keys() - names.keys()), sorted(names.keys() - expected.keys())
         if missing or unexpected:
-            raise ValueError(f"{weights}: missing tensors {_few(missing)}, unexpected tensors {_few(unexpected)}")
+            raise UserError(f"{weights}: missing tensors {_few(missing)}, unexpected tensors {_few(unexpected)}; "
+                            f"{_fix(weights)}")
 
         # One tensor at a time: read, transpose if Conv1D, move to the target dtype and device.
         # get_tensor maps the file rather than reading it, and .t() is a view (nn.Linear's matmul
         # reads a transposed weight just as fast), so in float32 on the CPU nothing is copied.
         state = {}
         for name, key in names.items():
-            t = f.get_tensor(key)
+            try:
+                t = f.get_tensor(key)
+            except SafetensorError as e:
+                raise UserError(f"{weights}: tensor {key} cannot be read ({e}); {_fix(weights)}") from None
             if name.endswith(CONV1D):
                 t = t.t()
             if t.shape != expected[name]:
-                raise ValueError(f"{weights}: {key} has shape {tuple(t.shape)}, expected {tuple(expected[name])}")
+                raise UserError(f"{weights}: {key} has shape {tuple(t.shape)}, expected {tuple(expected[name])}")
             state[name] = t.to(device=device, dtype=dtype)
     model.load_state_dict(state, strict=False, assign=True)
     model.lm_head.weight = model.wte.weight  # assign=True replaced wte.weight: tie again
@@ -101,10 +154,12 @@ def _few(names):
 
 def _guess_config(f, names, weights):
     """No config.json: read the sizes off the tensors and recognise one of the released models."""
+    if "wte.weight" not in names:
+        raise UserError(f"{weights} holds no GPT-2 weights (no wte.weight)")
     vocab, n_embd = f.get_slice(names["wte.weight"]).get_shape()
     n_layer = len({n.split(".")[1] for n in names if n.startswith("h.")})
     for config in CONFIGS.values():
         if (config.n_layer, config.n_embd, config.vocab_size) == (n_layer, n_embd, vocab):
             return config
-    raise ValueError(f"{weights}: not a released GPT-2 size; put its config.json beside it")
+    raise UserError(f"{weights}: not a released GPT-2 size; put its config.json beside it")
 

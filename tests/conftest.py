@@ -1,6 +1,8 @@
 """Shared fixtures: tiny GPT-2 checkpoints with random weights, written in the official file format."""
 
 import csv
+import functools
+import io
 import os
 import subprocess
 import sys
@@ -8,7 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import tqdm
 from safetensors.torch import save_file
+
+# Progress bars off, so that stderr holds only what the tests check: in scripts run as processes
+# (tqdm reads TQDM_DISABLE when imported) and in this one (imported already).
+os.environ["TQDM_DISABLE"] = "1"
+tqdm.tqdm.__init__ = functools.partialmethod(tqdm.tqdm.__init__, disable=True)
 
 # The GPT-2 tokenizer files, prefilled for machines without internet.
 _cache = Path(__file__).resolve().parents[2] / "shared" / "tiktoken_cache"
@@ -82,3 +90,41 @@ def run(script, *args, stdin=None):
     """Run one of the project's scripts as a user would, in a fresh process."""
     return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], input=stdin, capture_output=True,
                           text=True, cwd=ROOT, env=os.environ | {"PYTHONPATH": str(ROOT)}, timeout=300)
+
+
+@pytest.fixture
+def call(capsys, monkeypatch):
+    """
+    Run a script's main() through cli.run in this process, as the script does (faster than `run`):
+    call(train.main, *args) -> CompletedProcess-like (returncode, stdout, stderr).
+    """
+    import cli
+
+    def call(main, *args, stdin=""):
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+        capsys.readouterr()
+        try:
+            cli.run(lambda: main([str(a) for a in args]))
+        except SystemExit as e:
+            code = e.code
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out, err)
+
+    return call
+
+
+def one_line_error(r, status=1):
+    """Assert that a run failed with `status` (2: an argument) and said why in one line; return it."""
+    assert r.returncode == status, (r.returncode, r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("error: ") if status == 1 else ".py: error: " in lines[0], r.stderr
+    return lines[0]
+
+
+def train_args(ckpt, csv_file, out, *extra):
+    """A short training run on the tiny checkpoint: 6 steps of 2 x 4 sequences, a checkpoint every 2."""
+    return [str(a) for a in ["--model", ckpt, "--data", csv_file, "--out", out, "--steps", 6, "--batch-size", 4,
+                             "--grad-accum", 2, "--prefix-len", 3, "--warmup", 2, "--lr", 0.05, "--save-every", 2,
+                             "--heldout", 4, "--eval-size", 2, *extra]]

@@ -7,13 +7,9 @@ import torch
 
 import prefix
 import train
+from mini_gpt2 import UserError
 from prefix import load_prefixes
-from tests.conftest import run
-
-def train_args(ckpt, csv_file, out, *extra):
-    return [str(a) for a in ["--model", ckpt, "--data", csv_file, "--out", out, "--steps", 6, "--batch-size", 4, "--grad-accum", 2,
-            "--prefix-len", 3, "--warmup", 2, "--lr", 0.05, "--save-every", 2, "--heldout", 4, "--eval-size", 2, *extra]]
-
+from tests.conftest import one_line_error, run, train_args
 
 def test_train_then_translate(tiny_ckpt, csv_file, tmp_path):
     out = tmp_path / "run"
@@ -75,24 +71,16 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_ckpt, csv_file, 
         return loss * float("nan") if calls["n"] == 9 else loss
 
     monkeypatch.setattr(train, "target_loss", nan_in_step_5)
-    with pytest.raises(ValueError, match=r"loss became nan at step 5.*last good checkpoint \(step 4\)"):
+    with pytest.raises(UserError, match=r"loss became nan at step 5.*last good checkpoint \(step 4\)"):
         train.main(train_args(tiny_ckpt[0], csv_file, tmp_path, "--no-eval"))
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 4
     assert not (tmp_path / "prefix.safetensors").exists()
 
 
-def one_line_error(r):
-    assert r.returncode != 0
-    assert "Traceback" not in r.stderr
-    lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
-    return lines[0]
-
-
 def test_bad_inputs_give_one_line_errors(tiny_ckpt, csv_file, tmp_path):
     ckpt = tiny_ckpt[0]
     assert "train one first with `python train.py`" in one_line_error(run("translate.py", "--prefix", tmp_path / "none", "Bonjour"))
-    assert "No such file" in one_line_error(run("train.py", *train_args(ckpt, tmp_path / "missing.csv", tmp_path / "o")))
+    assert "missing.csv does not exist" in one_line_error(run("train.py", *train_args(ckpt, tmp_path / "missing.csv", tmp_path / "o")))
     bad = tmp_path / "bad.csv"
     bad.write_text("english;french\nHello;Bonjour\n")
     assert "header naming the columns en and fr" in one_line_error(run("train.py", *train_args(ckpt, bad, tmp_path / "o")))

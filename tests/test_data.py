@@ -36,7 +36,7 @@ def test_reads_only_the_first_rows_and_finds_columns_by_name(tmp_path):
     path = write(tmp_path / "b.csv", "fr,en\n" + "".join(f"f{i},e{i}\n" for i in range(1000)))
     pairs, _ = data.read_pairs(path, limit=3)
     assert pairs == [("e0", "f0"), ("e1", "f1"), ("e2", "f2")]
-    with pytest.raises(ValueError, match="header naming the columns en and fr"):
+    with pytest.raises(data.UserError, match="header naming the columns en and fr"):
         data.read_pairs(write(tmp_path / "c.csv", "english,french\na,b\n"))
 
 

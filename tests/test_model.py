@@ -45,20 +45,20 @@ def test_bad_checkpoints_name_the_tensors(tmp_path):
     del sd["transformer.h.1.mlp.c_fc.weight"]
     sd["transformer.h.1.mlp.extra"] = torch.zeros(3)
     save_file(sd, path)
-    with pytest.raises(ValueError, match=r"missing tensors h\.1\.mlp\.c_fc\.weight.*unexpected tensors h\.1\.mlp\.extra"):
+    with pytest.raises(mini_gpt2.UserError, match=r"missing tensors h\.1\.mlp\.c_fc\.weight.*unexpected tensors h\.1\.mlp\.extra"):
         from_pretrained(tmp_path, device="cpu")
 
     sd = dict(good)
     sd["transformer.h.0.attn.c_proj.weight"] = torch.zeros(80, 81)
     save_file(sd, path)
-    with pytest.raises(ValueError, match=r"transformer\.h\.0\.attn\.c_proj\.weight has shape \(81, 80\)"):
+    with pytest.raises(mini_gpt2.UserError, match=r"transformer\.h\.0\.attn\.c_proj\.weight has shape \(81, 80\)"):
         from_pretrained(tmp_path, device="cpu")
 
 
 def test_missing_files_say_what_is_wrong(tmp_path):
-    with pytest.raises(FileNotFoundError, match="neither a model size"):
+    with pytest.raises(mini_gpt2.UserError, match="neither a model size"):
         from_pretrained(tmp_path / "nope")
-    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+    with pytest.raises(mini_gpt2.UserError, match="no model.safetensors"):
         from_pretrained(tmp_path)
 
 

@@ -3,7 +3,7 @@ import inspect
 import pytest
 import torch
 
-from mini_gpt2 import EOT, encode, from_pretrained
+from mini_gpt2 import EOT, UserError, encode, from_pretrained
 from prefix import (NAMES, Prefixes, as_past, init_from_words, init_random, load_prefixes, make_batch,
                     prefix_hidden, save_prefixes, target_loss, translate, translate_ids)
 from tests.conftest import make_checkpoint
@@ -136,11 +136,11 @@ def test_save_load_round_trip_and_size_check(tmp_path, model, kv):
     kv2, names, meta = load_prefixes(path, model.config)
     assert torch.equal(kv2, kv) and names == list(NAMES) and meta["model"] == "tiny" and meta["prefix_len"] == "4"
     other = make_checkpoint(tmp_path / "other", n_layer=3, n_head=4, n_embd=64)
-    with pytest.raises(ValueError, match=r"trained for tiny \(2 layers, 5 heads, width 80\), but this model has 3 layers"):
+    with pytest.raises(UserError, match=r"trained for tiny \(2 layers, 5 heads, width 80\), but this model has 3 layers"):
         load_prefixes(path, from_pretrained(tmp_path / "other").config)
     del other
 
 
 def test_translate_refuses_inputs_past_the_context(model, kv):
-    with pytest.raises(ValueError, match="input 2 is .* tokens"):
+    with pytest.raises(UserError, match="input 2 is .* tokens"):
         translate(model, kv, NAMES, ["Bonjour", "mot " * 400], ["en", "en"])  # 400 tokens + 808 new > 1024

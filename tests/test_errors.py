@@ -1,0 +1,456 @@
+"""
+Nothing lost, nothing cryptic: every bad file, folder, argument or fault ends in one line that says
+what is wrong, and the files of earlier work stay byte for byte as they were.
+"""
+
+import csv
+import errno
+import io
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import cli
+import mini_gpt2
+import prefix
+import train
+import translate
+from mini_gpt2 import UserError, files
+from tests.conftest import PAIRS, make_checkpoint, one_line_error, run, train_args
+from tests.http_server import Hub
+
+
+def snapshot(folder):
+    """Every file in a folder, by name, with its bytes."""
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_ckpt, csv_file, tmp_path_factory):
+    """A finished 6-step run (checkpoint, log, prefix), copied by the tests that then damage it."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    assert train.main(train_args(tiny_ckpt[0], csv_file, out, "--no-eval")) == 0
+    return out
+
+
+@pytest.fixture
+def run_copy(finished_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    return out
+
+
+def full_disk(monkeypatch, module, after=0):
+    """Make files opened for writing by `module` fail with ENOSPC once `after` bytes went through."""
+    real_open = open
+    written = {"n": 0}
+
+    class Full(io.RawIOBase):
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, b):
+            if written["n"] + len(b) > after:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            written["n"] += len(b)
+            return self.f.write(b)
+
+        def writable(self):
+            return True
+
+        def close(self):
+            self.f.close()
+            super().close()
+
+    def fake_open(path, mode="r", *a, **k):
+        f = real_open(path, mode, *a, **k)
+        return Full(f) if any(c in mode for c in "wa") else f
+
+    monkeypatch.setattr(module, "open", fake_open, raising=False)
+
+
+# ----------------------------------------------------------------------------- 1. files read
+
+@pytest.mark.parametrize("damage", ["truncated", "random", "empty", "folder"])
+def test_damaged_model_file_is_one_line(tiny_ckpt, csv_file, tmp_path, call, damage):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_ckpt[0], folder)
+    weights = folder / "model.safetensors"
+    good = weights.read_bytes()
+    weights.unlink()
+    if damage == "folder":
+        weights.mkdir()
+    else:
+        weights.write_bytes({"truncated": good[:len(good) // 2], "random": os.urandom(5000), "empty": b""}[damage])
+    line = one_line_error(call(train.main, *train_args(folder, csv_file, tmp_path / "out")))
+    problem = "is a folder, not a safetensors file" if damage == "folder" else "is not a readable safetensors file"
+    assert f"{weights} {problem}" in line and "replace it with the file as released" in line
+
+
+@pytest.mark.parametrize("text,problem", [("{not json", "not a valid config.json"), ("[1, 2]", "not a JSON object"),
+                                          ('{"n_layer": "two"}', "wrong n_layer"), (b"\xff\xfe\x00", "not a valid")])
+def test_broken_config_json_is_named(tiny_ckpt, csv_file, tmp_path, call, text, problem):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_ckpt[0], folder)
+    (folder / "config.json").write_bytes(text if isinstance(text, bytes) else text.encode())
+    line = one_line_error(call(train.main, *train_args(folder, csv_file, tmp_path / "out")))
+    assert str(folder / "config.json") in line and problem in line
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "random", "other pickle"])
+def test_damaged_checkpoint_on_resume(run_copy, tiny_ckpt, csv_file, call, damage):
+    ck = run_copy / "checkpoint.pt"
+    good = ck.read_bytes()
+    if damage == "other pickle":
+        torch.save({"weights": torch.zeros(3)}, ck)
+    else:
+        ck.write_bytes({"truncated": good[:len(good) // 2], "empty": b"", "random": os.urandom(4000)}[damage])
+    before = snapshot(run_copy)
+    line = one_line_error(call(train.main, *train_args(tiny_ckpt[0], csv_file, run_copy, "--resume", "--no-eval")))
+    assert str(ck) in line and ("damaged" in line or "not a checkpoint" in line) and "--overwrite" in line
+    assert snapshot(run_copy) == before
+
+
+def write_prefix(path, model_config, kv=None, **meta):
+    kv = torch.zeros(2, 2, 2, 5, 3, 16) if kv is None else kv
+    prefix.save_prefixes(path, kv, prefix.NAMES, model_config, **meta)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tiny_ckpt):
+    return mini_gpt2.load.config_of(tiny_ckpt[0])
+
+
+@pytest.mark.parametrize("damage,problem", [
+    ("truncated", "not a readable safetensors file"), ("random", "not a readable safetensors file"),
+    ("no metadata", "lacks the metadata"), ("wrong tensor name", "no tensor named 'prefixes'"),
+    ("shape disagrees", "but its metadata says"), ("folder", "is a folder"), ("nan", "NaN or inf"),
+    ("inf", "NaN or inf")])
+def test_bad_prefix_file_is_refused_in_one_line(tiny_ckpt, tiny_config, tmp_path, call, damage, problem):
+    path = tmp_path / "p.safetensors"
+    good = write_prefix(tmp_path / "good.safetensors", tiny_config, model=str(tiny_ckpt[0])).read_bytes()
+    meta = {"names": json.dumps(prefix.NAMES), "n_layer": "2", "n_head": "5", "n_embd": "80", "prefix_len": "3"}
+    if damage == "truncated":
+        path.write_bytes(good[:len(good) - 100])
+    elif damage == "random":
+        path.write_bytes(os.urandom(3000))
+    elif damage == "no metadata":
+        save_file({"prefixes": torch.zeros(2, 2, 2, 5, 3, 16)}, path)
+    elif damage == "wrong tensor name":
+        save_file({"prefix": torch.zeros(2, 2, 2, 5, 3, 16)}, path, metadata=meta)
+    elif damage == "shape disagrees":
+        save_file({"prefixes": torch.zeros(2, 2, 2, 5, 4, 16)}, path, metadata=meta)
+    elif damage == "folder":
+        path.mkdir()
+    else:  # values that are not finite, written past save_prefixes (which refuses them)
+        save_file({"prefixes": torch.full((2, 2, 2, 5, 3, 16), float(damage))}, path, metadata=meta)
+    line = one_line_error(call(translate.main, "--prefix", path, "--model", tiny_ckpt[0], "Bonjour"))
+    assert str(path) in line and problem in line
+    r = call(train.main, "--eval-only", "--prefix", path, "--model", tiny_ckpt[0], "--out", tmp_path / "o")
+    assert problem in one_line_error(r)
+
+
+def test_prefixes_that_are_not_finite_are_never_written(tmp_path, tiny_config):
+    path = write_prefix(tmp_path / "p.safetensors", tiny_config)
+    before = path.read_bytes()
+    with pytest.raises(UserError, match="NaN or inf"):
+        write_prefix(path, tiny_config, kv=torch.full((2, 2, 2, 5, 3, 16), float("nan")))
+    assert path.read_bytes() == before and list(tmp_path.iterdir()) == [path]
+
+
+@pytest.mark.parametrize("content,problem", [
+    ("folder", "is a folder"), ("latin-1", "is not UTF-8 text"), ("", "header naming the columns en and fr"),
+    ("binary", "is not UTF-8 text")])
+def test_bad_csv_is_one_line(tiny_ckpt, tmp_path, call, content, problem):
+    path = tmp_path / "pairs.csv"
+    if content == "folder":
+        path.mkdir()
+    elif content == "latin-1":
+        path.write_bytes("en,fr\nSummer,Été\nCoffee,Café\n".encode("latin-1"))
+    elif content == "binary":
+        path.write_bytes(bytes(range(256)) * 20)
+    else:
+        path.write_text(content)
+    line = one_line_error(call(train.main, *train_args(tiny_ckpt[0], path, tmp_path / "out")))
+    assert str(path) in line and problem in line
+
+
+# ----------------------------------------------------------------------------- 2. folders written
+
+def test_os_problems_read_as_one_line():
+    p = "/data/x.csv"
+    assert files.os_problem(PermissionError(13, "Permission denied"), p, "reading") == f"permission denied while reading {p}"
+    assert files.os_problem(OSError(errno.ENOSPC, "No space"), p, "writing").startswith(f"no space left on the device while writing {p}")
+    assert files.os_problem(IsADirectoryError(21, "Is a directory"), p, "reading") == f"{p} is a folder, not a file"
+
+
+def test_out_that_is_a_file_is_refused_before_anything_loads(csv_file, tmp_path, call):
+    out = tmp_path / "out"
+    out.write_text("not a folder")
+    line = one_line_error(call(train.main, *train_args(tmp_path / "no-such-model", csv_file, out)))
+    assert "--out" in line and str(out) in line  # the model (missing here) was not even looked at
+
+
+def test_full_disk_at_a_checkpoint_keeps_the_previous_one(tiny_ckpt, csv_file, tmp_path, call, monkeypatch):
+    out = tmp_path / "run"
+    assert call(train.main, *train_args(tiny_ckpt[0], csv_file, out, "--no-eval", "--steps", 2)).returncode == 0
+    before = snapshot(out)
+    full_disk(monkeypatch, files, after=2000)  # room for the log's rows, not for a checkpoint
+    r = call(train.main, *train_args(tiny_ckpt[0], csv_file, out, "--no-eval", "--resume", "--steps", 4))
+    line = one_line_error(r)
+    assert f"no space left on the device while writing {out / 'checkpoint.pt'}" in line
+    assert f"{out / 'checkpoint.pt'} holds step 2" in line and "--resume" in line
+    after = snapshot(out)
+    assert [after[k] == before[k] for k in ("checkpoint.pt", "prefix.safetensors")] == [True, True]
+    assert not list(out.glob("*.tmp"))
+
+
+def test_full_disk_at_the_end_keeps_the_previous_prefix(run_copy, tiny_ckpt, csv_file, call, monkeypatch):
+    before = snapshot(run_copy)
+    full_disk(monkeypatch, files, after=1000)  # room for the log's rows, not for the prefix file
+    line = one_line_error(call(train.main, *train_args(tiny_ckpt[0], csv_file, run_copy, "--no-eval", "--resume")))
+    assert f"no space left on the device while writing {run_copy / 'prefix.safetensors'}" in line
+    assert snapshot(run_copy) == before
+
+
+# ----------------------------------------------------------------------------- 3. the download cache
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    make_checkpoint(tmp_path / "ckpt", layout="hub")
+    server = Hub()
+    for name in ("model.safetensors", "config.json"):
+        server.files[name] = (tmp_path / "ckpt" / name).read_bytes()
+    server.small.add("config.json")
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    monkeypatch.setenv("MINI_GPT2_CACHE", str(tmp_path / "cache"))
+    yield server
+    server.close()
+
+
+def test_a_cached_file_damaged_later_is_named(hub, tmp_path):
+    mini_gpt2.from_pretrained("gpt2", device="cpu")
+    cached = tmp_path / "cache" / "openai-community--gpt2" / "model.safetensors"
+    record = json.loads(cached.with_name("model.safetensors.verified").read_text())
+    assert record["size"] == len(hub.files["model.safetensors"]) and len(record["sha256"]) == 64
+    with open(cached, "r+b") as f:
+        f.truncate(record["size"] - 1000)
+    n = len(hub.log)
+    with pytest.raises(UserError, match=f"{cached} is {record['size'] - 1000} bytes, but {record['size']} were "
+                                        "downloaded and verified.*delete it"):
+        mini_gpt2.from_pretrained("gpt2", device="cpu")
+    assert len(hub.log) == n  # the cache was checked, nothing was fetched
+
+
+def test_full_disk_while_downloading_leaves_no_finished_file(hub, tmp_path, monkeypatch):
+    from mini_gpt2 import download
+
+    full_disk(monkeypatch, download, after=100_000)
+    with pytest.raises(UserError, match="no space left on the device while downloading to .*incomplete.*resumes"):
+        mini_gpt2.from_pretrained("gpt2", device="cpu")
+    folder = tmp_path / "cache" / "openai-community--gpt2"
+    assert not (folder / "model.safetensors").exists()
+    have = (folder / "model.safetensors.incomplete").stat().st_size
+    monkeypatch.setattr(download, "open", open)
+    mini_gpt2.from_pretrained("gpt2", device="cpu")  # resumes from the bytes that made it to disk
+    assert [e[2] for e in hub.log if e[0] == "GET" and e[1].startswith("/cdn/model")][-1] == f"bytes={have}-"
+    assert (folder / "model.safetensors").read_bytes() == hub.files["model.safetensors"]
+
+
+def test_cache_that_is_a_file_is_one_line(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    cache.write_text("not a folder")
+    monkeypatch.setenv("MINI_GPT2_CACHE", str(cache))
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # never reached
+    with pytest.raises(UserError, match="a folder on its path is a file; set MINI_GPT2_CACHE to a folder you can write"):
+        mini_gpt2.from_pretrained("gpt2", device="cpu")
+
+
+# ----------------------------------------------------------------------------- 4. never destroy a run
+
+def test_a_new_run_does_not_replace_an_old_one(run_copy, tiny_ckpt, csv_file, call):
+    before = snapshot(run_copy)
+    line = one_line_error(call(train.main, *train_args(tiny_ckpt[0], csv_file, run_copy, "--no-eval")))
+    assert "already holds a run" in line and "--resume" in line and "--overwrite" in line
+    assert snapshot(run_copy) == before
+    r = call(train.main, *train_args(tiny_ckpt[0], csv_file, run_copy, "--no-eval", "--overwrite", "--seed", 1))
+    assert r.returncode == 0, r.stderr
+    assert snapshot(run_copy)["prefix.safetensors"] != before["prefix.safetensors"]
+
+
+def test_two_runs_in_one_folder_do_not_both_proceed(tiny_ckpt, csv_file, tmp_path):
+    out = tmp_path / "run"
+    args = train.parse_args(train_args(tiny_ckpt[0], csv_file, out))
+    with train.run_folder(out, args):  # this process holds --out, as a running training would
+        line = one_line_error(run("train.py", *train_args(tiny_ckpt[0], csv_file, out, "--no-eval")))
+        assert f"another run (process {os.getpid()}) is using {out}" in line
+    assert not (out / "checkpoint.pt").exists()
+
+
+def test_a_crashed_runs_lock_file_does_not_block(tiny_ckpt, csv_file, tmp_path, call):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".lock").write_text("999999")  # left by a process that is gone
+    r = call(train.main, *train_args(tiny_ckpt[0], csv_file, out, "--no-eval", "--steps", 1))
+    assert r.returncode == 0, r.stderr
+
+
+# ----------------------------------------------------------------------------- 5. recovery advice is true
+
+def test_ctrl_c_before_the_first_step_claims_no_checkpoint(tiny_ckpt, csv_file, tmp_path, call, monkeypatch):
+    def ctrl_c(*a):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "target_loss", ctrl_c)
+    r = call(train.main, *train_args(tiny_ckpt[0], csv_file, tmp_path / "run"))
+    assert r.returncode == 130
+    assert "interrupted at step 0; no step was completed, so nothing was saved" in r.stderr
+    assert "saved" not in r.stderr.replace("nothing was saved", "") and not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_a_crash_in_the_first_step_claims_no_checkpoint(tiny_ckpt, csv_file, tmp_path, capsys, monkeypatch):
+    def bug(*a):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(train, "target_loss", bug)
+    with pytest.raises(RuntimeError, match="a bug"):  # a bug keeps its traceback
+        train.main(train_args(tiny_ckpt[0], csv_file, tmp_path / "run"))
+    assert "stopped by an error at step 0; no step was completed, so nothing was saved" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def nan_at_call(monkeypatch, n):
+    calls = {"n": 0}
+    real_loss = prefix.target_loss
+
+    def loss(*a):
+        calls["n"] += 1
+        return real_loss(*a) * (float("nan") if calls["n"] == n else 1.0)
+
+    monkeypatch.setattr(train, "target_loss", loss)
+
+
+def test_nan_in_the_first_step_advice_works(tiny_ckpt, csv_file, tmp_path, call, monkeypatch):
+    out = tmp_path / "run"
+    nan_at_call(monkeypatch, 1)
+    line = one_line_error(call(train.main, *train_args(tiny_ckpt[0], csv_file, out, "--no-eval")))
+    assert "loss became nan at step 1" in line and "nothing was saved: run again with a lower --lr and --overwrite" in line
+    assert not (out / "checkpoint.pt").exists()
+    monkeypatch.setattr(train, "target_loss", prefix.target_loss)
+    r = call(train.main, *train_args(tiny_ckpt[0], csv_file, out, "--no-eval", "--lr", 0.01, "--overwrite"))
+    assert r.returncode == 0, r.stderr
+
+
+def test_after_a_nan_resume_takes_a_lower_lr(tiny_ckpt, csv_file, tmp_path, call, monkeypatch):
+    out = tmp_path / "run"
+    nan_at_call(monkeypatch, 9)  # the first micro-batch of step 5
+    line = one_line_error(call(train.main, *train_args(tiny_ckpt[0], csv_file, out, "--no-eval")))
+    assert "last good checkpoint (step 4)" in line and "--resume with a lower --lr" in line
+    monkeypatch.setattr(train, "target_loss", prefix.target_loss)
+    r = call(train.main, *train_args(tiny_ckpt[0], csv_file, out, "--no-eval", "--resume", "--lr", 0.01))
+    assert r.returncode == 0, r.stderr
+    assert "note: resuming with --lr 0.01 (the run so far used 0.05)" in r.stdout
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["args"]["lr"] == 0.01
+
+    line = one_line_error(call(train.main, *train_args(tiny_ckpt[0], csv_file, out, "--resume", "--batch-size", 2)))
+    assert "other settings (--batch-size 4)" in line  # the data order would change: refused
+
+
+def test_resume_accepts_the_same_paths_written_differently(run_copy, tiny_ckpt, csv_file, call, monkeypatch):
+    monkeypatch.chdir(tiny_ckpt[0].parent)
+    relative_model = f"{tiny_ckpt[0].name}/"  # relative, with a trailing slash
+    r = call(train.main, *train_args(relative_model, csv_file, str(run_copy) + "/", "--no-eval", "--resume",
+                                     "--steps", 7))
+    assert r.returncode == 0, r.stderr
+    assert "note: resuming with --steps 7 (the run so far used 6)" in r.stdout
+
+
+def test_log_on_resume_keeps_exactly_the_rows_up_to_the_checkpoint(tiny_ckpt, csv_file, tmp_path, call, monkeypatch):
+    out = tmp_path / "run"
+    calls = {"n": 0}
+    real_loss = prefix.target_loss
+
+    def crash_in_step_4(*a):
+        calls["n"] += 1
+        if calls["n"] == 7:  # the first micro-batch of step 4
+            raise KeyboardInterrupt
+        return real_loss(*a)
+
+    monkeypatch.setattr(train, "target_loss", crash_in_step_4)
+    assert call(train.main, *train_args(tiny_ckpt[0], csv_file, out, "--no-eval", "--save-every", 100)).returncode == 130
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 3
+    # as if a crash had left rows past the checkpoint, the last one half-written
+    with open(out / "log.csv", "a") as f:
+        f.write("4,11.1234,0.05,80,1.5\n5,11.0")
+    monkeypatch.setattr(train, "target_loss", real_loss)
+    assert call(train.main, *train_args(tiny_ckpt[0], csv_file, out, "--no-eval", "--resume")).returncode == 0
+    rows = list(csv.DictReader(open(out / "log.csv")))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+    seconds = [float(r["seconds"]) for r in rows]
+    assert seconds == sorted(seconds) and rows[3]["seconds"] != "1.5"  # time goes on from the checkpoint's
+
+
+def test_log_that_is_not_a_log_is_named_on_resume(run_copy, tiny_ckpt, csv_file, call):
+    (run_copy / "log.csv").write_bytes(os.urandom(2000))
+    before = snapshot(run_copy)
+    line = one_line_error(call(train.main, *train_args(tiny_ckpt[0], csv_file, run_copy, "--no-eval", "--resume")))
+    assert str(run_copy / "log.csv") in line and "move it away" in line
+    assert snapshot(run_copy) == before
+
+
+# ----------------------------------------------------------------------------- 6. arguments up front
+
+@pytest.mark.parametrize("args,problem", [
+    (["--heldout", "-1"], "argument --heldout: -1 is not a whole number of at least 0"),
+    (["--warmup", "-5"], "argument --warmup"), (["--lr", "0"], "argument --lr: 0 is not a positive finite number"),
+    (["--lr", "nan"], "argument --lr"), (["--lr", "inf"], "argument --lr"), (["--lr", "-1e-3"], "argument --lr"),
+    (["--steps", "0"], "argument --steps"), (["--device", "cuda:1"], "argument --device: cuda:1"),
+    (["--device", "mps"], "argument --device: mps"), (["--device", "gpu"], "argument --device: 'gpu' is not a device"),
+    (["--heldout", "0"], "--heldout 0 leaves nothing to evaluate"), (["--resume", "--overwrite"], "give one of them")])
+def test_train_arguments_are_checked_first(call, tmp_path, args, problem):
+    r = call(train.main, "--model", tmp_path / "not-loaded", "--out", tmp_path / "o", *args)
+    assert problem in one_line_error(r, status=2)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("args,problem", [
+    (["--temperature", "nan"], "argument --temperature"), (["--temperature", "-1"], "argument --temperature"),
+    (["--top-k", "5"], "--top-k has no effect with greedy decoding"), (["--device", "cuda:1"], "argument --device"),
+    (["--device", "mps"], "argument --device"), (["--max-new-tokens", "0"], "argument --max-new-tokens")])
+def test_translate_arguments_are_checked_first(call, tmp_path, args, problem):
+    r = call(translate.main, "--prefix", tmp_path / "not-read.safetensors", *args, "Bonjour")
+    assert problem in one_line_error(r, status=2)
+
+
+def test_a_prefix_length_that_does_not_fit_says_so(tiny_ckpt, csv_file, tmp_path, call):
+    line = one_line_error(call(train.main, *train_args(tiny_ckpt[0], csv_file, tmp_path / "o", "--prefix-len", 2000)))
+    assert "--prefix-len 2000: a prefix length of at most 1024 fits this model" in line
+
+
+def test_duplicates_are_not_called_too_long(tiny_ckpt, tmp_path, call):
+    path = tmp_path / "same.csv"
+    path.write_text("en,fr\n" + "Thank you.,Merci.\n" * 30)
+    line = one_line_error(call(train.main, *train_args(tiny_ckpt[0], path, tmp_path / "o")))
+    assert "duplicate of a held-out pair" in line and "longer" not in line
+
+
+# ----------------------------------------------------------------------------- 8. the CPU note
+
+def test_eval_only_notes_only_the_model_it_loads(tiny_ckpt, tiny_config, csv_file, tmp_path, call):
+    path = write_prefix(tmp_path / "p.safetensors", tiny_config, model=str(tiny_ckpt[0]))
+    r = call(train.main, "--eval-only", "--prefix", path, "--data", csv_file, "--heldout", 4, "--eval-size", 1,
+             "--device", "cpu", "--out", tmp_path / "o")
+    assert r.returncode == 0, r.stderr
+    assert "note:" not in r.stderr
+
+
+def test_the_cpu_note(capsys):
+    cli.note_if_slow("gpt2-xl", "cpu")
+    cli.note_if_slow("gpt2", "cpu")
+    cli.note_if_slow("gpt2-xl", "cuda:0")
+    assert capsys.readouterr().err.count("note:") == 1
