@@ -9,6 +9,7 @@ import sys
 
 import torch
 
+import mini_gpt2
 from mini_gpt2 import UserError
 from mini_gpt2.files import os_problem
 
@@ -73,6 +74,28 @@ def device(text):
     elif d.type != "cpu":
         raise argparse.ArgumentTypeError(f"{text}: use cpu, cuda, cuda:N or mps")
     return str(d)
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def add_device_args(ap):
+    ap.add_argument("--device", type=device, help="cpu, cuda, cuda:N or mps (default: cuda if available)")
+    ap.add_argument("--dtype", choices=list(DTYPES),
+                    help="precision of the model's weights (default: bfloat16 on a CUDA GPU that has it, else float32)")
+
+
+def settle_device(ap, args):
+    """Fill in --device and --dtype (a name in DTYPES) and check that they go together."""
+    args.device = args.device or mini_gpt2.default_device()
+    has_bf16 = mini_gpt2.default_dtype(args.device) == torch.bfloat16 or torch.device(args.device).type != "cuda"
+    if args.dtype == "bfloat16" and not has_bf16:
+        ap.error(f"--dtype bfloat16: {args.device} has no bfloat16 arithmetic; use float32")
+    if args.dtype is None:
+        if torch.device(args.device).type == "cuda" and not has_bf16:
+            print(f"note: {args.device} has no bfloat16 arithmetic, so the weights are float32 (twice the memory)",
+                  file=sys.stderr)
+        args.dtype = str(mini_gpt2.default_dtype(args.device)).removeprefix("torch.")
 
 
 def note_if_slow(model, device):

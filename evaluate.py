@@ -91,19 +91,46 @@ def few_shot_examples(train_pairs, shots, seed):
 
 def few_shot_prompt(examples, text, source, target):
     """The prompt for one sentence: the examples, then the sentence, each as `xx: ...` lines."""
-    blocks = [f"{source}: {ex[source]}\n{target}: {ex[target]}" for ex in examples]
-    return "\n\n".join(blocks + [f"{source}: {text}\n{target}:"])
+    return few_shot_head(examples, source, target) + few_shot_tail(text, target)
+
+
+def few_shot_head(examples, source, target):
+    """The part of the prompt that is the same for every sentence: the examples, then `xx:`."""
+    return "".join(f"{source}: {ex[source]}\n{target}: {ex[target]}\n\n" for ex in examples) + f"{source}:"
+
+
+def few_shot_tail(text, target):
+    return f" {text}\n{target}:"
 
 
 class FewShot:
+    """
+    Few-shot prompting. The examples open every prompt of a direction, so they run through the
+    model once per direction and their keys/values are reused as a cache before each sentence:
+    the door prefix-tuning walks through, with keys/values of real tokens.
+    """
+
     def __init__(self, model, examples):
         self.model = model
         self.examples = [{"en": en, "fr": fr} for en, fr in examples]
         self.stop = ids_containing("\n") + [EOT]  # the answer ends with its line
+        self.heads = {}  # (source, target) -> (token ids, per layer (k, v) each (1, nh, S, hd))
+
+    def head(self, source, target):
+        if (source, target) not in self.heads:
+            ids = encode(few_shot_head(self.examples, source, target))
+            _, kv = self.model.hidden(torch.tensor([ids], device=self.model.wte.weight.device))
+            self.heads[(source, target)] = ids, kv
+        return self.heads[(source, target)]
 
     def __call__(self, texts, source, target, limits):
-        prompts = [encode(few_shot_prompt(self.examples, t, source, target)) for t in texts]
-        return [decode(o).strip() for o in generate(self.model, prompts, limits, stop_ids=self.stop)]
+        head, kv = self.head(source, target)
+        # BPE never merges across ": " (a word's leading space starts a new piece), so the whole
+        # prompt's tokens are exactly the head's tokens followed by the tail's.
+        tails = [encode(few_shot_tail(t, target)) for t in texts]
+        past = [(k.expand(len(texts), -1, -1, -1), v.expand(len(texts), -1, -1, -1)) for k, v in kv]
+        out = generate(self.model, tails, limits, stop_ids=self.stop, past_kv=past, past_positions=[len(head)] * len(texts))
+        return [decode(o).strip() for o in out]
 
 
 class Prefix:
@@ -116,6 +143,19 @@ class Prefix:
 
 # ----------------------------------------------------------------------------- the evaluation
 
+def translate_all(method, texts, source, target, limits, batch_size, bar=None):
+    """Every text through `method`, in batches of similar lengths (shortest first); results in the texts' order."""
+    order = sorted(range(len(texts)), key=lambda i: limits[i])
+    out = [None] * len(texts)
+    for b in range(0, len(order), batch_size):
+        rows = order[b:b + batch_size]
+        for i, text in zip(rows, method([texts[i] for i in rows], source, target, [limits[i] for i in rows])):
+            out[i] = text
+        if bar is not None:
+            bar.update(len(rows))
+    return out
+
+
 def evaluate(model, kv, names, train_pairs, held_out, size, shots, seed, batch_size):
     """Translate `size` held-out pairs both ways with both methods. Returns (scores, outputs, shot examples)."""
     pairs = held_out[:size]
@@ -127,11 +167,7 @@ def evaluate(model, kv, names, train_pairs, held_out, size, shots, seed, batch_s
         texts = [p[COLUMN[source]] for p in pairs]
         limits = [max_new_tokens_for(encode_sentence(t)) for t in texts]  # the same limit for both methods
         for name, method in methods.items():
-            hyps = []
-            for b in range(0, len(texts), batch_size):
-                hyps += method(texts[b:b + batch_size], source, target, limits[b:b + batch_size])
-                bar.update(len(texts[b:b + batch_size]))
-            outputs[(name, source, target)] = hyps
+            outputs[(name, source, target)] = translate_all(method, texts, source, target, limits, batch_size, bar)
     bar.close()
     for name in methods:
         all_h, all_r = [], []

@@ -129,20 +129,24 @@ def prefix_hidden(model, kv, idx, src_len, seq_len, src_prefix, tgt_prefix, grad
     src_prefix, tgt_prefix: (B,) which prefix each row starts with / switches to
     returns (B, T, C), the hidden state before lm_head
 
-    Keys in every layer: [source prefix (P)] [target prefix (P)] [the T tokens].
+    Keys in every layer: [every prefix, n_prefixes * P] [the T tokens]. The prefixes are the same
+    for every row (expanded views, not copies per row); the mask decides which of them a row sees.
     """
     B, T = idx.shape
-    P = kv.size(4)
+    n, P = kv.size(0), kv.size(4)
     dev = idx.device
-    past = as_past(torch.cat([kv[src_prefix], kv[tgt_prefix]], dim=4).to(model.wte.weight.dtype))
+    # (n, L, 2, nh, P, hd) -> (1, L, 2, nh, n * P, hd): the prefixes side by side, one row for all
+    shared = kv.permute(1, 2, 3, 0, 4, 5).flatten(3, 4)[None].to(model.wte.weight.dtype)
+    past = [(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)) for k, v in as_past(shared)]
 
     t = torch.arange(T, device=dev)
     query, key = t[None, :, None], t[None, None, :]  # (1, T, 1), (1, 1, T)
     sees_tokens = (key <= query) & (key < seq_len[:, None, None])  # causal, never padding: (B, T, T)
-    sees_source_prefix = torch.ones(B, T, P, dtype=torch.bool, device=dev)
-    # the target prefix: seen from the last source token on
-    sees_target_prefix = (query >= (src_len - 1)[:, None, None]).expand(B, T, P)
-    mask = torch.cat([sees_source_prefix, sees_target_prefix, sees_tokens], dim=2)  # (B, T, 2P + T)
+    which = torch.arange(n, device=dev).repeat_interleave(P)[None, None, :]  # (1, 1, nP): each key's prefix
+    # the source prefix: always; the target prefix: from the last source token on
+    sees_prefix = (which == src_prefix[:, None, None]) | (
+        (which == tgt_prefix[:, None, None]) & (query >= (src_len - 1)[:, None, None]))
+    mask = torch.cat([sees_prefix, sees_tokens], dim=2)  # (B, T, nP + T)
 
     h, _ = model.hidden(idx, past, mask, t, grad_checkpoint=grad_checkpoint)
     return h
@@ -150,13 +154,15 @@ def prefix_hidden(model, kv, idx, src_len, seq_len, src_prefix, tgt_prefix, grad
 
 def target_loss(model, h, idx, src_len, seq_len):
     """
-    Mean cross-entropy of the target tokens (and the final <|endoftext|>), nothing else: position t
-    predicts token t + 1 for t from the last source token to the one before the end.
+    The summed cross-entropy of the target tokens (and the final <|endoftext|>), nothing else:
+    position t predicts token t + 1 for t from the last source token to the one before the end.
+    A sum, not a mean: the training step divides by all of its target tokens, however they were
+    split into forward passes, so that every target token weighs the same.
     """
     t = torch.arange(idx.size(1) - 1, device=idx.device)[None]
     predicts_target = (t >= (src_len - 1)[:, None]) & (t < (seq_len - 1)[:, None])  # (B, T-1)
-    logits = model.lm_head(h[:, :-1][predicts_target])  # only those rows: (N, vocab)
-    return F.cross_entropy(logits.float(), idx[:, 1:][predicts_target])
+    logits = model.logits(h[:, :-1][predicts_target])  # only those rows, in float32: (N, vocab)
+    return F.cross_entropy(logits, idx[:, 1:][predicts_target], reduction="sum")
 
 
 def make_batch(examples, device):

@@ -37,10 +37,9 @@ from prefix import (NAMES, Prefixes, encode_sentence, init_from_words, init_rand
                     prefix_hidden, save_prefixes, target_loss)
 
 # --resume continues a run only with the settings that fix its data order and its shapes...
-SAME_RUN = ("model", "data", "rows", "heldout", "seed", "batch_size", "grad_accum", "prefix_len", "max_len",
-            "reparam", "init")
+SAME_RUN = ("model", "data", "rows", "heldout", "seed", "batch_size", "prefix_len", "max_len", "reparam", "init")
 # ...while these may change on the way (a lower --lr after a diverged loss, say), with a note.
-MAY_CHANGE = ("steps", "lr", "warmup", "save_every", "grad_checkpoint", "device")
+MAY_CHANGE = ("steps", "lr", "warmup", "save_every", "grad_checkpoint", "device", "dtype", "max_batch_tokens")
 # What a run writes to --out; a new run refuses to replace them without --overwrite.
 RUN_FILES = ("checkpoint.pt", "log.csv", "prefix.safetensors", "results.json", "results.md")
 
@@ -55,8 +54,10 @@ def parse_args(argv=None):
                     help="pairs held out for evaluation (at most a tenth; default 1000)")
     ap.add_argument("--out", default="runs/prefix", help="output folder (default runs/prefix)")
     ap.add_argument("--steps", type=positive_int, default=5000, help="optimizer steps (default 5000)")
-    ap.add_argument("--batch-size", type=positive_int, default=8, help="sequences per forward pass (default 8)")
-    ap.add_argument("--grad-accum", type=positive_int, default=4, help="forward passes per optimizer step (default 4)")
+    ap.add_argument("--batch-size", type=positive_int, default=32, help="sequences per optimizer step (default 32)")
+    ap.add_argument("--max-batch-tokens", type=positive_int, default=3072,
+                    help="padded tokens per forward pass: a step's sequences are packed into as few passes as fit "
+                    "(default 3072: GPT-2 XL in bfloat16 then needs about 11 GiB of GPU memory; see README)")
     ap.add_argument("--lr", type=positive_float, default=1e-3, help="peak learning rate (default 1e-3)")
     ap.add_argument("--warmup", type=natural_int, default=100,
                     help="linear warm-up steps, then linear decay to 0 (default 100)")
@@ -67,14 +68,16 @@ def parse_args(argv=None):
                     help="start from the model's keys/values for 'French:'/'English:' (default) or random")
     ap.add_argument("--grad-checkpoint", action="store_true", help="recompute activations during backward: less memory, more time")
     ap.add_argument("--save-every", type=positive_int, default=250, help="checkpoint every N steps (default 250)")
-    ap.add_argument("--device", type=cli.device, help="cpu, cuda, cuda:N or mps (default: cuda if available)")
+    cli.add_device_args(ap)
     ap.add_argument("--seed", type=int, default=0, help="seeds the split, the data order and random init (default 0)")
     ap.add_argument("--resume", action="store_true", help="continue the run saved in --out (--lr, --steps, --warmup, "
-                    "--save-every, --device, --grad-checkpoint may change; the rest must be as before)")
+                    "--save-every, --device, --dtype, --max-batch-tokens, --grad-checkpoint may change; the rest "
+                    "must be as before)")
     ap.add_argument("--overwrite", action="store_true", help="start a new run in an --out that holds one, replacing it")
     ap.add_argument("--no-eval", action="store_true", help="stop after training, without the comparison")
     evaluate.add_args(ap)
     args = ap.parse_args(argv)
+    cli.settle_device(ap, args)
     if args.resume and args.overwrite:
         ap.error("--resume continues the run in --out and --overwrite replaces it: give one of them")
     if args.heldout == 0 and not args.no_eval:
@@ -113,9 +116,9 @@ def make_examples(pairs, max_len):
 
 def batch_order(examples, batch_size, seed, epoch):
     """
-    The batches of one pass over the data, as lists of example indices: shuffled with (seed, epoch),
-    then sorted by length inside windows of 64 batches, so a batch holds sequences of similar
-    length (little padding) while the order of batches stays random.
+    The steps of one pass over the data, as lists of example indices: shuffled with (seed, epoch),
+    then sorted by length inside windows of 64 steps, so a step holds sequences of similar length
+    (little padding) while the order of steps stays random.
     """
     rng = random.Random(f"{seed}-{epoch}")
     order = list(range(len(examples)))
@@ -131,7 +134,7 @@ def batch_order(examples, batch_size, seed, epoch):
 
 
 class Batches:
-    """Micro-batch number k of the whole run, always the same one: the data position is just k."""
+    """The examples of optimizer step k of the whole run, always the same ones: the data position is just k."""
 
     def __init__(self, examples, batch_size, seed):
         self.examples, self.batch_size, self.seed = examples, batch_size, seed
@@ -143,6 +146,42 @@ class Batches:
             self.epoch = k // n
             self.order = batch_order(self.examples, self.batch_size, self.seed, self.epoch)
         return [self.examples[i] for i in self.order[k % n]]
+
+
+def micro_batches(examples, max_tokens):
+    """
+    A step's examples packed into forward passes of at most `max_tokens` padded tokens (rows x
+    longest row), shortest first so that rows of a pass have similar lengths. A longer example
+    than the budget still gets a pass of its own.
+    """
+    rows = sorted(examples, key=lambda ex: len(ex[0]) + len(ex[1]))
+    passes, current = [], []
+    for ex in rows:
+        if current and (len(current) + 1) * (len(ex[0]) + len(ex[1])) > max_tokens:
+            passes.append(current)
+            current = []
+        current.append(ex)
+    return passes + [current]
+
+
+def forward_backward(model, prefixes, examples, max_batch_tokens, grad_checkpoint, device, shapes=None):
+    """
+    One optimizer step's gradient, accumulated over as few forward passes as fit the token
+    budget. The loss is the mean over all of the step's target tokens, however they were split,
+    so that every target token weighs the same. Returns it as a tensor (reading it would wait for
+    the GPU); `shapes` gets each pass's (rows, length) as it starts.
+    """
+    n_targets = sum(len(tgt) for _, tgt, _, _ in examples)
+    total = torch.zeros((), device=device)
+    for micro in micro_batches(examples, max_batch_tokens):
+        idx, src_len, seq_len, sp, tp = make_batch(micro, device)
+        if shapes is not None:
+            shapes.append(tuple(idx.shape))
+        h = prefix_hidden(model, prefixes.kv(), idx, src_len, seq_len, sp, tp, grad_checkpoint)
+        loss = target_loss(model, h, idx, src_len, seq_len)
+        (loss / n_targets).backward()
+        total += loss.detach()
+    return total / n_targets
 
 
 def lr_at(step, args):
@@ -248,7 +287,7 @@ def eval_only(args, device):
     cli.note_if_slow(args.model, device)
     evaluate.check_split(args, meta)
     train_pairs, held = load_data(args)
-    model = mini_gpt2.from_pretrained(args.model, device=device)
+    model = mini_gpt2.from_pretrained(args.model, device=device, dtype=cli.DTYPES[args.dtype])
     evaluate.run(args, model, prefix_path, train_pairs, held)
     return 0
 
@@ -299,22 +338,19 @@ def train_loop(args, model, prefixes, optimizer, batches, state, device):
     log_file = open_log(log_path, step)
     log = csv.writer(log_file)
     bar = tqdm(total=args.steps, initial=step, desc="training", unit="step")
-    t0, tokens_seen = time.time(), 0
+    t0, tokens_seen, shapes = time.time(), 0, []
     try:
         while step < args.steps:
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, args)
-            loss_sum, tokens = 0.0, 0
-            for micro in range(args.grad_accum):
-                idx, src_len, seq_len, sp, tp = make_batch(batches[step * args.grad_accum + micro], device)
-                h = prefix_hidden(model, prefixes.kv(), idx, src_len, seq_len, sp, tp, args.grad_checkpoint)
-                loss = target_loss(model, h, idx, src_len, seq_len)
-                (loss / args.grad_accum).backward()
-                loss_sum += loss.item() / args.grad_accum
-                tokens += int(seq_len.sum())
+            step_examples = batches[step]
+            loss = forward_backward(model, prefixes, step_examples, args.max_batch_tokens, args.grad_checkpoint,
+                                    device, shapes)
             norm = torch.nn.utils.clip_grad_norm_(prefixes.parameters(), 1.0)
-            if not (math.isfinite(loss_sum) and math.isfinite(norm)):
-                what = f"the loss became {loss_sum}" if not math.isfinite(loss_sum) else f"the gradient became {norm}"
+            loss_value, norm = torch.stack([loss, norm.float()]).tolist()  # the step's one wait for the GPU
+            tokens = sum(len(src) + len(tgt) for src, tgt, _, _ in step_examples)
+            if not (math.isfinite(loss_value) and math.isfinite(norm)):
+                what = f"the loss became {loss_value}" if not math.isfinite(loss_value) else f"the gradient became {norm}"
                 todo = (f"the last good checkpoint (step {saved}) is {checkpoint_path}: --resume with a lower --lr"
                         if saved else f"nothing was saved: run again with a lower --lr and --overwrite")
                 raise LossNotFinite(f"{what} at step {step + 1}; stopped, and {todo}")
@@ -324,12 +360,12 @@ def train_loop(args, model, prefixes, optimizer, batches, state, device):
             tokens_seen += tokens
             elapsed = time.time() - t0
             try:
-                log.writerow([step, f"{loss_sum:.4f}", f"{lr_at(step - 1, args):.3g}", tokens,
+                log.writerow([step, f"{loss_value:.4f}", f"{lr_at(step - 1, args):.3g}", tokens,
                               f"{seconds_before + elapsed:.1f}"])
                 log_file.flush()
             except OSError as e:
                 raise UserError(os_problem(e, log_path, "writing")) from None
-            bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tokens_seen / elapsed:.0f}")
+            bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tokens_seen / elapsed:.0f}")
             bar.update(1)
             if step % args.save_every == 0 or step == args.steps:
                 save_checkpoint(checkpoint_path, prefixes, optimizer, step, seconds_before + elapsed, args)
@@ -353,6 +389,11 @@ def train_loop(args, model, prefixes, optimizer, batches, state, device):
         if isinstance(e, KeyboardInterrupt):
             print(f"\ninterrupted at step {step}; {kept}", file=sys.stderr)
             return step
+        if isinstance(e, torch.OutOfMemoryError) and shapes:
+            rows, length = shapes[-1]
+            raise UserError(f"out of GPU memory in a forward pass of {rows} x {length} = {rows * length} tokens; try "
+                            f"--max-batch-tokens {max(1, args.max_batch_tokens // 2)}, or --grad-checkpoint. "
+                            f"Stopped at step {step}; {kept}") from None
         if isinstance(e, (UserError, OSError)):
             problem = os_problem(e, e.filename, "using") if isinstance(e, OSError) else str(e)
             raise UserError(f"{problem}. Stopped at step {step}; {kept}") from None
@@ -366,7 +407,7 @@ def train_loop(args, model, prefixes, optimizer, batches, state, device):
 def main(argv=None):
     args = parse_args(argv)
     out = Path(args.out)
-    device = args.device or mini_gpt2.default_device()
+    device = args.device
     with run_folder(out, args):
         if args.eval_only:
             return eval_only(args, device)
@@ -390,7 +431,7 @@ def train(args, out, device):
     if not examples:
         raise UserError(f"every training pair is longer than --max-len {args.max_len} tokens")
     print(f"training examples: {len(examples)} (both directions; {too_long} longer than {args.max_len} tokens skipped)")
-    model = mini_gpt2.from_pretrained(args.model, device=device)
+    model = mini_gpt2.from_pretrained(args.model, device=device, dtype=cli.DTYPES[args.dtype])
     model.requires_grad_(False)  # GPT-2 stays frozen: only the prefixes learn
 
     if args.init == "words":
@@ -408,7 +449,7 @@ def train(args, out, device):
                             "start a new run with --overwrite, or use another --out") from None
         print(f"resuming at step {state['step']} of {args.steps}")
     n_params = sum(p.numel() for p in prefixes.parameters())
-    print(f"model {args.model} on {device}, frozen; training {n_params:,} parameters for the prefixes "
+    print(f"model {args.model} on {device} in {args.dtype}, frozen; training {n_params:,} parameters for the prefixes "
           f"({'through the MLP' if args.reparam else 'directly'}, {args.prefix_len} virtual tokens each)")
 
     batches = Batches(examples, args.batch_size, args.seed)
@@ -417,7 +458,7 @@ def train(args, out, device):
 
     prefix_path = out / "prefix.safetensors"
     save_prefixes(prefix_path, prefixes.fold(), NAMES, model.config, model=args.model, steps=args.steps,
-                  lr=args.lr, batch=args.batch_size * args.grad_accum, reparam=args.reparam, init=args.init,
+                  lr=args.lr, batch=args.batch_size, reparam=args.reparam, init=args.init,
                   data=args.data or "kaggle", rows=args.rows, heldout=args.heldout, seed=args.seed)
     print(f"prefixes saved: {prefix_path} ({prefix_path.stat().st_size / 2**20:.1f} MB)")
     if not args.no_eval:

@@ -50,9 +50,10 @@ def main(argv=None):
     ap.add_argument("--temperature", type=natural_float, default=0.0, help="0 = greedy (default); higher samples more freely")
     ap.add_argument("--top-k", type=positive_int, help="with --temperature: sample only from the k most likely tokens")
     ap.add_argument("--batch-size", type=positive_int, default=16, help="inputs translated together (default 16)")
-    ap.add_argument("--device", type=cli.device, help="cpu, cuda, cuda:N or mps (default: cuda if available)")
+    cli.add_device_args(ap)
     ap.add_argument("--seed", type=int, help="seed for sampling")
     args = ap.parse_args(argv)
+    cli.settle_device(ap, args)
     if args.top_k is not None and args.temperature == 0:
         ap.error("--top-k has no effect with greedy decoding: give --temperature above 0 too")
 
@@ -66,9 +67,8 @@ def main(argv=None):
 
     kv, names, meta = load_prefixes(prefix_path)
     name = args.model or meta.get("model", "gpt2-xl")
-    device = args.device or mini_gpt2.default_device()
-    cli.note_if_slow(name, device)
-    model = mini_gpt2.from_pretrained(name, device=device)
+    cli.note_if_slow(name, args.device)
+    model = mini_gpt2.from_pretrained(name, device=args.device, dtype=cli.DTYPES[args.dtype])
     check_fits(meta, model.config, prefix_path)
     generator = None
     if args.seed is not None:

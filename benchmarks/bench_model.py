@@ -1,9 +1,16 @@
 """
-mini_gpt2 against transformers' GPT-2 on the same random weights: load time and greedy decoding
-speed at batch 1 and 16. Prints figures and ratios; asserts nothing.
+mini_gpt2 against transformers' GPT-2 on the same random weights: load time, greedy decoding speed
+at batch 1 and 16, and the 3-shot evaluation against the way it was first written. Prints figures
+and ratios; asserts nothing.
 
-    python benchmarks/bench_model.py                   # gpt2 shape on CPU (2 threads)
-    python benchmarks/bench_model.py --size gpt2-xl    # the default on CUDA
+    python benchmarks/bench_model.py                       # gpt2 shape on CPU (2 threads), float32
+    python benchmarks/bench_model.py --dtype bfloat16      # the same in bfloat16
+    python benchmarks/bench_model.py --size gpt2-xl        # the default on CUDA
+
+The 3-shot evaluation is timed two ways on the same sentences: `plain`, every sentence's whole
+prompt (the three examples included) run through the model, batches in the data's order; and
+evaluate.py's way, the examples' keys/values computed once per direction and reused, batches of
+similar lengths. Both must give the same translations.
 """
 
 import os
@@ -15,8 +22,39 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+import evaluate  # noqa: E402
 import mini_gpt2  # noqa: E402
-from benchmarks.common import best_time, parser, random_checkpoint, setup  # noqa: E402
+from benchmarks.common import best_time, median_times, parser, random_checkpoint, sample_pairs, setup  # noqa: E402
+from prefix import encode_sentence, max_new_tokens_for  # noqa: E402
+
+
+def plain_few_shot(model, few, texts, source, target, limits, batch_size):
+    """3-shot translation with each sentence's whole prompt, batches in the data's order."""
+    out = []
+    for b in range(0, len(texts), batch_size):
+        prompts = [mini_gpt2.encode(evaluate.few_shot_prompt(few.examples, t, source, target)) for t in texts[b:b + batch_size]]
+        out += [mini_gpt2.decode(o).strip() for o in mini_gpt2.generate(model, prompts, limits[b:b + batch_size],
+                                                                         stop_ids=few.stop)]
+    return out
+
+
+def few_shot_speed(model, n, batch_size, repeats, device):
+    """Sentences per second of 3-shot French->English, plain and as evaluate.py runs it, and whether they agree."""
+    pairs = sample_pairs(n + 3)
+    few = evaluate.FewShot(model, pairs[:3])
+    texts = [fr for _, fr in pairs[3:]]
+    limits = [max_new_tokens_for(encode_sentence(t)) for t in texts]
+    out = {}
+
+    def plain():
+        out["plain"] = plain_few_shot(model, few, texts, "fr", "en", limits, batch_size)
+
+    def shared():
+        few.heads.clear()  # the examples' keys/values are computed anew on every run
+        out["shared"] = evaluate.translate_all(few, texts, "fr", "en", limits, batch_size)
+
+    times = median_times({"plain": plain, "shared": shared}, repeats, device)
+    return n / times["plain"], n / times["shared"], out["plain"] == out["shared"]
 
 
 def main():
@@ -24,12 +62,13 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--eval-sentences", type=int, default=48, help="sentences in the 3-shot timing (default 48)")
     args = ap.parse_args()
     device, size, dtype = setup(args)
     from transformers import GPT2LMHeadModel
 
     print(f"{size}, random weights, {dtype}, {args.new_tokens} new tokens after a {args.prompt_len}-token prompt")
-    folder = random_checkpoint(size, dtype=dtype)
+    folder = random_checkpoint(size, dtype=dtype, device="cuda" if torch.device(device).type == "cuda" else "cpu")
     try:
         def load_ours():
             return mini_gpt2.from_pretrained(folder, device=device, dtype=dtype)
@@ -47,7 +86,8 @@ def main():
         print(f"logits on 4 x 128 random tokens: max |difference| {(a - b).abs().max().item():.3g} "
               f"(largest logit {b.abs().max().item():.3g}), same top token {(a.argmax(-1) == b.argmax(-1)).float().mean().item():.1%}")
 
-        print(f"\n{'batch':>5} {'mini_gpt2 tok/s':>16} {'transformers tok/s':>19} {'ratio':>6} {'same tokens':>12}")
+        print(f"\n| batch | mini_gpt2 tokens/s | transformers tokens/s | ratio | same tokens |")
+        print("|---:|---:|---:|---:|---:|")
         g = torch.Generator().manual_seed(0)
         for B in args.batch_sizes:
             prompts = torch.randint(0, 50256, (B, args.prompt_len), generator=g)
@@ -63,13 +103,19 @@ def main():
                                     do_sample=False, eos_token_id=None, pad_token_id=0)
                 out["hf"] = y[:, args.prompt_len:].tolist()
 
-            s_ours = best_time(run_ours, args.repeats, device)
-            s_hf = best_time(run_hf, args.repeats, device)
+            times = median_times({"ours": run_ours, "hf": run_hf}, args.repeats, device)
             n = B * args.new_tokens
             same = sum(a == b for r, q in zip(out["ours"], out["hf"]) for a, b in zip(r, q)) / n
-            print(f"{B:>5} {n / s_ours:>16.1f} {n / s_hf:>19.1f} {s_hf / s_ours:>6.2f} {same:>11.0%}")
-        if device == "cuda":
-            print(f"\npeak CUDA memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB (both models loaded)")
+            print(f"| {B} | {n / times['ours']:.1f} | {n / times['hf']:.1f} | {times['hf'] / times['ours']:.2f} | {same:.0%} |",
+                  flush=True)
+        del hf
+
+        plain, shared, same = few_shot_speed(ours, args.eval_sentences, 16, args.repeats, device)
+        print(f"\n3-shot evaluation, {args.eval_sentences} sentences fr->en, batches of 16: plain prompts "
+              f"{plain:.2f} sentences/s, shared examples' cache + length order {shared:.2f} sentences/s, "
+              f"x{shared / plain:.2f}; same translations: {'yes' if same else 'NO'}")
+        if torch.device(device).type == "cuda":
+            print(f"\npeak CUDA memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 

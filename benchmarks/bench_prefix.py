@@ -3,13 +3,15 @@ A prefix-tuning training step, ours against PEFT's PrefixTuningConfig on transfo
 the same random weights, batch, sequence length and prefix length, in one process. Prints real
 (non-pad) tokens per second and memory, with ratios; asserts nothing.
 
-    python benchmarks/bench_prefix.py                     # gpt2 shape on CPU, fp32, 2 threads
+    python benchmarks/bench_prefix.py                     # gpt2 shape on CPU, fp32, 2 threads: batch 8 x 64, P = 16
+    python benchmarks/bench_prefix.py --batch-sizes 8 32 --seq-lens 32 64 128 256 --prefix-lens 10 64   # a grid
     python benchmarks/bench_prefix.py --size gpt2-xl      # the default on CUDA, bf16
 
-Ours runs its real training layout: [source prefix] 32 source tokens [target prefix] 32 target
-tokens, loss on the target. PEFT runs one prefix before all 64 tokens, loss on all of them (its
-standard causal-LM setup). Memory: on CUDA the peak allocated during a step, beyond the weights;
-on the CPU the bytes autograd saves for backward (the activations), which is what differs.
+Ours runs train.py's own step (train.forward_backward, clipping, AdamW): [source prefix] T/2
+source tokens [target prefix] T/2 target tokens, loss on the target. PEFT runs one prefix before
+all T tokens, loss on all of them (its standard causal-LM setup). The two are timed in turns,
+after a warm-up each; the median of --repeats counts. Memory: on CUDA the peak allocated during a
+step beyond the weights; on the CPU the bytes autograd saves for backward (the activations).
 """
 
 import os
@@ -21,8 +23,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import mini_gpt2  # noqa: E402
-from benchmarks.common import best_time, parser, random_checkpoint, setup  # noqa: E402
-from prefix import NAMES, Prefixes, init_random, prefix_hidden, target_loss  # noqa: E402
+import train  # noqa: E402
+from benchmarks.common import median_times, parser, peak_memory, random_checkpoint, setup  # noqa: E402
+from mini_gpt2 import EOT  # noqa: E402
+from prefix import NAMES, Prefixes, init_random  # noqa: E402
 
 
 class SavedBytes:
@@ -49,42 +53,39 @@ class SavedBytes:
         self.hooks.__exit__(*exc)
 
 
-def measure(step, device, repeats, weights):
-    """(seconds per step, memory in bytes) for one training step."""
-    seconds = best_time(step, repeats, device)
-    if device == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        step()
-        torch.cuda.synchronize()
-        return seconds, torch.cuda.max_memory_allocated() - base
+def memory(step, device, weights):
+    """Bytes a step needs beyond the weights: peak CUDA memory, or on the CPU the activations saved."""
+    peak = peak_memory(step, device)
+    if peak is not None:
+        return peak
     with SavedBytes(weights) as saved:
         step()
-    return seconds, saved.total
+    return saved.total
 
 
-def bench_ours(folder, idx, P, device, dtype, args):
-    B, T = idx.shape
-    model = mini_gpt2.from_pretrained(folder, device=device, dtype=dtype).requires_grad_(False)
+def examples(B, T, seed=0):
+    """B training examples of T tokens: half source, half target (ending in <|endoftext|>), both directions."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, EOT, (B, T), generator=g).tolist()
+    return [(row[:T // 2], row[T // 2:-1] + [EOT], b % 2, 1 - b % 2) for b, row in enumerate(ids)]
+
+
+def our_step(model, P, batch, device, max_batch_tokens=10**9, grad_checkpoint=False):
+    """One optimizer step as train.py takes it."""
     prefixes = Prefixes(init_random(model, NAMES, P, torch.Generator().manual_seed(0))).to(device)
     opt = torch.optim.AdamW(prefixes.parameters(), lr=1e-3)
-    src_len = torch.full((B,), T // 2, device=device)  # half source, half target
-    seq_len = torch.full((B,), T, device=device)
-    which = torch.arange(B, device=device) % 2  # both directions
 
     def step():
-        with autocast(device):
-            h = prefix_hidden(model, prefixes.kv(), idx, src_len, seq_len, which, 1 - which)
-            loss = target_loss(model, h, idx, src_len, seq_len)
-        loss.backward()
+        train.forward_backward(model, prefixes, batch, max_batch_tokens, grad_checkpoint, device)
+        torch.nn.utils.clip_grad_norm_(prefixes.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return measure(step, device, args.repeats, list(model.parameters()))
+    return step
 
 
-def bench_peft(folder, idx, P, device, dtype, args):
+def peft_step(folder, P, idx, device, dtype):
+    """One optimizer step of PEFT's prefix tuning; returns (step, the base model's weights)."""
     from peft import PrefixTuningConfig, TaskType, get_peft_model
     from transformers import GPT2LMHeadModel
 
@@ -95,42 +96,49 @@ def bench_peft(folder, idx, P, device, dtype, args):
     mask = torch.ones_like(idx)
 
     def step():
-        with autocast(device):
-            loss = model(input_ids=idx, attention_mask=mask, labels=idx).loss
-        loss.backward()
+        model(input_ids=idx, attention_mask=mask, labels=idx).loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return measure(step, device, args.repeats, list(hf.parameters()))
+    return step, list(hf.parameters())
 
 
-def autocast(device):
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")
+def compare(folder, model, B, T, P, device, dtype, repeats):
+    """(ours seconds, PEFT seconds, ours bytes, PEFT bytes) for one cell."""
+    batch = examples(B, T)
+    idx = torch.tensor([s + t for s, t, _, _ in batch], device=device)
+    ours = our_step(model, P, batch, device)
+    peft, peft_weights = peft_step(folder, P, idx, device, dtype)
+    times = median_times({"ours": ours, "peft": peft}, repeats, device)
+    mem_ours = memory(ours, device, list(model.parameters()))
+    mem_peft = memory(peft, device, peft_weights)
+    return times["ours"], times["peft"], mem_ours, mem_peft
 
 
 def main():
     ap = parser(__doc__)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--seq-len", type=int, default=64, help="real tokens per sequence (default 64)")
-    ap.add_argument("--prefix-len", type=int, default=16)
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[8])
+    ap.add_argument("--seq-lens", type=int, nargs="+", default=[64], help="real tokens per sequence (default 64)")
+    ap.add_argument("--prefix-lens", type=int, nargs="+", default=[16])
     args = ap.parse_args()
     device, size, dtype = setup(args)
-    B, T, P = args.batch_size, args.seq_len, args.prefix_len
-    print(f"{size}, random weights, {dtype}; batch {B} x {T} tokens, prefix length {P}")
-    folder = random_checkpoint(size, dtype=dtype)
-    idx = torch.randint(0, 50256, (B, T), generator=torch.Generator().manual_seed(0)).to(device)
+    print(f"{size}, random weights, {dtype}, median of {args.repeats} (ours and PEFT in turns)")
+    folder = random_checkpoint(size, dtype=dtype, device="cuda" if torch.device(device).type == "cuda" else "cpu")
+    what = "peak memory beyond weights" if torch.device(device).type == "cuda" else "activations saved for backward"
+    print(f"\n| batch | T | P | ours tokens/s | PEFT tokens/s | ours / PEFT | ours MiB | PEFT MiB | memory ours / PEFT |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     try:
-        s_ours, m_ours = bench_ours(folder, idx, P, device, dtype, args)
-        if device == "cuda":
-            torch.cuda.empty_cache()
-        s_peft, m_peft = bench_peft(folder, idx, P, device, dtype, args)
+        model = mini_gpt2.from_pretrained(folder, device=device, dtype=dtype).requires_grad_(False)
+        for B in args.batch_sizes:
+            for T in args.seq_lens:
+                for P in args.prefix_lens:
+                    s_ours, s_peft, m_ours, m_peft = compare(folder, model, B, T, P, device, dtype, args.repeats)
+                    print(f"| {B} | {T} | {P} | {B * T / s_ours:.0f} | {B * T / s_peft:.0f} | {s_peft / s_ours:.2f} | "
+                          f"{m_ours / 2**20:.1f} | {m_peft / 2**20:.1f} | {m_ours / m_peft:.2f} |", flush=True)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    what = "peak CUDA memory beyond weights" if device == "cuda" else "activations saved for backward"
-    print(f"\n{'':12} {'tokens/s':>10} {'s/step':>8} {what:>34}")
-    print(f"{'ours':12} {B * T / s_ours:>10.0f} {s_ours:>8.3f} {m_ours / 2**20:>30.1f} MiB")
-    print(f"{'PEFT':12} {B * T / s_peft:>10.0f} {s_peft:>8.3f} {m_peft / 2**20:>30.1f} MiB")
-    print(f"{'ours / PEFT':12} {s_peft / s_ours:>9.2f}x {'':>8} {m_ours / m_peft:>33.2f}x")
+    print(f"\nmemory: {what}")
 
 
 if __name__ == "__main__":

@@ -37,7 +37,8 @@ def generate(model, prompts, max_new_tokens, *, temperature=0.0, top_k=None, sto
             raise ValueError(f"{s + len(p)} prompt positions + {m} new tokens is more than GPT-2's {n_pos} positions")
 
     h, cache, keys_valid, next_pos = prefill(model, prompts, past_kv, past_valid, past_positions, max(limits))
-    logits = model.lm_head(h[:, -1])  # (B, vocab): only the last position predicts
+    head = model.lm_head.weight.float()  # float32 logits (see GPT.logits); converted once, not per step
+    logits = model.logits(h[:, -1], head)  # (B, vocab): only the last position predicts
     device = logits.device
     out = [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool, device=device)
@@ -61,7 +62,7 @@ def generate(model, prompts, max_new_tokens, *, temperature=0.0, top_k=None, sto
             keys_valid = torch.cat([keys_valid, torch.ones(B, 1, dtype=torch.bool, device=device)], dim=1)
             mask = keys_valid[:, None, :]
         h, cache = model.hidden(tok[:, None], cache, mask, next_pos[:, None])
-        logits = model.lm_head(h[:, -1])
+        logits = model.logits(h[:, -1], head)
         next_pos = next_pos + 1
     return out
 
@@ -69,7 +70,7 @@ def generate(model, prompts, max_new_tokens, *, temperature=0.0, top_k=None, sto
 def _pick(logits, temperature, top_k, generator):
     if not temperature:
         return logits.argmax(-1)
-    logits = logits.float() / temperature
+    logits = logits / temperature
     if top_k:
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -29,7 +29,11 @@ def default_device():
 
 
 def default_dtype(device):
-    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    """bfloat16 on a CUDA GPU that computes in it (compute capability 8.0 on: A100, RTX 30xx, H100, ...), else float32."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0):
+        return torch.bfloat16
+    return torch.float32
 
 
 def resolve(name_or_path):

@@ -69,6 +69,15 @@ class KVCache:
         return self.k[:, :, :self.len], self.v[:, :, :self.len]
 
 
+def mask_bias(visible, dtype):
+    """
+    A bool mask (True where a query may look) as what attention adds to its scores: 0, or the
+    most negative finite number. Not -inf: a row with nothing visible (a padding query) then gives
+    a harmless average instead of NaN. Made once per forward pass, not in every layer.
+    """
+    return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, torch.finfo(dtype).min)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -82,7 +91,8 @@ class CausalSelfAttention(nn.Module):
         x:    (B, T, C) the new tokens
         past: keys/values placed before these tokens: None, or (k, v) each (B, nh, P, hd), or a
               KVCache holding P entries, which these tokens' keys/values are written into
-        mask: None (every key visible) or bool (B or 1, 1, T, S), True where a query may look
+        mask: None (every key visible), or what to add to the scores (B or 1, 1, T, S): 0 where a
+              query may look, the most negative number where it may not (see mask_bias)
         returns (B, T, C) and this layer's keys/values, S = P + T of them: (k, v) or the KVCache
         """
         B, T, C = x.shape
@@ -100,12 +110,11 @@ class CausalSelfAttention(nn.Module):
                 v = torch.cat([past[1], v], dim=2)
             present = (k, v)
 
-        # every query against every key: (B, nh, T, hd) @ (B, nh, hd, S) -> (B, nh, T, S)
-        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+        # every query against every key: (B, nh, T, hd) @ (B, nh, hd, S) -> (B, nh, T, S), scaled
+        # by 1/sqrt(hd); scaling q is the same, and cheaper than scaling the (T, S) scores
+        att = (q * (1.0 / math.sqrt(q.size(-1)))) @ k.transpose(-2, -1)
         if mask is not None:
-            # The most negative finite number rather than -inf: a row with nothing visible
-            # (a padding query) then gives a harmless average instead of NaN.
-            att = att.masked_fill(~mask, torch.finfo(att.dtype).min)
+            att = att + mask  # masked scores sink to the most negative number: softmax gives them ~0
         att = F.softmax(att, dim=-1, dtype=torch.float32).to(v.dtype)
         y = att @ v  # (B, nh, T, S) @ (B, nh, S, hd) -> (B, nh, T, hd)
         y = y.transpose(1, 2).reshape(B, T, C)  # heads side by side again
@@ -139,6 +148,10 @@ class Block(nn.Module):
         x = x + self.mlp(self.ln_2(x))
         return x, kv
 
+    def output(self, x, past=None, mask=None):
+        """The block's output without its keys/values (what activation checkpointing keeps)."""
+        return self(x, past, mask)[0]
+
 
 class GPT(nn.Module):
     def __init__(self, config):
@@ -154,12 +167,14 @@ class GPT(nn.Module):
     def hidden(self, idx, past_kv=None, attn_mask=None, position_ids=None, grad_checkpoint=False):
         """
         The model up to ln_f, plus the cache. Callers that want only some positions' logits
-        (generation, the training loss) apply lm_head to just those.
+        (generation, the training loss) take `logits` of just those.
 
         idx:          (B, T) token ids
         past_kv:      None, or per layer (k, v) each (B, nh, P, hd), or per layer a KVCache
         attn_mask:    None for plain causal attention after the past, else bool (B, T, P + T)
         position_ids: None for P, P+1, ... (the past are earlier tokens), else (B, T) or (T,)
+        grad_checkpoint: keep only each block's input for backward and recompute the rest then
+                      (less memory, a third more compute); no cache is returned
         returns (B, T, C) and the new cache: per layer (k, v) each (B, nh, P + T, hd), or the KVCache
         """
         B, T = idx.shape
@@ -172,25 +187,34 @@ class GPT(nn.Module):
                 raise ValueError(f"{P + T} positions, but GPT-2 has only {self.config.n_positions}")
             position_ids = torch.arange(P, P + T, device=idx.device)
         if attn_mask is not None:
-            mask = attn_mask[:, None]  # (B, 1, T, S): the same for every head
+            mask = mask_bias(attn_mask[:, None], self.wte.weight.dtype)  # (B, 1, T, S): the same for every head
         elif T > 1:
             # causal: query t sees every past entry and the new tokens up to itself
-            mask = torch.ones(T, P + T, dtype=torch.bool, device=idx.device).tril(diagonal=P)
+            mask = mask_bias(torch.ones(T, P + T, dtype=torch.bool, device=idx.device).tril(diagonal=P),
+                             self.wte.weight.dtype)
         else:
             mask = None  # one new token may look at everything
 
         x = self.wte(idx) + self.wpe(position_ids)  # (B, T, C)
+        if grad_checkpoint and torch.is_grad_enabled():
+            # Keeping the blocks' keys/values would hold every layer's until the pass ends: we don't.
+            for i, block in enumerate(self.h):
+                x = checkpoint(block.output, x, None if past_kv is None else past_kv[i], mask, use_reentrant=False)
+            return self.ln_f(x), None
         present = []
         for i, block in enumerate(self.h):
-            past = None if past_kv is None else past_kv[i]
-            if grad_checkpoint and torch.is_grad_enabled():
-                # keep only the block's input; recompute its insides during backward
-                x, kv = checkpoint(block, x, past, mask, use_reentrant=False)
-            else:
-                x, kv = block(x, past, mask)
+            x, kv = block(x, None if past_kv is None else past_kv[i], mask)
             present.append(kv)
         return self.ln_f(x), present
 
+    def logits(self, h, head=None):
+        """
+        lm_head in float32, on the hidden states given (B..., C) -> (B..., vocab_size). GPT-2's
+        logits are tens in magnitude, where bfloat16 steps by 0.25: rounded to it, they would blur
+        the loss and flip near-ties in decoding. `head`: wte already in float32, to convert it once.
+        """
+        return F.linear(h.float(), self.lm_head.weight.float() if head is None else head)
+
     def forward(self, idx, past_kv=None, attn_mask=None, position_ids=None):
-        """Logits (B, T, vocab_size) for every position."""
-        return self.lm_head(self.hidden(idx, past_kv, attn_mask, position_ids)[0])
+        """Logits (B, T, vocab_size) for every position, in float32."""
+        return self.logits(self.hidden(idx, past_kv, attn_mask, position_ids)[0])

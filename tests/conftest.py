@@ -124,7 +124,7 @@ def one_line_error(r, status=1):
 
 
 def train_args(ckpt, csv_file, out, *extra):
-    """A short training run on the tiny checkpoint: 6 steps of 2 x 4 sequences, a checkpoint every 2."""
+    """A short training run on the tiny checkpoint: 6 steps of 4 sequences (one forward pass each), a checkpoint every 2."""
     return [str(a) for a in ["--model", ckpt, "--data", csv_file, "--out", out, "--steps", 6, "--batch-size", 4,
-                             "--grad-accum", 2, "--prefix-len", 3, "--warmup", 2, "--lr", 0.05, "--save-every", 2,
-                             "--heldout", 4, "--eval-size", 2, *extra]]
+                             "--prefix-len", 3, "--warmup", 2, "--lr", 0.05, "--save-every", 2, "--heldout", 4,
+                             "--eval-size", 2, *extra]]

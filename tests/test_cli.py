@@ -42,7 +42,7 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_ckpt, csv_file, tmp_path, 
 
     def ctrl_c_in_step_4(*a):
         calls["n"] += 1
-        if calls["n"] == 7:  # the first micro-batch of step 4 (2 per step)
+        if calls["n"] == 4:  # step 4 (one forward pass per step)
             raise KeyboardInterrupt
         return real_loss(*a)
 
@@ -68,7 +68,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_ckpt, csv_file, 
     def nan_in_step_5(*a):
         calls["n"] += 1
         loss = real_loss(*a)
-        return loss * float("nan") if calls["n"] == 9 else loss
+        return loss * float("nan") if calls["n"] == 5 else loss
 
     monkeypatch.setattr(train, "target_loss", nan_in_step_5)
     with pytest.raises(UserError, match=r"loss became nan at step 5.*last good checkpoint \(step 4\)"):

@@ -348,7 +348,7 @@ def test_nan_in_the_first_step_advice_works(tiny_ckpt, csv_file, tmp_path, call,
 
 def test_after_a_nan_resume_takes_a_lower_lr(tiny_ckpt, csv_file, tmp_path, call, monkeypatch):
     out = tmp_path / "run"
-    nan_at_call(monkeypatch, 9)  # the first micro-batch of step 5
+    nan_at_call(monkeypatch, 5)  # step 5
     line = one_line_error(call(train.main, *train_args(tiny_ckpt[0], csv_file, out, "--no-eval")))
     assert "last good checkpoint (step 4)" in line and "--resume with a lower --lr" in line
     monkeypatch.setattr(train, "target_loss", prefix.target_loss)
@@ -359,6 +359,8 @@ def test_after_a_nan_resume_takes_a_lower_lr(tiny_ckpt, csv_file, tmp_path, call
 
     line = one_line_error(call(train.main, *train_args(tiny_ckpt[0], csv_file, out, "--resume", "--batch-size", 2)))
     assert "other settings (--batch-size 4)" in line  # the data order would change: refused
+    r = call(train.main, *train_args(tiny_ckpt[0], csv_file, out, "--no-eval", "--resume", "--max-batch-tokens", 20))
+    assert r.returncode == 0 and "note: resuming with --max-batch-tokens 20 (the run so far used 3072)" in r.stdout
 
 
 def test_resume_accepts_the_same_paths_written_differently(run_copy, tiny_ckpt, csv_file, call, monkeypatch):
@@ -377,7 +379,7 @@ def test_log_on_resume_keeps_exactly_the_rows_up_to_the_checkpoint(tiny_ckpt, cs
 
     def crash_in_step_4(*a):
         calls["n"] += 1
-        if calls["n"] == 7:  # the first micro-batch of step 4
+        if calls["n"] == 4:  # step 4
             raise KeyboardInterrupt
         return real_loss(*a)
 

@@ -37,7 +37,7 @@ def test_batched_training_forward_equals_decoding_through_the_cache(model, kv):
     batch = make_batch(examples(), "cpu")
     idx, src_len, seq_len, sp, tp = batch
     with torch.no_grad():
-        batched = model.lm_head(prefix_hidden(model, kv, *batch))  # (B, T, vocab)
+        batched = model.logits(prefix_hidden(model, kv, *batch))  # (B, T, vocab)
         for b, (s, t, si, ti) in enumerate(examples()):
             # reading order: [source prefix] source[:-1], then [target prefix], then the rest
             cache = as_past(kv[si][None])
@@ -46,7 +46,7 @@ def test_batched_training_forward_equals_decoding_through_the_cache(model, kv):
                     target_prefix = as_past(kv[ti][None])
                     cache = [(torch.cat([k, tk], 2), torch.cat([v, tv], 2)) for (k, v), (tk, tv) in zip(cache, target_prefix)]
                 h, cache = model.hidden(torch.tensor([[tok]]), cache, position_ids=torch.tensor([[pos]]))
-                assert (model.lm_head(h)[0, 0] - batched[b, pos]).abs().max().item() <= 1e-5
+                assert (model.logits(h)[0, 0] - batched[b, pos]).abs().max().item() <= 1e-5
 
 
 def test_single_leading_prefix_matches_transformers_past_key_values(tiny_ckpt, model, kv):
@@ -75,7 +75,7 @@ def test_greedy_translation_follows_the_training_forward(model, kv):
     for s, si, ti, gen in zip(sources, src, tgt, out):
         batch = make_batch([(s, gen, si, ti)], "cpu")
         with torch.no_grad():
-            logits = model.lm_head(prefix_hidden(model, kv, *batch))[0]
+            logits = model.logits(prefix_hidden(model, kv, *batch))[0]
         assert logits[len(s) - 1:len(s) - 1 + len(gen)].argmax(-1).tolist() == gen
 
 
@@ -93,11 +93,10 @@ def test_loss_counts_target_tokens_only(model, kv):
         h2[b, : src_len[b] - 1] = torch.randn_like(h2[b, : src_len[b] - 1])
         h2[b, seq_len[b] - 1:] = torch.randn_like(h2[b, seq_len[b] - 1:])
     assert torch.equal(target_loss(model, h, idx, src_len, seq_len), target_loss(model, h2, idx, src_len, seq_len))
-    n_targets = int((seq_len - src_len).sum())
-    logits = model.lm_head(h)
+    logits = model.logits(h)
     manual = sum(torch.nn.functional.cross_entropy(logits[b, src_len[b] - 1:seq_len[b] - 1], idx[b, src_len[b]:seq_len[b]],
-                                                   reduction="sum") for b in range(3)) / n_targets
-    assert torch.allclose(target_loss(model, h, idx, src_len, seq_len), manual, atol=1e-5)
+                                                   reduction="sum") for b in range(3))
+    assert torch.allclose(target_loss(model, h, idx, src_len, seq_len), manual, atol=1e-4)
 
 
 @pytest.mark.parametrize("reparam", [False, True])

@@ -1,0 +1,169 @@
+"""
+The one check for the GPU this project is meant for: GPT-2 XL with random weights (no weights need
+to be copied to the machine), in bfloat16, one Markdown table printed and written to --out.
+
+    python benchmarks/bench_gpu.py                                  # GPT-2 XL on CUDA: a few minutes on an H100
+    python benchmarks/bench_gpu.py --size tiny --device cpu         # the same code on a tiny model, in seconds
+
+Rows:
+- bf16 against fp32 logits (the same weights), and how often greedy decoding picks the same tokens;
+- a training step as train.py takes it (32 sequences at the default --max-batch-tokens, and half
+  and twice that budget), with and without --grad-checkpoint: tokens/s, MFU, peak memory; and
+  PEFT's prefix tuning on the same batch (no checkpointing), with the ratio;
+- greedy decoding at batch 1 and 16, ours against transformers' generate;
+- evaluation: sentences/s for the prefixes and for 3-shot prompting.
+
+MFU counts the matrix products of a step: 4 x (12 n_layer n_embd^2) per token (forward, and
+backward into the activations: frozen weights need no gradient of their own), 6 x with
+--grad-checkpoint (the forward runs twice), plus 4 x n_embd x vocab per target token for lm_head:
+about 6.1 (9.1) GFLOP per token for GPT-2 XL. Peak from the device's name (H100 SXM: 989 TFLOP/s
+bf16 dense). Needs transformers, peft, nltk, and GPT-2's tokenizer files (on a machine without
+internet, TIKTOKEN_CACHE_DIR pointing at them).
+"""
+
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+import evaluate  # noqa: E402
+import mini_gpt2  # noqa: E402
+from benchmarks.bench_prefix import examples, our_step, peft_step  # noqa: E402
+from benchmarks.common import (median_times, parser, peak_memory, peak_tflops, random_checkpoint,  # noqa: E402
+                               sample_pairs, setup)
+from prefix import NAMES, encode_sentence, init_random, max_new_tokens_for  # noqa: E402
+
+
+def step_flops(config, batch, grad_checkpoint):
+    """The matrix-product FLOPs of one training step (attention scores left out: a few percent)."""
+    tokens = sum(len(s) + len(t) for s, t, _, _ in batch)
+    targets = sum(len(t) for _, t, _, _ in batch)
+    layers = 12 * config.n_layer * config.n_embd ** 2
+    return (6 if grad_checkpoint else 4) * layers * tokens + 4 * config.n_embd * config.vocab_size * targets
+
+
+def precision_rows(folder, device, prompts):
+    """bf16 against fp32 on the same (bf16-stored) weights: logits and greedy tokens."""
+    m32 = mini_gpt2.from_pretrained(folder, device=device, dtype=torch.float32)
+    m16 = mini_gpt2.from_pretrained(folder, device=device, dtype=torch.bfloat16)
+    x = torch.tensor(prompts, device=device)
+    with torch.no_grad():
+        a, b = m32(x), m16(x)
+    diff = (a - b).abs()
+    g32 = mini_gpt2.generate(m32, prompts, 32, stop_ids=())
+    g16 = mini_gpt2.generate(m16, prompts, 32, stop_ids=())
+    same = sum(p == q for r, s in zip(g32, g16) for p, q in zip(r, s)) / sum(len(r) for r in g32)
+    del m32, m16
+    return [("bf16 vs fp32 logits", f"{len(prompts)} x {len(prompts[0])} random tokens",
+             f"max rel. error {diff.max().item() / a.abs().max().item():.2e}, "
+             f"mean rel. error {diff.mean().item() / a.abs().mean().item():.2e}", "", ""),
+            ("bf16 vs fp32 greedy tokens", f"{len(prompts)} x 32 new tokens", f"{same:.1%} the same", "", "")]
+
+
+def training_rows(folder, model, device, dtype, seq_len, repeats):
+    rows, default = [], 32 * seq_len  # train.py's default batch of 32 sequences, one pass
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    peak = peak_tflops(device)
+    for budget in (default // 2, default, 2 * default):
+        batch = examples(budget // seq_len, seq_len)
+        idx = torch.tensor([s + t for s, t, _, _ in batch], device=device)
+        peft, _ = peft_step(folder, 10, idx, device, dtype)
+        for ckpt in (False, True):
+            ours = our_step(model, 10, batch, device, max_batch_tokens=budget, grad_checkpoint=ckpt)
+            fns = {"ours": ours} if ckpt else {"ours": ours, "peft": peft}
+            times = median_times(fns, repeats, device)
+            extra = peak_memory(ours, device)  # beyond what was allocated before: the weights, PEFT's model
+            tokens = len(batch) * seq_len
+            flops = step_flops(model.config, batch, ckpt) / times["ours"]
+            mfu = f", MFU {flops / (peak * 1e12):.0%}" if peak else ""
+            mem = f", peak {(extra + weights) / 2**30:.1f} GiB with the weights" if extra is not None else ""
+            setting = f"{len(batch)} x {seq_len} tokens, budget {budget}{' (default)' if budget == default else ''}"
+            ours_cell = f"{tokens / times['ours']:,.0f} tokens/s ({flops / 1e12:.3g} TFLOP/s{mfu}{mem})"
+            if ckpt:
+                rows.append(("prefix training, --grad-checkpoint", setting, ours_cell, "", ""))
+            else:
+                rows.append(("prefix training", setting, ours_cell, f"PEFT {tokens / times['peft']:,.0f} tokens/s",
+                             f"{times['peft'] / times['ours']:.2f}"))
+        del peft
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def decoding_rows(folder, model, device, dtype, new_tokens, repeats):
+    from transformers import GPT2LMHeadModel
+
+    hf = GPT2LMHeadModel.from_pretrained(folder, dtype=dtype).to(device).eval()
+    rows, g = [], torch.Generator().manual_seed(0)
+    for B in (1, 16):
+        prompts = torch.randint(0, 50256, (B, 16), generator=g)
+
+        def ours():
+            mini_gpt2.generate(model, prompts.tolist(), new_tokens, stop_ids=())
+
+        def theirs():
+            with torch.no_grad():
+                x = prompts.to(device)
+                hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens, do_sample=False,
+                            eos_token_id=None, pad_token_id=0)
+
+        t = median_times({"ours": ours, "hf": theirs}, repeats, device)
+        n = B * new_tokens
+        rows.append(("greedy decoding", f"batch {B}, {new_tokens} new tokens after 16", f"{n / t['ours']:,.1f} tokens/s",
+                     f"transformers {n / t['hf']:,.1f} tokens/s", f"{t['hf'] / t['ours']:.2f}"))
+    del hf
+    return rows
+
+
+def evaluation_rows(model, device, n, repeats):
+    pairs = sample_pairs(n + 3)
+    kv = init_random(model, NAMES, 10, torch.Generator().manual_seed(0))
+    texts = [fr for _, fr in pairs[3:]]
+    limits = [max_new_tokens_for(encode_sentence(t)) for t in texts]
+    methods = {"prefix": evaluate.Prefix(model, kv, NAMES), "3-shot": evaluate.FewShot(model, pairs[:3])}
+    fns = {name: (lambda m=m: evaluate.translate_all(m, texts, "fr", "en", limits, 16)) for name, m in methods.items()}
+    t = median_times(fns, repeats, device)
+    return [("evaluation", f"{name}, {n} sentences fr->en, batches of 16", f"{n / t[name]:.1f} sentences/s", "", "")
+            for name in methods]
+
+
+def main():
+    ap = parser(__doc__)
+    ap.add_argument("--seq-len", type=int, help="tokens per training sequence (default 96; 24 for --size tiny)")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--eval-sentences", type=int, help="default 64 (16 for --size tiny)")
+    ap.add_argument("--out", default="bench_gpu.md", help="where the table is written too (default bench_gpu.md)")
+    args = ap.parse_args()
+    t0 = time.time()
+    device, size, dtype = setup(args)
+    tiny = size == "tiny"
+    seq_len = args.seq_len or (24 if tiny else 96)
+    on_gpu = torch.device(device).type == "cuda"
+    folder = random_checkpoint(size, dtype=torch.bfloat16, device="cuda" if on_gpu else "cpu")
+    try:
+        g = torch.Generator().manual_seed(1)
+        rows = precision_rows(folder, device, torch.randint(0, 50256, (4, 128), generator=g).tolist())
+        model = mini_gpt2.from_pretrained(folder, device=device, dtype=dtype).requires_grad_(False)
+        rows += training_rows(folder, model, device, dtype, seq_len, args.repeats)
+        rows += decoding_rows(folder, model, device, dtype, args.new_tokens, args.repeats)
+        rows += evaluation_rows(model, device, args.eval_sentences or (16 if tiny else 64), args.repeats)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    name = torch.cuda.get_device_name(device) if on_gpu else "CPU"
+    table = [f"GPT-2 {size} with random weights, {str(dtype).removeprefix('torch.')}, on {name} "
+             f"(torch {torch.__version__}); medians of {args.repeats}", "",
+             "| measure | setting | ours | reference | ours / reference |", "|---|---|---|---|---:|"]
+    table += ["| " + " | ".join(row) + " |" for row in rows]
+    text = "\n".join(table) + "\n"
+    Path(args.out).write_text(text)
+    print("\n" + text)
+    print(f"({time.time() - t0:.0f} s in all; table written to {args.out})")
+
+
+if __name__ == "__main__":
+    main()

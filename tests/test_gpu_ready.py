@@ -1,0 +1,217 @@
+"""
+What the GPU run relies on, checked on the CPU: token-budget micro-batches, a token-weighted loss,
+bfloat16 weights with float32 logits, the shared few-shot cache, out-of-memory handling, and
+activation checkpointing that keeps what it promises.
+"""
+
+import csv
+import gc
+import re
+import weakref
+
+import pytest
+import torch
+
+import evaluate
+import prefix
+import train
+from mini_gpt2 import EOT, encode, from_pretrained, generate
+from prefix import NAMES, Prefixes, init_random, make_batch, prefix_hidden, target_loss, translate
+from tests.conftest import ROOT, one_line_error, run, train_args
+
+
+@pytest.fixture(scope="module")
+def models(tiny_ckpt):
+    """The tiny checkpoint in float32 and in bfloat16, frozen."""
+    return {dt: from_pretrained(tiny_ckpt[0], device="cpu", dtype=dt).requires_grad_(False)
+            for dt in (torch.float32, torch.bfloat16)}
+
+
+@pytest.fixture(scope="module")
+def kv(models):
+    return init_random(models[torch.float32], NAMES, 4, torch.Generator().manual_seed(0))
+
+
+def some_examples(n=12):
+    """Examples of different lengths, both directions, as train.make_examples builds them."""
+    pairs = [("Hello! My name is Sully.", "Bonjour! Je m'appelle Sully."), ("Thank you.", "Merci."),
+             ("Where is the station, please? I am lost.", "Où est la gare, s'il vous plaît ? Je suis perdu."),
+             ("Good night.", "Bonne nuit."), ("The sea is blue today.", "La mer est bleue aujourd'hui."),
+             ("We are late.", "Nous sommes en retard.")]
+    return train.make_examples(pairs, 128)[0][:n]
+
+
+def gradient(model, kv, examples, max_batch_tokens):
+    prefixes = Prefixes(kv)
+    loss = train.forward_backward(model, prefixes, examples, max_batch_tokens, False, "cpu")
+    return loss, prefixes.prefix.grad
+
+
+def test_micro_batches_fit_the_budget():
+    examples = some_examples()
+    lengths = sorted(len(s) + len(t) for s, t, _, _ in examples)
+    passes = train.micro_batches(examples, 3 * lengths[-1])
+    assert sorted(ex for p in passes for ex in p) == sorted(examples)  # each example exactly once
+    assert all(len(p) * max(len(s) + len(t) for s, t, _, _ in p) <= 3 * lengths[-1] for p in passes)
+    assert len(train.micro_batches(examples, 10**6)) == 1
+    assert [len(p) for p in train.micro_batches(examples, 1)] == [1] * len(examples)  # too long: one pass each
+
+
+def test_typical_steps_take_one_or_two_passes():
+    """32 sequences of 40 to 100 tokens (both sides with <|endoftext|>) at the default budget."""
+    args = train.parse_args(["--no-eval"])
+    for length in (40, 64, 96):
+        examples = [([1] * (length // 2), [2] * (length - length // 2), 0, 1)] * args.batch_size
+        assert len(train.micro_batches(examples, args.max_batch_tokens)) <= 2
+
+
+def test_packing_gives_the_gradient_of_one_pass(models, kv):
+    examples = some_examples()
+    one_loss, one = gradient(models[torch.float32], kv, examples, 10**6)
+    loss, packed = gradient(models[torch.float32], kv, examples, 40)
+    assert len(train.micro_batches(examples, 40)) >= 4
+    assert torch.allclose(loss, one_loss, atol=1e-5) and torch.allclose(packed, one, atol=1e-6, rtol=1e-4)
+
+
+def test_the_loss_is_the_mean_over_all_target_tokens(models, kv):
+    model, examples = models[torch.float32], some_examples()
+    loss, _ = gradient(model, kv, examples, 40)
+    with torch.no_grad():  # one big batch, by hand: every target token's cross-entropy, averaged
+        batch = make_batch(examples, "cpu")
+        logits = model.logits(prefix_hidden(model, kv, *batch))
+        idx, src_len, seq_len = batch[:3]
+        terms = [torch.nn.functional.cross_entropy(logits[b, src_len[b] - 1:seq_len[b] - 1], idx[b, src_len[b]:seq_len[b]],
+                                                   reduction="none") for b in range(len(examples))]
+        by_hand = torch.cat(terms).mean()
+    assert torch.allclose(loss, by_hand, atol=1e-5)
+    assert sum(len(t) for t in terms) == sum(len(tgt) for _, tgt, _, _ in examples)
+
+
+def test_bfloat16_training_step_is_close_to_float32(models, kv):
+    examples = some_examples()
+    loss32, g32 = gradient(models[torch.float32], kv, examples, 10**6)
+    loss16, g16 = gradient(models[torch.bfloat16], kv, examples, 10**6)
+    assert torch.isfinite(loss16) and torch.isfinite(g16).all() and g16.dtype == torch.float32
+    assert abs(loss16.item() - loss32.item()) <= 0.01 * loss32.item()
+    assert torch.nn.functional.cosine_similarity(g16.flatten(), g32.flatten(), dim=0) > 0.99
+
+
+def test_logits_are_float32_even_with_bfloat16_weights(models):
+    model = models[torch.bfloat16]
+    h, _ = model.hidden(torch.tensor([encode(" Bonjour")]))
+    assert h.dtype == torch.bfloat16 and model.logits(h).dtype == torch.float32
+    exact = h.float() @ model.wte.weight.float().T  # no rounding of the logits to bfloat16
+    assert torch.equal(model.logits(h), exact)
+
+
+def test_bfloat16_generation_and_translation_run(models, kv):
+    model = models[torch.bfloat16]
+    out = generate(model, [encode(" The cat"), encode(" Bonjour, je")], 5, stop_ids=())
+    assert [len(o) for o in out] == [5, 5]
+    texts = translate(model, kv, NAMES, ["Bonjour!", "Hello there."], ["en", "fr"], max_new_tokens=4)
+    assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
+
+
+def test_train_and_translate_in_bfloat16(tiny_ckpt, csv_file, tmp_path, call):
+    import translate as translate_script
+
+    out = tmp_path / "run"
+    r = call(train.main, *train_args(tiny_ckpt[0], csv_file, out, "--dtype", "bfloat16", "--steps", 2, "--no-eval"))
+    assert r.returncode == 0, r.stderr
+    assert "in bfloat16" in r.stdout
+    losses = [float(row["loss"]) for row in csv.DictReader(open(out / "log.csv"))]
+    assert len(losses) == 2 and all(0 < x < 20 for x in losses)
+    r = call(translate_script.main, "--prefix", out / "prefix.safetensors", "--dtype", "bfloat16",
+             "--max-new-tokens", 3, "Bonjour")
+    assert r.returncode == 0 and len(r.stdout.splitlines()) == 1, r.stderr
+
+
+def test_shared_few_shot_cache_gives_the_plain_prompts_tokens(models, csv_file):
+    model = models[torch.float32]
+    shots = [("Thank you.", "Merci."), ("The cat sleeps.", "Le chat dort."), ("Good night.", "Bonne nuit.")]
+    few = evaluate.FewShot(model, shots)
+    texts = ["Où est la gare ?", "Il pleut aujourd'hui, et il fait froid.", "'s 42 « oui »", "Bonjour"]
+    limits = [12, 12, 12, 12]
+    shared = few(texts, "fr", "en", limits)
+    plain = [encode(evaluate.few_shot_prompt(few.examples, t, "fr", "en")) for t in texts]
+    expected = [evaluate.decode(o).strip() for o in generate(model, plain, limits, stop_ids=few.stop)]
+    assert shared == expected
+    assert any(shared)  # something was generated to compare
+
+
+@pytest.mark.parametrize("text", ["Le chat dort.", "'s", "« Oui »", "42 ans", "  espaces", "é", "\t(tab)", "-x"])
+def test_few_shot_prompt_tokens_split_at_the_head(text):
+    examples = [{"en": "Thank you.", "fr": "Merci."}]
+    head = evaluate.few_shot_head(examples, "fr", "en")
+    tail = evaluate.few_shot_tail(text, "en")
+    assert encode(head) + encode(tail) == encode(head + tail)
+
+
+def test_evaluation_puts_results_back_in_order(models, kv, monkeypatch):
+    model = models[torch.float32]
+    pairs = [("A rather long English sentence with many words in it.", "Une phrase française plutôt longue."),
+             ("Short.", "Court."), ("Medium length here.", "Longueur moyenne ici.")]
+    seen = []
+
+    def spy(self, texts, source, target, limits):
+        seen.append(list(limits))
+        return [f"[{t}]" for t in texts]
+
+    monkeypatch.setattr(evaluate.Prefix, "__call__", spy)
+    monkeypatch.setattr(evaluate.FewShot, "__call__", spy)
+    scores, outputs, _ = evaluate.evaluate(model, kv, NAMES, pairs, pairs, 3, 1, 0, 2)
+    assert outputs[("prefix", "fr", "en")] == [f"[{fr}]" for _, fr in pairs]  # back in the data's order
+    assert all(batch == sorted(batch) for batch in seen) and seen[0][0] == min(seen[0] + seen[1])
+
+
+def test_out_of_memory_is_one_line_and_keeps_the_last_step(tiny_ckpt, csv_file, tmp_path, call, monkeypatch):
+    calls = {"n": 0}
+    real_loss = prefix.target_loss
+
+    def oom_in_step_3(*a):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_loss(*a)
+
+    monkeypatch.setattr(train, "target_loss", oom_in_step_3)
+    out = tmp_path / "run"
+    line = one_line_error(call(train.main, *train_args(tiny_ckpt[0], csv_file, out, "--no-eval", "--save-every", 100)))
+    assert re.search(r"out of GPU memory in a forward pass of \d+ x \d+ = \d+ tokens; "
+                     r"try --max-batch-tokens 1536, or --grad-checkpoint", line), line
+    assert f"{out / 'checkpoint.pt'} holds step 2" in line
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
+
+
+def test_activation_checkpointing_does_not_hold_every_layers_keys(models, kv):
+    """While the checkpointed forward runs, the layers before do not keep their keys/values alive."""
+    model = models[torch.float32]
+    alive = []
+
+    def keep_weakref(module, inputs, output):
+        alive.append(weakref.ref(output[1][0]))  # this layer's keys
+
+    def count_alive(module, inputs):
+        gc.collect()
+        counts.append(sum(ref() is not None for ref in alive))
+
+    batch = make_batch(some_examples(4), "cpu")
+    hooks = [block.attn.register_forward_hook(keep_weakref) for block in model.h]
+    hooks.append(model.ln_f.register_forward_pre_hook(count_alive))
+    try:
+        for ckpt in (False, True):
+            alive, counts = [], []
+            prefix_hidden(model, kv.clone().requires_grad_(), *batch, grad_checkpoint=ckpt)
+            assert counts[0] == (0 if ckpt else model.config.n_layer), (ckpt, counts)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def test_bench_gpu_runs_tiny_on_the_cpu(tmp_path):
+    r = run("benchmarks/bench_gpu.py", "--size", "tiny", "--device", "cpu", "--out", tmp_path / "bench.md")
+    assert r.returncode == 0, r.stderr[-3000:]
+    table = (tmp_path / "bench.md").read_text()
+    for row in ("bf16 vs fp32 logits", "prefix training", "PEFT", "decoding", "evaluation"):
+        assert row in table, table
+    assert table in r.stdout
