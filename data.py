@@ -8,7 +8,9 @@ decompresses it as it arrives, stopping after the rows it needs: a run reads meg
 multi-gigabyte archive, not all of it. Set KAGGLE_API_ENDPOINT to use another server (the tests
 serve a zip from 127.0.0.1 this way).
 
-The held-out split is fixed by a seed (see `split`) and no held-out sentence is ever trained on.
+The split is fixed by a seed (see `split`): held-out pairs for the final comparison, a validation
+slice to watch training with, the rest to train on; no held-out or validation sentence, nor one
+that differs from it only in case, punctuation or spacing, is ever trained on.
 """
 
 import base64
@@ -18,8 +20,10 @@ import itertools
 import json
 import os
 import random
+import re
 import struct
 import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import requests
@@ -36,8 +40,8 @@ DEFAULT_ROWS = 200_000  # the reference experiment used the first 200,000 pairs
 def read_pairs(path, limit=DEFAULT_ROWS):
     """
     The first `limit` good (en, fr) pairs of a CSV with columns en and fr, streamed.
-    Returns (pairs, skipped): rows with a missing or empty side, or that the CSV reader could not
-    parse, are skipped and counted.
+    Returns (pairs, lines, skipped): the CSV line each pair starts on (the header is line 1), and
+    how many rows were skipped (a missing or empty side, or a row the CSV reader could not parse).
     """
     try:
         with open(path, encoding="utf-8-sig", newline="") as f:  # utf-8-sig: a BOM, if any, is dropped
@@ -58,8 +62,9 @@ def parse_pairs(lines, limit, source="the data", bar=None):
         raise
     except (StopIteration, ValueError, csv.Error):
         raise UserError(f"{source}: the first line must be a header naming the columns en and fr") from None
-    pairs, skipped = [], 0
+    pairs, starts, skipped = [], [], 0
     while len(pairs) < limit:
+        start = rows.line_num + 1
         try:
             row = next(rows)
         except StopIteration:
@@ -73,25 +78,49 @@ def parse_pairs(lines, limit, source="the data", bar=None):
             skipped += 1
             continue
         pairs.append((row[en].strip(), row[fr].strip()))
+        starts.append(start)
         if bar is not None:
             bar.update(1)
-    return pairs, skipped
+    return pairs, starts, skipped
 
 
-def split(pairs, heldout=1000, seed=0):
+def normalise(text):
+    """Case folded, accents kept, punctuation and spacing collapsed: "L'été,  déjà !" -> "l été déjà"."""
+    return " ".join(re.findall(r"\w+", text.casefold()))
+
+
+@dataclass
+class Split:
+    """What each pair is for, as indices into the pairs read."""
+    held: list = field(default_factory=list)     # held out for the final comparison
+    val: list = field(default_factory=list)      # the validation slice: watched during training, never trained on
+    train: list = field(default_factory=list)
+    dropped: list = field(default_factory=list)  # (near-)duplicates of a held-out or validation pair: unused
+
+
+def split(pairs, heldout=1000, val_size=200, seed=0):
     """
-    A seeded shuffle; the first `heldout` pairs (at most a tenth of the data) are held out for
-    evaluation, the rest train. A training pair that shares its English or its French with a
-    held-out pair is dropped, so that duplicates in the data cannot leak into training.
-    Returns (train, held_out).
+    A seeded shuffle of the pairs: the first `heldout` (at most a tenth of the data) are held out,
+    the next `val_size` (at most a tenth too) are the validation slice, the rest train. A pair
+    whose English or French is the same as a held-out pair's, once normalised (see `normalise`), is
+    neither validated nor trained on; one that matches a validation pair is not trained on. Corpora
+    crawled from the web hold many such near-copies, which would otherwise leak the test into training.
     """
     order = list(range(len(pairs)))
     random.Random(seed).shuffle(order)
-    n = min(heldout, len(pairs) // 10)
-    held = [pairs[i] for i in order[:n]]
-    seen_en, seen_fr = {en for en, _ in held}, {fr for _, fr in held}
-    train = [pairs[i] for i in order[n:] if pairs[i][0] not in seen_en and pairs[i][1] not in seen_fr]
-    return train, held
+    en, fr = [normalise(e) for e, _ in pairs], [normalise(f) for _, f in pairs]
+
+    def not_like(indices, candidates):
+        seen_en, seen_fr = {en[i] for i in indices}, {fr[i] for i in indices}
+        return [i for i in candidates if en[i] not in seen_en and fr[i] not in seen_fr]
+
+    n_held, n_val = min(heldout, len(pairs) // 10), min(val_size, len(pairs) // 10)
+    held, rest = order[:n_held], order[n_held:]
+    candidates = not_like(held, rest)
+    val = candidates[:n_val]
+    train = not_like(val, candidates[n_val:])
+    dropped = sorted(set(rest) - set(val) - set(train))
+    return Split(held, val, train, dropped)
 
 
 # ----------------------------------------------------------------------------- Kaggle download
@@ -134,7 +163,7 @@ def fetch_kaggle(rows=DEFAULT_ROWS):
             with open(part, "w", encoding="utf-8", newline="") as f, tqdm(total=rows, unit=" rows", desc="en-fr") as bar:
                 out = csv.writer(f)
                 out.writerow(["en", "fr"])
-                pairs, _ = parse_pairs(_lines(text), rows, url, bar)
+                pairs, _, _ = parse_pairs(_lines(text), rows, url, bar)
                 out.writerows(pairs)
     except requests.RequestException as e:
         raise DownloadError(f"could not download {url} ({type(e).__name__}); {manual}") from None

@@ -33,6 +33,7 @@ import torch
 from nltk.translate.bleu_score import SmoothingFunction, corpus_bleu, sentence_bleu
 from tqdm import tqdm
 
+import plots
 from cli import positive_int
 from mini_gpt2 import EOT, UserError, decode, encode
 from mini_gpt2.files import write_bytes
@@ -83,10 +84,15 @@ def bleu_scores(hypotheses, references):
 
 # ----------------------------------------------------------------------------- the two methods
 
-def few_shot_examples(train_pairs, shots, seed):
-    """`shots` real, aligned (en, fr) pairs from the training split, the same for a given seed."""
-    short = [p for p in train_pairs if len(p[0]) <= 200 and len(p[1]) <= 200 and "\n" not in p[0] + p[1]]
-    return random.Random(f"shots-{seed}").sample(short or train_pairs, min(shots, len(short or train_pairs)))
+def few_shot_indices(pairs, candidates, shots, seed):
+    """
+    `shots` real, aligned pairs for the few-shot prompt, as indices among `candidates` (the
+    training side of the split), the same for a given seed; short one-line ones if there are any.
+    """
+    short = [i for i in candidates if len(pairs[i][0]) <= 200 and len(pairs[i][1]) <= 200
+             and "\n" not in pairs[i][0] + pairs[i][1]]
+    pool = short or candidates
+    return random.Random(f"shots-{seed}").sample(pool, min(shots, len(pool)))
 
 
 def few_shot_prompt(examples, text, source, target):
@@ -156,11 +162,8 @@ def translate_all(method, texts, source, target, limits, batch_size, bar=None):
     return out
 
 
-def evaluate(model, kv, names, train_pairs, held_out, size, shots, seed, batch_size):
-    """Translate `size` held-out pairs both ways with both methods. Returns (scores, outputs, shot examples)."""
-    pairs = held_out[:size]
-    examples = few_shot_examples(train_pairs, shots, seed)
-    methods = {"prefix": Prefix(model, kv, names), f"{shots}-shot": FewShot(model, examples)}
+def evaluate(methods, pairs, batch_size):
+    """Translate the held-out pairs both ways with each method {name: method}. Returns (scores, outputs)."""
     scores, outputs = {}, {}
     bar = tqdm(total=2 * len(methods) * len(pairs), desc="evaluating", unit=" sentences")
     for source, target in DIRECTIONS:
@@ -177,7 +180,7 @@ def evaluate(model, kv, names, train_pairs, held_out, size, shots, seed, batch_s
             scores[f"{name} {source}->{target}"] = bleu_scores(hyps, refs) | {"pairs": len(pairs)}
             all_h, all_r = all_h + hyps, all_r + refs
         scores[f"{name} both"] = bleu_scores(all_h, all_r) | {"pairs": 2 * len(pairs)}
-    return scores, outputs, examples
+    return scores, outputs
 
 
 def table(scores):
@@ -192,11 +195,10 @@ def table(scores):
 
 
 def write_reports(out, scores, outputs, examples, pairs, settings):
+    """results.json (everything), results.md (the table, the pictures, examples) and bleu.png."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    shot_name = next(k[0] for k in outputs if k[0] != "prefix")
-    samples = {f"{s}->{t}": [{"source": p[COLUMN[s]], "reference": p[COLUMN[t]],
-                              shot_name: outputs[(shot_name, s, t)][i], "prefix": outputs[("prefix", s, t)][i]}
+    names = list(dict.fromkeys(k[0] for k in outputs))  # the methods, in order
+    samples = {f"{s}->{t}": [{"source": p[COLUMN[s]], "reference": p[COLUMN[t]]} | {n: outputs[(n, s, t)][i] for n in names}
                              for i, p in enumerate(pairs)]
                for s, t in DIRECTIONS}
     results = {"scores": scores, "settings": settings, "few_shot_examples": [{"en": e, "fr": f} for e, f in examples],
@@ -205,37 +207,43 @@ def write_reports(out, scores, outputs, examples, pairs, settings):
                "translations": samples}
     write_bytes(out / "results.json", json.dumps(results, ensure_ascii=False, indent=2).encode())
 
-    md = [f"# Prefix-tuning against {shot_name} prompting", "",
-          f"Model `{settings['model']}`, prefixes `{settings['prefix']}`, {settings['eval_size']} held-out pairs "
-          f"each way, greedy decoding, at most twice the source length plus 8 tokens. BLEU in percent (NLTK; "
-          f"words and punctuation marks as tokens).", "", table(scores), "", "## Examples", ""]
+    md = [f"# {' against '.join(names)}", "",
+          f"Model `{settings['model']}`, {settings['eval_size']} held-out pairs each way, greedy decoding, at most "
+          f"twice the source length plus 8 tokens. BLEU in percent (NLTK; words and punctuation marks as tokens).",
+          "", table(scores), ""]
+    pictures = [(plots.bleu_png(scores, out / "bleu.png"), "BLEU by method and direction")]
+    pictures += [(out / "loss.png" if (out / "loss.png").exists() else None, "training and validation loss")]
+    md += [f"![{what}]({path.name})\n" for path, what in pictures if path]
+    md += ["## Examples", ""]
     for direction, rows in samples.items():
         md += [f"### {direction}", ""]
         for row in rows[:N_EXAMPLES]:
-            md += [f"- source: {row['source']}", f"  - reference: {row['reference']}",
-                   f"  - {shot_name}: {row[shot_name]}", f"  - prefix: {row['prefix']}", ""]
+            md += [f"- source: {row['source']}", f"  - reference: {row['reference']}"]
+            md += [f"  - {n}: {row[n]}" for n in names] + [""]
     write_bytes(out / "results.md", "\n".join(md).encode())
     return out / "results.json", out / "results.md"
 
 
-def run(args, model, prefix_path, train_pairs, held_out):
-    """Evaluate, print the table, write results.json and results.md to args.out."""
+def run(args, model, prefix_path, examples, held_out):
+    """
+    Evaluate the prefix file and few-shot prompting with `examples` on the held-out pairs; print
+    the table; write results.json, results.md and bleu.png to args.out.
+    """
     kv, names, meta = load_prefixes(prefix_path, model.config)
     # Held-out pairs longer than training allowed (--max-len) are left out, as in training.
     fits = [p for p in held_out if len(encode_sentence(p[0])) + len(encode_sentence(p[1])) + 1 <= args.max_len]
     if len(fits) < len(held_out):
         print(f"evaluation: {len(held_out) - len(fits)} held-out pairs longer than --max-len {args.max_len} left out")
-    held_out = fits
-    if not held_out:
+    if not fits:
         raise UserError("no held-out pair to evaluate")
-    size = min(args.eval_size, len(held_out))
+    pairs = fits[:args.eval_size]
+    methods = {"prefix": Prefix(model, kv, names), f"{len(examples)}-shot": FewShot(model, examples)}
     with torch.no_grad():
-        scores, outputs, examples = evaluate(model, kv, names, train_pairs, held_out, size, args.shots, args.seed,
-                                             args.eval_batch_size)
-    settings = {"model": args.model, "prefix": str(prefix_path), "eval_size": size, "shots": args.shots,
+        scores, outputs = evaluate(methods, pairs, args.eval_batch_size)
+    settings = {"model": args.model, "prefix": str(prefix_path), "eval_size": len(pairs), "shots": args.shots,
                 "seed": args.seed, "data": args.data or "kaggle", "rows": args.rows, "heldout": args.heldout,
                 "max_len": args.max_len, "prefix_metadata": meta}
-    paths = write_reports(args.out, scores, outputs, examples, held_out[:size], settings)
+    paths = write_reports(args.out, scores, outputs, examples, pairs, settings)
     print("\n" + table(scores) + "\n")
     print(f"results: {paths[0]} and {paths[1]}")
     return scores

@@ -4,16 +4,19 @@ Train the [start_french] / [start_english] prefixes on a frozen GPT-2, then comp
 
     python train.py                              # the reference experiment: GPT-2 XL, 200,000 pairs
     python train.py --model gpt2 --data pairs.csv --steps 200    # small, runs on a CPU
-    python train.py --resume                     # continue an interrupted run in --out
+    python train.py ... --resume                 # the same command again continues an interrupted run
     python train.py --eval-only --prefix runs/prefix/prefix.safetensors   # only the comparison
 
-Writes to --out: prefix.safetensors (the result), checkpoint.pt (to resume), log.csv (loss per
-step), results.json and results.md (the comparison).
+Writes to --out: prefix.safetensors (the prefixes with the lowest validation loss),
+prefix-last.safetensors (the last ones, if not the best), checkpoint.pt (to resume), log.csv (the
+loss per step, the validation loss every --eval-every steps), split.json (which pairs did what),
+loss.png, and the comparison: results.json, results.md, bleu.png.
 """
 
 import argparse
 import csv
 import io
+import json
 import math
 import os
 import random
@@ -29,6 +32,7 @@ import cli
 import data
 import evaluate
 import mini_gpt2
+import plots
 from cli import natural_int, positive_float, positive_int
 from mini_gpt2 import EOT, UserError
 from mini_gpt2.files import atomic_write, os_problem, write_bytes
@@ -37,11 +41,16 @@ from prefix import (NAMES, Prefixes, encode_sentence, init_from_words, init_rand
                     prefix_hidden, save_prefixes, target_loss)
 
 # --resume continues a run only with the settings that fix its data order and its shapes...
-SAME_RUN = ("model", "data", "rows", "heldout", "seed", "batch_size", "prefix_len", "max_len", "reparam", "init")
+SAME_RUN = ("model", "data", "rows", "heldout", "val_size", "seed", "batch_size", "prefix_len", "max_len", "reparam",
+            "init")
 # ...while these may change on the way (a lower --lr after a diverged loss, say), with a note.
-MAY_CHANGE = ("steps", "lr", "warmup", "save_every", "grad_checkpoint", "device", "dtype", "max_batch_tokens")
+MAY_CHANGE = ("steps", "lr", "warmup", "save_every", "eval_every", "grad_checkpoint", "device", "dtype",
+              "max_batch_tokens")
 # What a run writes to --out; a new run refuses to replace them without --overwrite.
-RUN_FILES = ("checkpoint.pt", "log.csv", "prefix.safetensors", "results.json", "results.md")
+RUN_FILES = ("checkpoint.pt", "log.csv", "prefix.safetensors", "prefix-last.safetensors", "split.json", "loss.png",
+             "results.json", "results.md", "bleu.png")
+# The default peak learning rate of each parameterisation (why: README, "Learning rates").
+DEFAULT_LR = {"direct": 1e-2, "reparam": 5e-5}
 
 
 def parse_args(argv=None):
@@ -52,13 +61,16 @@ def parse_args(argv=None):
     ap.add_argument("--rows", type=positive_int, default=data.DEFAULT_ROWS, help="read only the first N pairs (default 200000)")
     ap.add_argument("--heldout", type=natural_int, default=1000,
                     help="pairs held out for evaluation (at most a tenth; default 1000)")
+    ap.add_argument("--val-size", type=positive_int, default=200,
+                    help="pairs set aside from training to compute the validation loss on (at most a tenth; default 200)")
     ap.add_argument("--out", default="runs/prefix", help="output folder (default runs/prefix)")
     ap.add_argument("--steps", type=positive_int, default=5000, help="optimizer steps (default 5000)")
     ap.add_argument("--batch-size", type=positive_int, default=32, help="sequences per optimizer step (default 32)")
     ap.add_argument("--max-batch-tokens", type=positive_int, default=3072,
                     help="padded tokens per forward pass: a step's sequences are packed into as few passes as fit "
                     "(default 3072: GPT-2 XL in bfloat16 then needs about 11 GiB of GPU memory; see README)")
-    ap.add_argument("--lr", type=positive_float, default=1e-3, help="peak learning rate (default 1e-3)")
+    ap.add_argument("--lr", type=positive_float, help=f"peak learning rate (default {DEFAULT_LR['direct']:g}; "
+                    f"{DEFAULT_LR['reparam']:g} with --reparam)")
     ap.add_argument("--warmup", type=natural_int, default=100,
                     help="linear warm-up steps, then linear decay to 0 (default 100)")
     ap.add_argument("--prefix-len", type=positive_int, default=10, help="virtual tokens per prefix (default 10)")
@@ -68,11 +80,13 @@ def parse_args(argv=None):
                     help="start from the model's keys/values for 'French:'/'English:' (default) or random")
     ap.add_argument("--grad-checkpoint", action="store_true", help="recompute activations during backward: less memory, more time")
     ap.add_argument("--save-every", type=positive_int, default=250, help="checkpoint every N steps (default 250)")
+    ap.add_argument("--eval-every", type=positive_int,
+                    help="validation loss every N steps, and at the end (default: with each checkpoint)")
     cli.add_device_args(ap)
     ap.add_argument("--seed", type=int, default=0, help="seeds the split, the data order and random init (default 0)")
     ap.add_argument("--resume", action="store_true", help="continue the run saved in --out (--lr, --steps, --warmup, "
-                    "--save-every, --device, --dtype, --max-batch-tokens, --grad-checkpoint may change; the rest "
-                    "must be as before)")
+                    "--save-every, --eval-every, --device, --dtype, --max-batch-tokens, --grad-checkpoint may change; "
+                    "the rest must be as before)")
     ap.add_argument("--overwrite", action="store_true", help="start a new run in an --out that holds one, replacing it")
     ap.add_argument("--no-eval", action="store_true", help="stop after training, without the comparison")
     evaluate.add_args(ap)
@@ -82,20 +96,29 @@ def parse_args(argv=None):
         ap.error("--resume continues the run in --out and --overwrite replaces it: give one of them")
     if args.heldout == 0 and not args.no_eval:
         ap.error("--heldout 0 leaves nothing to evaluate: hold some pairs out, or add --no-eval")
+    args.lr = args.lr or DEFAULT_LR["reparam" if args.reparam else "direct"]
+    args.eval_every = args.eval_every or args.save_every
     return args
 
 
-def load_data(args):
-    """-> (training pairs, held-out pairs)."""
+def load_data(args, out):
+    """Read the pairs and split them (data.split); record the split in --out/split.json. -> (pairs, split, shots)."""
     path = args.data or data.fetch_kaggle(args.rows)
-    pairs, skipped = data.read_pairs(path, args.rows)
+    pairs, lines, skipped = data.read_pairs(path, args.rows)
     if len(pairs) < 2:
         raise UserError(f"{path}: found {len(pairs)} usable pairs; training needs more")
-    train, held = data.split(pairs, args.heldout, args.seed)
-    dropped = len(pairs) - len(held) - len(train)
-    print(f"data: {len(pairs)} pairs from {path} ({skipped} empty or broken rows skipped); "
-          f"{len(train)} to train, {len(held)} held out, {dropped} dropped as duplicates of held-out pairs")
-    return train, held
+    split = data.split(pairs, args.heldout, args.val_size, args.seed)
+    shots = evaluate.few_shot_indices(pairs, split.train, args.shots, args.seed)
+    record = {"data": str(path), "rows_read": len(pairs), "seed": args.seed,
+              "lines": "the CSV line each pair starts on (the header is line 1)",
+              "heldout": [lines[i] for i in split.held], "validation": [lines[i] for i in split.val],
+              "few_shot": [lines[i] for i in shots], "dropped_near_duplicates": [lines[i] for i in split.dropped],
+              "train_pairs": len(split.train)}
+    write_bytes(out / "split.json", json.dumps(record, indent=1).encode())
+    print(f"data: {len(pairs)} pairs from {path} ({skipped} empty or broken rows skipped): {len(split.held)} held out, "
+          f"{len(split.val)} for validation, {len(split.train)} to train, {len(split.dropped)} dropped as "
+          f"(near-)duplicates of held-out or validation pairs; see {out / 'split.json'}")
+    return pairs, split, shots
 
 
 def make_examples(pairs, max_len):
@@ -164,12 +187,12 @@ def micro_batches(examples, max_tokens):
     return passes + [current]
 
 
-def forward_backward(model, prefixes, examples, max_batch_tokens, grad_checkpoint, device, shapes=None):
+def mean_loss(model, prefixes, examples, max_batch_tokens, device, backward=False, grad_checkpoint=False, shapes=None):
     """
-    One optimizer step's gradient, accumulated over as few forward passes as fit the token
-    budget. The loss is the mean over all of the step's target tokens, however they were split,
-    so that every target token weighs the same. Returns it as a tensor (reading it would wait for
-    the GPU); `shapes` gets each pass's (rows, length) as it starts.
+    The mean loss over all the target tokens of `examples`, in as few forward passes as fit the
+    token budget: however they are split, every target token weighs the same. With `backward`,
+    the gradient of that mean is accumulated too (an optimizer step's). Returns a tensor: reading
+    it would wait for the GPU. `shapes` gets each pass's (rows, length) as it starts.
     """
     n_targets = sum(len(tgt) for _, tgt, _, _ in examples)
     total = torch.zeros((), device=device)
@@ -179,9 +202,16 @@ def forward_backward(model, prefixes, examples, max_batch_tokens, grad_checkpoin
             shapes.append(tuple(idx.shape))
         h = prefix_hidden(model, prefixes.kv(), idx, src_len, seq_len, sp, tp, grad_checkpoint)
         loss = target_loss(model, h, idx, src_len, seq_len)
-        (loss / n_targets).backward()
+        if backward:
+            (loss / n_targets).backward()
         total += loss.detach()
     return total / n_targets
+
+
+@torch.no_grad()
+def validation_loss(model, prefixes, examples, args, device):
+    """The teacher-forced target loss on the validation slice, both directions."""
+    return mean_loss(model, prefixes, examples, args.max_batch_tokens, device).item()
 
 
 def lr_at(step, args):
@@ -197,13 +227,13 @@ def run_settings(args):
     return {k: canonical(getattr(args, k)) if k in ("model", "data") else getattr(args, k) for k in SAME_RUN + MAY_CHANGE}
 
 
-def save_checkpoint(path, prefixes, optimizer, step, seconds, args):
+def save_checkpoint(path, prefixes, optimizer, step, seconds, val_history, args):
     """Write checkpoint.pt atomically; prefixes that are not finite are never saved."""
     if not all(bool(torch.isfinite(p).all()) for p in prefixes.parameters()):
         raise UserError(f"the prefixes hold NaN or inf values at step {step}; {path} was not overwritten")
     buf = io.BytesIO()  # serialised in memory first: torch.save reports a failing disk as an unclear RuntimeError
     torch.save({"prefixes": prefixes.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                "seconds": seconds, "args": run_settings(args)}, buf)
+                "seconds": seconds, "val_history": val_history, "args": run_settings(args)}, buf)
     write_bytes(path, buf.getbuffer())
 
 
@@ -286,9 +316,9 @@ def eval_only(args, device):
     args.model = args.model or meta.get("model", "gpt2-xl")
     cli.note_if_slow(args.model, device)
     evaluate.check_split(args, meta)
-    train_pairs, held = load_data(args)
+    pairs, split, shots = load_data(args, Path(args.out))
     model = mini_gpt2.from_pretrained(args.model, device=device, dtype=cli.DTYPES[args.dtype])
-    evaluate.run(args, model, prefix_path, train_pairs, held)
+    evaluate.run(args, model, prefix_path, [pairs[i] for i in shots], [pairs[i] for i in split.held])
     return 0
 
 
@@ -296,13 +326,14 @@ class LossNotFinite(UserError):
     pass
 
 
-LOG_HEADER = ["step", "loss", "lr", "tokens", "seconds"]
+LOG_HEADER = ["step", "loss", "lr", "tokens", "seconds", "val_loss"]
 
 
 def open_log(path, resume_step):
     """
-    log.csv, one row per step. On resume it keeps exactly the rows up to the checkpoint's step
-    (rows a crash left after it, and a half-written last row, are dropped).
+    log.csv, one row per step (and a row 0 for the validation loss before training). On resume
+    it keeps exactly the rows up to the checkpoint's step (rows a crash left after it, and a
+    half-written last row, are dropped).
     """
     rows = []
     if resume_step and path.exists():
@@ -314,7 +345,7 @@ def open_log(path, resume_step):
             raise UserError(f"{problem}; move it away and --resume again") from None
         if not table or table[0] != LOG_HEADER:
             raise UserError(f"{path} is not a log train.py wrote; move it away and --resume again")
-        whole = [r for r in table[1:] if len(r) == len(LOG_HEADER) and r[0].isdigit() and r[-1]]
+        whole = [r for r in table[1:] if len(r) == len(LOG_HEADER) and r[0].isdigit() and r[4]]
         rows = [r for r in whole if int(r[0]) <= resume_step]
     with atomic_write(path, "w") as f:
         csv.writer(f).writerows([LOG_HEADER] + rows)
@@ -324,28 +355,57 @@ def open_log(path, resume_step):
         raise UserError(os_problem(e, path, "writing")) from None
 
 
-def train_loop(args, model, prefixes, optimizer, batches, state, device):
+def write_prefix(path, prefixes, model, args, step, val_loss):
+    """A prefix file, with what it was trained for and how it scored on the validation slice."""
+    save_prefixes(path, prefixes.fold(), NAMES, model.config, model=args.model, step=step, val_loss=f"{val_loss:.4f}",
+                  steps=args.steps, lr=args.lr, batch=args.batch_size, reparam=args.reparam, init=args.init,
+                  data=args.data or "kaggle", rows=args.rows, heldout=args.heldout, val_size=args.val_size,
+                  seed=args.seed)
+
+
+def train_loop(args, model, prefixes, optimizer, batches, val_examples, state, device):
     """
     Optimizer steps from the checkpoint's step (0 for a new run) to args.steps; returns the step
-    reached. Ctrl-C or a crash saves a checkpoint of the last completed step first (a step cut short
-    is dropped whole); a loss that is not finite stops the run without overwriting the last good
-    checkpoint.
+    reached and the validation losses [(step, loss)]. Every --eval-every steps and at the end the
+    validation loss is computed and logged, and a prefix better than any before is written to
+    prefix.safetensors. Ctrl-C or a crash saves a checkpoint of the last completed step first (a
+    step cut short is dropped whole); a loss that is not finite stops the run without overwriting
+    the last good checkpoint.
     """
-    checkpoint_path = Path(args.out) / "checkpoint.pt"
-    log_path = Path(args.out) / "log.csv"
+    out = Path(args.out)
+    checkpoint_path, log_path = out / "checkpoint.pt", out / "log.csv"
     step = saved = state["step"] if state else 0
     seconds_before = state.get("seconds", 0.0) if state else 0.0  # the time column continues on resume
+    history = [tuple(v) for v in state.get("val_history", [])] if state else []  # [(step, validation loss)]
     log_file = open_log(log_path, step)
     log = csv.writer(log_file)
     bar = tqdm(total=args.steps, initial=step, desc="training", unit="step")
     t0, tokens_seen, shapes = time.time(), 0, []
+
+    def validate():
+        v = validation_loss(model, prefixes, val_examples, args, device)
+        if math.isfinite(v) and all(v < best for _, best in history):
+            write_prefix(out / "prefix.safetensors", prefixes, model, args, step, v)
+        history.append((step, v))
+        bar.set_postfix_str(f"val {v:.3f}")
+        return f"{v:.4f}"
+
+    def write_log(row):
+        try:
+            log.writerow(row)
+            log_file.flush()
+        except OSError as e:
+            raise UserError(os_problem(e, log_path, "writing")) from None
+
     try:
+        if step == 0:  # where training starts from
+            write_log([0, "", "", 0, "0.0", validate()])
         while step < args.steps:
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, args)
             step_examples = batches[step]
-            loss = forward_backward(model, prefixes, step_examples, args.max_batch_tokens, args.grad_checkpoint,
-                                    device, shapes)
+            loss = mean_loss(model, prefixes, step_examples, args.max_batch_tokens, device, backward=True,
+                             grad_checkpoint=args.grad_checkpoint, shapes=shapes)
             norm = torch.nn.utils.clip_grad_norm_(prefixes.parameters(), 1.0)
             loss_value, norm = torch.stack([loss, norm.float()]).tolist()  # the step's one wait for the GPU
             tokens = sum(len(src) + len(tgt) for src, tgt, _, _ in step_examples)
@@ -358,17 +418,14 @@ def train_loop(args, model, prefixes, optimizer, batches, state, device):
             optimizer.zero_grad(set_to_none=True)
             step += 1
             tokens_seen += tokens
+            val = validate() if step % args.eval_every == 0 or step == args.steps else ""
             elapsed = time.time() - t0
-            try:
-                log.writerow([step, f"{loss_value:.4f}", f"{lr_at(step - 1, args):.3g}", tokens,
-                              f"{seconds_before + elapsed:.1f}"])
-                log_file.flush()
-            except OSError as e:
-                raise UserError(os_problem(e, log_path, "writing")) from None
-            bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tokens_seen / elapsed:.0f}")
+            write_log([step, f"{loss_value:.4f}", f"{lr_at(step - 1, args):.3g}", tokens, f"{seconds_before + elapsed:.1f}",
+                       val])
+            bar.set_postfix_str(f"loss {loss_value:.3f}, val {history[-1][1]:.3f}, {tokens_seen / elapsed:.0f} tokens/s")
             bar.update(1)
             if step % args.save_every == 0 or step == args.steps:
-                save_checkpoint(checkpoint_path, prefixes, optimizer, step, seconds_before + elapsed, args)
+                save_checkpoint(checkpoint_path, prefixes, optimizer, step, seconds_before + elapsed, history, args)
                 saved = step
     except BaseException as e:
         bar.close()
@@ -378,7 +435,8 @@ def train_loop(args, model, prefixes, optimizer, batches, state, device):
         if step > saved:  # a checkpoint of the last completed step, if the disk lets us
             optimizer.zero_grad(set_to_none=True)
             try:
-                save_checkpoint(checkpoint_path, prefixes, optimizer, step, seconds_before + time.time() - t0, args)
+                save_checkpoint(checkpoint_path, prefixes, optimizer, step, seconds_before + time.time() - t0, history,
+                                args)
                 saved = step
             except UserError:
                 pass
@@ -388,7 +446,7 @@ def train_loop(args, model, prefixes, optimizer, batches, state, device):
             kept = "no step was completed, so nothing was saved"
         if isinstance(e, KeyboardInterrupt):
             print(f"\ninterrupted at step {step}; {kept}", file=sys.stderr)
-            return step
+            return step, history
         if isinstance(e, torch.OutOfMemoryError) and shapes:
             rows, length = shapes[-1]
             raise UserError(f"out of GPU memory in a forward pass of {rows} x {length} = {rows * length} tokens; try "
@@ -401,7 +459,30 @@ def train_loop(args, model, prefixes, optimizer, batches, state, device):
         raise
     bar.close()
     log_file.close()
-    return step
+    return step, history
+
+
+def report_best(out, prefixes, model, args, history):
+    """
+    After the last step: prefix.safetensors holds the prefix with the lowest validation loss; the
+    last one goes to prefix-last.safetensors if it is another. Say which is which, and whether the
+    validation loss was still falling.
+    """
+    best_step, best = min(history, key=lambda sv: (sv[1], sv[0]))
+    last_step, last = history[-1]
+    last_path = out / "prefix-last.safetensors"
+    if best_step != last_step:
+        write_prefix(last_path, prefixes, model, args, last_step, last)
+        print(f"prefixes: {out / 'prefix.safetensors'} is the best (step {best_step}, validation loss {best:.4f}); "
+              f"{last_path} is the last (step {last_step}, validation loss {last:.4f})")
+    else:
+        last_path.unlink(missing_ok=True)  # from an earlier end of this run, if it was resumed for more steps
+        print(f"prefixes: {out / 'prefix.safetensors'}, the last and the best (step {best_step}, validation loss {best:.4f})")
+    if len(history) >= 2 and last < history[-2][1]:
+        print(f"note: the validation loss was still falling at the end ({history[-2][1]:.4f} at step {history[-2][0]}, "
+              f"{last:.4f} at step {last_step}): more --steps may help")
+    if plots.loss_png(out / "log.csv", out / "loss.png"):
+        print(f"loss curves: {out / 'loss.png'}")
 
 
 def main(argv=None):
@@ -424,13 +505,17 @@ def train(args, out, device):
             what = "a prefix length" if name == "--prefix-len" else "a sequence length"
             raise UserError(f"{name} {value}: {what} of at most {n_positions} fits this model")
 
-    train_pairs, held = load_data(args)
-    if not train_pairs:
-        raise UserError("no pair is left to train on: every pair is held out or a duplicate of a held-out pair")
-    examples, too_long = make_examples(train_pairs, args.max_len)
-    if not examples:
-        raise UserError(f"every training pair is longer than --max-len {args.max_len} tokens")
-    print(f"training examples: {len(examples)} (both directions; {too_long} longer than {args.max_len} tokens skipped)")
+    pairs, split, shots = load_data(args, out)
+    if not split.train:
+        raise UserError("no pair is left to train on: every pair is held out, for validation, or a (near-)duplicate "
+                        "of a held-out or validation pair")
+    examples, too_long = make_examples([pairs[i] for i in split.train], args.max_len)
+    val_examples, _ = make_examples([pairs[i] for i in split.val], args.max_len)
+    if not examples or not val_examples:
+        raise UserError(f"every {'training' if not examples else 'validation'} pair is longer than --max-len "
+                        f"{args.max_len} tokens")
+    print(f"training examples: {len(examples)} (both directions; {too_long} longer than {args.max_len} tokens skipped); "
+          f"validation examples: {len(val_examples)}")
     model = mini_gpt2.from_pretrained(args.model, device=device, dtype=cli.DTYPES[args.dtype])
     model.requires_grad_(False)  # GPT-2 stays frozen: only the prefixes learn
 
@@ -450,19 +535,16 @@ def train(args, out, device):
         print(f"resuming at step {state['step']} of {args.steps}")
     n_params = sum(p.numel() for p in prefixes.parameters())
     print(f"model {args.model} on {device} in {args.dtype}, frozen; training {n_params:,} parameters for the prefixes "
-          f"({'through the MLP' if args.reparam else 'directly'}, {args.prefix_len} virtual tokens each)")
+          f"({'through the MLP' if args.reparam else 'directly'}, {args.prefix_len} virtual tokens each), "
+          f"peak learning rate {args.lr:g}")
 
     batches = Batches(examples, args.batch_size, args.seed)
-    if train_loop(args, model, prefixes, optimizer, batches, state, device) != args.steps:
+    step, history = train_loop(args, model, prefixes, optimizer, batches, val_examples, state, device)
+    if step != args.steps:
         return 130
-
-    prefix_path = out / "prefix.safetensors"
-    save_prefixes(prefix_path, prefixes.fold(), NAMES, model.config, model=args.model, steps=args.steps,
-                  lr=args.lr, batch=args.batch_size, reparam=args.reparam, init=args.init,
-                  data=args.data or "kaggle", rows=args.rows, heldout=args.heldout, seed=args.seed)
-    print(f"prefixes saved: {prefix_path} ({prefix_path.stat().st_size / 2**20:.1f} MB)")
+    report_best(out, prefixes, model, args, history)
     if not args.no_eval:
-        evaluate.run(args, model, prefix_path, train_pairs, held)
+        evaluate.run(args, model, out / "prefix.safetensors", [pairs[i] for i in shots], [pairs[i] for i in split.held])
     return 0
 
 

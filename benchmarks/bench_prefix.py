@@ -7,7 +7,7 @@ the same random weights, batch, sequence length and prefix length, in one proces
     python benchmarks/bench_prefix.py --batch-sizes 8 32 --seq-lens 32 64 128 256 --prefix-lens 10 64   # a grid
     python benchmarks/bench_prefix.py --size gpt2-xl      # the default on CUDA, bf16
 
-Ours runs train.py's own step (train.forward_backward, clipping, AdamW): [source prefix] T/2
+Ours runs train.py's own step (train.mean_loss with backward, clipping, AdamW): [source prefix] T/2
 source tokens [target prefix] T/2 target tokens, loss on the target. PEFT runs one prefix before
 all T tokens, loss on all of them (its standard causal-LM setup). The two are timed in turns,
 after a warm-up each; the median of --repeats counts. Memory: on CUDA the peak allocated during a
@@ -76,7 +76,7 @@ def our_step(model, P, batch, device, max_batch_tokens=10**9, grad_checkpoint=Fa
     opt = torch.optim.AdamW(prefixes.parameters(), lr=1e-3)
 
     def step():
-        train.forward_backward(model, prefixes, batch, max_batch_tokens, grad_checkpoint, device)
+        train.mean_loss(model, prefixes, batch, max_batch_tokens, device, backward=True, grad_checkpoint=grad_checkpoint)
         torch.nn.utils.clip_grad_norm_(prefixes.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)

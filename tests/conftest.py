@@ -128,3 +128,23 @@ def train_args(ckpt, csv_file, out, *extra):
     return [str(a) for a in ["--model", ckpt, "--data", csv_file, "--out", out, "--steps", 6, "--batch-size", 4,
                              "--prefix-len", 3, "--warmup", 2, "--lr", 0.05, "--save-every", 2, "--heldout", 4,
                              "--eval-size", 2, *extra]]
+
+
+def fail_in_step(monkeypatch, n, error):
+    """
+    Make training step n (counting from 1 in this process) fail: raise `error`, or with error="nan"
+    let the step compute its gradient but return a NaN loss. Validation passes are left alone.
+    """
+    import train
+
+    real, calls = train.mean_loss, {"n": 0}
+
+    def mean_loss(*args, backward=False, **kwargs):
+        if backward:
+            calls["n"] += 1
+            if calls["n"] == n and error != "nan":
+                raise error
+        loss = real(*args, backward=backward, **kwargs)
+        return loss * float("nan") if backward and calls["n"] == n else loss
+
+    monkeypatch.setattr(train, "mean_loss", mean_loss)

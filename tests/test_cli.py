@@ -9,18 +9,18 @@ import prefix
 import train
 from mini_gpt2 import UserError
 from prefix import load_prefixes
-from tests.conftest import one_line_error, run, train_args
+from tests.conftest import fail_in_step, one_line_error, run, train_args
 
 def test_train_then_translate(tiny_ckpt, csv_file, tmp_path):
     out = tmp_path / "run"
     r = run("train.py", *train_args(tiny_ckpt[0], csv_file, out))
     assert r.returncode == 0, r.stderr
-    assert f"prefixes saved: {out / 'prefix.safetensors'} (" in r.stdout
+    assert f"prefixes: {out / 'prefix.safetensors'}" in r.stdout
     assert "| 3-shot | both | 4 |" in r.stdout and (out / "results.json").exists()  # then the comparison
     kv, names, meta = load_prefixes(out / "prefix.safetensors")
     assert kv.shape == (2, 2, 2, 5, 3, 16) and meta["model"] == str(tiny_ckpt[0])
     log = list(csv.DictReader(open(out / "log.csv")))
-    assert [int(row["step"]) for row in log] == [1, 2, 3, 4, 5, 6]
+    assert [int(row["step"]) for row in log] == [0, 1, 2, 3, 4, 5, 6]
 
     r = run("translate.py", "--prefix", out / "prefix.safetensors", "--max-new-tokens", 5,
             "Bonjour! Je m'appelle Sully.", "Hello there, my friend.")
@@ -35,46 +35,31 @@ def test_train_then_translate(tiny_ckpt, csv_file, tmp_path):
 
 def test_resume_reproduces_the_uninterrupted_run(tiny_ckpt, csv_file, tmp_path, monkeypatch):
     straight = tmp_path / "straight"
-    assert train.main(train_args(tiny_ckpt[0], csv_file, straight, "--no-eval")) == 0
-
-    calls = {"n": 0}
-    real_loss = prefix.target_loss
-
-    def ctrl_c_in_step_4(*a):
-        calls["n"] += 1
-        if calls["n"] == 4:  # step 4 (one forward pass per step)
-            raise KeyboardInterrupt
-        return real_loss(*a)
+    assert train.main(train_args(tiny_ckpt[0], csv_file, straight, "--no-eval", "--eval-every", 1)) == 0
 
     interrupted = tmp_path / "interrupted"
-    monkeypatch.setattr(train, "target_loss", ctrl_c_in_step_4)
-    assert train.main(train_args(tiny_ckpt[0], csv_file, interrupted, "--no-eval")) == 130
+    fail_in_step(monkeypatch, 4, KeyboardInterrupt)
+    assert train.main(train_args(tiny_ckpt[0], csv_file, interrupted, "--no-eval", "--eval-every", 1)) == 130
     assert torch.load(interrupted / "checkpoint.pt", weights_only=True)["step"] == 3
-    assert not (interrupted / "prefix.safetensors").exists()
-    monkeypatch.setattr(train, "target_loss", real_loss)
-    assert train.main(train_args(tiny_ckpt[0], csv_file, interrupted, "--resume", "--no-eval")) == 0
+    monkeypatch.undo()
+    assert train.main(train_args(tiny_ckpt[0], csv_file, interrupted, "--resume", "--no-eval", "--eval-every", 1)) == 0
 
-    a, _, _ = load_prefixes(straight / "prefix.safetensors")
-    b, _, _ = load_prefixes(interrupted / "prefix.safetensors")
-    assert torch.equal(a, b)
-    steps = [int(row["step"]) for row in csv.DictReader(open(interrupted / "log.csv"))]
-    assert steps == [1, 2, 3, 4, 5, 6]
+    for name in ("prefix.safetensors", "prefix-last.safetensors"):
+        assert (straight / name).exists() == (interrupted / name).exists()
+        if (straight / name).exists():
+            a, _, meta_a = load_prefixes(straight / name)
+            b, _, meta_b = load_prefixes(interrupted / name)
+            assert torch.equal(a, b) and meta_a["step"] == meta_b["step"]
+    logs = [list(csv.DictReader(open(d / "log.csv"))) for d in (straight, interrupted)]
+    assert [int(row["step"]) for row in logs[1]] == [0, 1, 2, 3, 4, 5, 6]
+    assert [r["val_loss"] for r in logs[0]] == [r["val_loss"] for r in logs[1]]
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_ckpt, csv_file, tmp_path, monkeypatch):
-    calls = {"n": 0}
-    real_loss = prefix.target_loss
-
-    def nan_in_step_5(*a):
-        calls["n"] += 1
-        loss = real_loss(*a)
-        return loss * float("nan") if calls["n"] == 5 else loss
-
-    monkeypatch.setattr(train, "target_loss", nan_in_step_5)
+    fail_in_step(monkeypatch, 5, "nan")
     with pytest.raises(UserError, match=r"loss became nan at step 5.*last good checkpoint \(step 4\)"):
         train.main(train_args(tiny_ckpt[0], csv_file, tmp_path, "--no-eval"))
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 4
-    assert not (tmp_path / "prefix.safetensors").exists()
 
 
 def test_bad_inputs_give_one_line_errors(tiny_ckpt, csv_file, tmp_path):

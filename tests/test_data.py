@@ -26,29 +26,40 @@ def test_reads_awkward_csv(tmp_path):
             ',vide\r\n'                  # empty English: skipped
             'Last,Dernier\r\n')
     for bom in (False, True):
-        pairs, skipped = data.read_pairs(write(tmp_path / "a.csv", text, bom))
+        pairs, lines, skipped = data.read_pairs(write(tmp_path / "a.csv", text, bom))
         assert pairs == [("Hello, world", "Bonjour, le monde"), ('She said "hi"', "Elle a dit « salut »"),
                          ("Two\nlines", "Deux\nlignes"), ("Last", "Dernier")]
+        assert lines == [2, 3, 4, 10]  # where each pair starts in the file (the third spans lines 4 to 6)
         assert skipped == 2
 
 
 def test_reads_only_the_first_rows_and_finds_columns_by_name(tmp_path):
     path = write(tmp_path / "b.csv", "fr,en\n" + "".join(f"f{i},e{i}\n" for i in range(1000)))
-    pairs, _ = data.read_pairs(path, limit=3)
-    assert pairs == [("e0", "f0"), ("e1", "f1"), ("e2", "f2")]
+    pairs, lines, _ = data.read_pairs(path, limit=3)
+    assert pairs == [("e0", "f0"), ("e1", "f1"), ("e2", "f2")] and lines == [2, 3, 4]
     with pytest.raises(data.UserError, match="header naming the columns en and fr"):
         data.read_pairs(write(tmp_path / "c.csv", "english,french\na,b\n"))
 
 
-def test_split_is_seeded_and_never_leaks(tmp_path):
-    pairs = [(f"e{i % 150}", f"f{i}") for i in range(300)]  # duplicated English sentences
-    train, held = data.split(pairs, heldout=20, seed=1)
-    assert data.split(pairs, heldout=20, seed=1) == (train, held)
-    assert data.split(pairs, heldout=20, seed=2)[1] != held
-    assert len(held) == 20
-    held_en, held_fr = {e for e, _ in held}, {f for _, f in held}
-    assert not any(e in held_en or f in held_fr for e, f in train)
-    assert len(data.split(pairs[:50], heldout=1000)[1]) == 5  # at most a tenth
+def test_normalise_folds_case_and_punctuation_but_keeps_accents():
+    assert data.normalise("L'été,  déjà !") == data.normalise("l’Été déjà") == "l été déjà"
+    assert data.normalise("ete deja") != data.normalise("été déjà")
+
+
+def test_split_is_seeded_and_never_leaks():
+    pairs = [(f"English {i % 150}", f"Français {i}") for i in range(300)]  # each English sentence twice
+    pairs += [(f"english {i}!", f"autre {i}") for i in range(100)]  # near-copies of the first 100
+    s = data.split(pairs, heldout=20, val_size=30, seed=1)
+    assert data.split(pairs, heldout=20, val_size=30, seed=1) == s
+    assert data.split(pairs, heldout=20, val_size=30, seed=2).held != s.held
+    assert (len(s.held), len(s.val)) == (20, 30)
+    assert sorted(s.held + s.val + s.train + s.dropped) == list(range(len(pairs)))  # each pair has one role
+    en = lambda idx: {data.normalise(pairs[i][0]) for i in idx}  # noqa: E731
+    fr = lambda idx: {data.normalise(pairs[i][1]) for i in idx}  # noqa: E731
+    assert not en(s.train) & en(s.held + s.val) and not fr(s.train) & fr(s.held + s.val)
+    assert not en(s.val) & en(s.held) and not fr(s.val) & fr(s.held)
+    assert any(pairs[i][0].startswith("english") for i in s.dropped)  # near-copies were caught
+    assert len(data.split(pairs[:50], heldout=1000, val_size=1000).held) == 5  # at most a tenth
 
 
 def kaggle_zip(rows):
@@ -86,7 +97,7 @@ def test_kaggle_download_streams_and_stops_early(kaggle, monkeypatch):
     monkeypatch.setenv("KAGGLE_USERNAME", "ada")
     monkeypatch.setenv("KAGGLE_KEY", "secret")
     path = data.fetch_kaggle(rows=500)
-    pairs, skipped = data.read_pairs(path, limit=10**9)
+    pairs, _, skipped = data.read_pairs(path, limit=10**9)
     assert pairs == [(en.strip(), fr.strip()) for en, fr in rows[:500]] and skipped == 0
     assert kaggle.log[0][3] == "Basic YWRhOnNlY3JldA=="  # ada:secret
     assert kaggle.hung_up.wait(60) and not kaggle.sent_all.is_set()  # it closed the connection mid-body

@@ -20,7 +20,7 @@ import prefix
 import train
 import translate
 from mini_gpt2 import UserError, files
-from tests.conftest import PAIRS, make_checkpoint, one_line_error, run, train_args
+from tests.conftest import fail_in_step, make_checkpoint, one_line_error, run, train_args
 from tests.http_server import Hub
 
 
@@ -196,10 +196,17 @@ def test_out_that_is_a_file_is_refused_before_anything_loads(csv_file, tmp_path,
     assert "--out" in line and str(out) in line  # the model (missing here) was not even looked at
 
 
+def validation_losses(monkeypatch, losses):
+    """Make the validation losses from here on come from `losses`, to decide when a new best prefix is written."""
+    losses = iter(losses)
+    monkeypatch.setattr(train, "validation_loss", lambda *a: next(losses))
+
+
 def test_full_disk_at_a_checkpoint_keeps_the_previous_one(tiny_ckpt, csv_file, tmp_path, call, monkeypatch):
     out = tmp_path / "run"
     assert call(train.main, *train_args(tiny_ckpt[0], csv_file, out, "--no-eval", "--steps", 2)).returncode == 0
     before = snapshot(out)
+    validation_losses(monkeypatch, [99.0, 99.0])  # no better prefix: only the checkpoint is written
     full_disk(monkeypatch, files, after=2000)  # room for the log's rows, not for a checkpoint
     r = call(train.main, *train_args(tiny_ckpt[0], csv_file, out, "--no-eval", "--resume", "--steps", 4))
     line = one_line_error(r)
@@ -210,12 +217,19 @@ def test_full_disk_at_a_checkpoint_keeps_the_previous_one(tiny_ckpt, csv_file, t
     assert not list(out.glob("*.tmp"))
 
 
-def test_full_disk_at_the_end_keeps_the_previous_prefix(run_copy, tiny_ckpt, csv_file, call, monkeypatch):
-    before = snapshot(run_copy)
+def test_full_disk_when_a_better_prefix_comes_keeps_the_previous_one(tiny_ckpt, csv_file, tmp_path, call, monkeypatch):
+    out = tmp_path / "run"
+    assert call(train.main, *train_args(tiny_ckpt[0], csv_file, out, "--no-eval", "--steps", 2)).returncode == 0
+    before = snapshot(out)
+    validation_losses(monkeypatch, [0.5, 0.4])  # better than any so far: prefix.safetensors is rewritten
     full_disk(monkeypatch, files, after=1000)  # room for the log's rows, not for the prefix file
-    line = one_line_error(call(train.main, *train_args(tiny_ckpt[0], csv_file, run_copy, "--no-eval", "--resume")))
-    assert f"no space left on the device while writing {run_copy / 'prefix.safetensors'}" in line
-    assert snapshot(run_copy) == before
+    r = call(train.main, *train_args(tiny_ckpt[0], csv_file, out, "--no-eval", "--resume", "--steps", 4))
+    line = one_line_error(r)
+    assert f"no space left on the device while writing {out / 'prefix.safetensors'}" in line
+    assert f"{out / 'checkpoint.pt'} holds step 2" in line
+    after = snapshot(out)
+    assert [after[k] == before[k] for k in ("checkpoint.pt", "prefix.safetensors")] == [True, True]
+    assert not list(out.glob("*.tmp"))
 
 
 # ----------------------------------------------------------------------------- 3. the download cache
@@ -303,10 +317,7 @@ def test_a_crashed_runs_lock_file_does_not_block(tiny_ckpt, csv_file, tmp_path, 
 # ----------------------------------------------------------------------------- 5. recovery advice is true
 
 def test_ctrl_c_before_the_first_step_claims_no_checkpoint(tiny_ckpt, csv_file, tmp_path, call, monkeypatch):
-    def ctrl_c(*a):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(train, "target_loss", ctrl_c)
+    fail_in_step(monkeypatch, 1, KeyboardInterrupt)
     r = call(train.main, *train_args(tiny_ckpt[0], csv_file, tmp_path / "run"))
     assert r.returncode == 130
     assert "interrupted at step 0; no step was completed, so nothing was saved" in r.stderr
@@ -314,44 +325,30 @@ def test_ctrl_c_before_the_first_step_claims_no_checkpoint(tiny_ckpt, csv_file, 
 
 
 def test_a_crash_in_the_first_step_claims_no_checkpoint(tiny_ckpt, csv_file, tmp_path, capsys, monkeypatch):
-    def bug(*a):
-        raise RuntimeError("a bug")
-
-    monkeypatch.setattr(train, "target_loss", bug)
+    fail_in_step(monkeypatch, 1, RuntimeError("a bug"))
     with pytest.raises(RuntimeError, match="a bug"):  # a bug keeps its traceback
         train.main(train_args(tiny_ckpt[0], csv_file, tmp_path / "run"))
     assert "stopped by an error at step 0; no step was completed, so nothing was saved" in capsys.readouterr().err
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
 
-def nan_at_call(monkeypatch, n):
-    calls = {"n": 0}
-    real_loss = prefix.target_loss
-
-    def loss(*a):
-        calls["n"] += 1
-        return real_loss(*a) * (float("nan") if calls["n"] == n else 1.0)
-
-    monkeypatch.setattr(train, "target_loss", loss)
-
-
 def test_nan_in_the_first_step_advice_works(tiny_ckpt, csv_file, tmp_path, call, monkeypatch):
     out = tmp_path / "run"
-    nan_at_call(monkeypatch, 1)
+    fail_in_step(monkeypatch, 1, "nan")
     line = one_line_error(call(train.main, *train_args(tiny_ckpt[0], csv_file, out, "--no-eval")))
     assert "loss became nan at step 1" in line and "nothing was saved: run again with a lower --lr and --overwrite" in line
     assert not (out / "checkpoint.pt").exists()
-    monkeypatch.setattr(train, "target_loss", prefix.target_loss)
+    monkeypatch.undo()
     r = call(train.main, *train_args(tiny_ckpt[0], csv_file, out, "--no-eval", "--lr", 0.01, "--overwrite"))
     assert r.returncode == 0, r.stderr
 
 
 def test_after_a_nan_resume_takes_a_lower_lr(tiny_ckpt, csv_file, tmp_path, call, monkeypatch):
     out = tmp_path / "run"
-    nan_at_call(monkeypatch, 5)  # step 5
+    fail_in_step(monkeypatch, 5, "nan")
     line = one_line_error(call(train.main, *train_args(tiny_ckpt[0], csv_file, out, "--no-eval")))
     assert "last good checkpoint (step 4)" in line and "--resume with a lower --lr" in line
-    monkeypatch.setattr(train, "target_loss", prefix.target_loss)
+    monkeypatch.undo()
     r = call(train.main, *train_args(tiny_ckpt[0], csv_file, out, "--no-eval", "--resume", "--lr", 0.01))
     assert r.returncode == 0, r.stderr
     assert "note: resuming with --lr 0.01 (the run so far used 0.05)" in r.stdout
@@ -374,27 +371,18 @@ def test_resume_accepts_the_same_paths_written_differently(run_copy, tiny_ckpt, 
 
 def test_log_on_resume_keeps_exactly_the_rows_up_to_the_checkpoint(tiny_ckpt, csv_file, tmp_path, call, monkeypatch):
     out = tmp_path / "run"
-    calls = {"n": 0}
-    real_loss = prefix.target_loss
-
-    def crash_in_step_4(*a):
-        calls["n"] += 1
-        if calls["n"] == 4:  # step 4
-            raise KeyboardInterrupt
-        return real_loss(*a)
-
-    monkeypatch.setattr(train, "target_loss", crash_in_step_4)
+    fail_in_step(monkeypatch, 4, KeyboardInterrupt)
     assert call(train.main, *train_args(tiny_ckpt[0], csv_file, out, "--no-eval", "--save-every", 100)).returncode == 130
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 3
     # as if a crash had left rows past the checkpoint, the last one half-written
     with open(out / "log.csv", "a") as f:
-        f.write("4,11.1234,0.05,80,1.5\n5,11.0")
-    monkeypatch.setattr(train, "target_loss", real_loss)
+        f.write("4,11.1234,0.05,80,1.5,\n5,11.0")
+    monkeypatch.undo()
     assert call(train.main, *train_args(tiny_ckpt[0], csv_file, out, "--no-eval", "--resume")).returncode == 0
     rows = list(csv.DictReader(open(out / "log.csv")))
-    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert [int(r["step"]) for r in rows] == [0, 1, 2, 3, 4, 5, 6]
     seconds = [float(r["seconds"]) for r in rows]
-    assert seconds == sorted(seconds) and rows[3]["seconds"] != "1.5"  # time goes on from the checkpoint's
+    assert seconds == sorted(seconds) and rows[4]["seconds"] != "1.5"  # time goes on from the checkpoint's
 
 
 def test_log_that_is_not_a_log_is_named_on_resume(run_copy, tiny_ckpt, csv_file, call):
@@ -438,7 +426,7 @@ def test_duplicates_are_not_called_too_long(tiny_ckpt, tmp_path, call):
     path = tmp_path / "same.csv"
     path.write_text("en,fr\n" + "Thank you.,Merci.\n" * 30)
     line = one_line_error(call(train.main, *train_args(tiny_ckpt[0], path, tmp_path / "o")))
-    assert "duplicate of a held-out pair" in line and "longer" not in line
+    assert "(near-)duplicate of a held-out or validation pair" in line and "longer" not in line
 
 
 # ----------------------------------------------------------------------------- 8. the CPU note

@@ -39,13 +39,11 @@ def test_few_shot_prompt_layout():
 
 def test_few_shot_examples_are_aligned_training_pairs_never_held_out():
     pairs = [(f"English {i % 40}", f"Français {i % 40}") for i in range(400)]  # with duplicates
-    train, held = data.split(pairs, heldout=30, seed=3)
-    shots = evaluate.few_shot_examples(train, 3, seed=3)
-    assert shots == evaluate.few_shot_examples(train, 3, seed=3) and len(shots) == 3
-    assert all(s in train for s in shots)
-    assert all(en.split()[1] == fr.split()[1] for en, fr in shots)  # each example's two sides match
-    held_sides = {en for en, _ in held} | {fr for _, fr in held}
-    assert not any(en in held_sides or fr in held_sides for en, fr in train)
+    split = data.split(pairs, heldout=30, val_size=10, seed=3)
+    shots = evaluate.few_shot_indices(pairs, split.train, 3, seed=3)
+    assert shots == evaluate.few_shot_indices(pairs, split.train, 3, seed=3) and len(shots) == 3
+    assert set(shots) <= set(split.train)
+    assert all(pairs[i][0].split()[1] == pairs[i][1].split()[1] for i in shots)  # each example's two sides match
 
 
 def test_eval_only_end_to_end(tiny_ckpt, csv_file, tmp_path):
@@ -70,11 +68,12 @@ def test_eval_only_end_to_end(tiny_ckpt, csv_file, tmp_path):
     assert results["settings"]["model"] == str(tiny_ckpt[0]) and results["settings"]["eval_size"] == 3
 
     # the evaluated sentences are held out: neither trained on nor used as a few-shot example
-    train, held = data.split(data.read_pairs(csv_file)[0], heldout=8, seed=0)
+    pairs = data.read_pairs(csv_file)[0]
+    split = data.split(pairs, heldout=8, seed=0)
     evaluated = {row["source"] for rows in results["translations"].values() for row in rows}
     shots = {s for ex in results["few_shot_examples"] for s in ex.values()}
-    assert evaluated and evaluated <= {s for p in held for s in p}
-    assert not evaluated & ({s for p in train for s in p} | shots)
+    assert evaluated and evaluated <= {s for i in split.held for s in pairs[i]}
+    assert not evaluated & ({s for i in split.train + split.val for s in pairs[i]} | shots)
 
     md = (tmp_path / "out" / "results.md").read_text()
     assert "| method | direction | pairs | corpus BLEU" in md and "- source:" in md and "  - prefix:" in md

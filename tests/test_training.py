@@ -1,0 +1,172 @@
+"""
+Training you can trust: the validation loss, the best prefix kept, the learning-rate defaults, a
+split with no near-duplicates across it, and the pictures.
+"""
+
+import csv
+import json
+import re
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import data
+import train
+from mini_gpt2 import decode, from_pretrained
+from prefix import load_prefixes, make_batch, prefix_hidden
+from tests.conftest import ROOT, fail_in_step, train_args
+
+
+def log_rows(out):
+    return list(csv.DictReader(open(out / "log.csv")))
+
+
+def val_losses(out):
+    """[(step, validation loss)] as log.csv has them."""
+    return [(int(r["step"]), float(r["val_loss"])) for r in log_rows(out) if r["val_loss"]]
+
+
+def fake_validation(monkeypatch, losses):
+    losses = iter(losses)
+    monkeypatch.setattr(train, "validation_loss", lambda *a: next(losses))
+
+
+def test_validation_loss_is_the_teacher_forced_loss_on_the_slice(tiny_ckpt, csv_file, tmp_path):
+    out = tmp_path / "run"
+    assert train.main(train_args(tiny_ckpt[0], csv_file, out, "--no-eval")) == 0
+    kv, _, meta = load_prefixes(out / "prefix.safetensors")
+    record = json.loads((out / "split.json").read_text())
+    pairs, lines, _ = data.read_pairs(csv_file)
+    val_pairs = [pairs[lines.index(line)] for line in record["validation"]]
+    examples, _ = train.make_examples(val_pairs, 128)
+    assert len(examples) == 2 * len(val_pairs)  # both directions
+
+    model = from_pretrained(tiny_ckpt[0], device="cpu")
+    total, n = 0.0, 0
+    with torch.no_grad():  # one example at a time, by hand: the sum of its target tokens' cross-entropies
+        for src, tgt, sp, tp in examples:
+            batch = make_batch([(src, tgt, sp, tp)], "cpu")
+            logits = model.logits(prefix_hidden(model, kv, *batch))[0]
+            total += F.cross_entropy(logits[len(src) - 1:len(src) + len(tgt) - 1], torch.tensor(tgt), reduction="sum").item()
+            n += len(tgt)
+    logged = dict(val_losses(out))[int(meta["step"])]
+    assert total / n == pytest.approx(logged, abs=1e-4) and float(meta["val_loss"]) == logged
+
+
+def test_nothing_near_a_held_out_or_validation_pair_is_trained_on(tiny_ckpt, tmp_path, monkeypatch):
+    base = [(f"The number {w} is here, today.", f"Le nombre {w} est ici, aujourd'hui.")
+            for w in ("one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+                      "sixteen seventeen eighteen nineteen twenty").split()]
+    variants = [(en.upper().replace(",", ""), fr.replace(",", " ;")) for en, fr in base]  # same once normalised
+    path = tmp_path / "pairs.csv"
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows([("en", "fr")] + base + variants + base[:5])
+    built = []
+    real_batches = train.Batches
+
+    def spy(examples, batch_size, seed):
+        built.extend(examples)
+        return real_batches(examples, batch_size, seed)
+
+    monkeypatch.setattr(train, "Batches", spy)
+    out = tmp_path / "run"
+    assert train.main(train_args(tiny_ckpt[0], path, out, "--no-eval", "--steps", 1)) == 0
+
+    record = json.loads((out / "split.json").read_text())
+    pairs, lines, _ = data.read_pairs(path)
+    at = {line: pair for line, pair in zip(lines, pairs)}
+    kept_out = [at[line] for line in record["heldout"] + record["validation"]]
+    assert record["heldout"] and record["validation"] and record["dropped_near_duplicates"]
+    forbidden = {data.normalise(text) for pair in kept_out for text in pair}
+    trained = {data.normalise(decode(ids).removesuffix("<|endoftext|>")) for src, tgt, _, _ in built for ids in (src, tgt)}
+    assert built and not trained & forbidden
+    for line in record["dropped_near_duplicates"]:
+        assert {data.normalise(t) for t in at[line]} & forbidden
+    roles = [record[k] for k in ("heldout", "validation", "few_shot", "dropped_near_duplicates")]
+    assert not set(record["few_shot"]) & set(record["heldout"] + record["validation"] + record["dropped_near_duplicates"])
+    assert sum(map(len, roles[:2] + roles[3:])) + record["train_pairs"] == len(pairs)
+
+
+def check_best(out, steps):
+    """prefix.safetensors is the lowest logged validation loss; prefix-last.safetensors the last, if it differs."""
+    losses = val_losses(out)
+    best_step, best = min(losses, key=lambda sv: (sv[1], sv[0]))
+    kv, _, meta = load_prefixes(out / "prefix.safetensors")
+    assert (int(meta["step"]), float(meta["val_loss"])) == (best_step, best)
+    assert (out / "prefix-last.safetensors").exists() == (best_step != steps)
+    if best_step != steps:
+        last, _, last_meta = load_prefixes(out / "prefix-last.safetensors")
+        assert int(last_meta["step"]) == steps and not torch.equal(last, kv)
+    return best_step
+
+
+def test_the_best_prefix_is_kept_and_the_last_beside_it(tiny_ckpt, csv_file, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    fake_validation(monkeypatch, [5.0, 4.0, 3.0, 3.5, 2.0, 2.5, 2.6])  # steps 0 to 6: the best is step 4
+    assert train.main(train_args(tiny_ckpt[0], csv_file, out, "--no-eval", "--eval-every", 1)) == 0
+    assert check_best(out, 6) == 4
+    said = capsys.readouterr().out
+    assert f"{out / 'prefix.safetensors'} is the best (step 4, validation loss 2.0000); " \
+           f"{out / 'prefix-last.safetensors'} is the last (step 6, validation loss 2.6000)" in said
+    assert "still falling" not in said
+
+
+def test_the_best_prefix_survives_a_resume(tiny_ckpt, csv_file, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    fake_validation(monkeypatch, [5.0, 4.0, 1.0, 3.5])  # steps 0 to 3: the best is step 2, before the interruption
+    fail_in_step(monkeypatch, 4, KeyboardInterrupt)
+    assert train.main(train_args(tiny_ckpt[0], csv_file, out, "--no-eval", "--eval-every", 1)) == 130
+    best_before = (out / "prefix.safetensors").read_bytes()
+    monkeypatch.undo()
+    fake_validation(monkeypatch, [2.0, 1.5, 1.2])  # steps 4 to 6: none beats step 2's
+    assert train.main(train_args(tiny_ckpt[0], csv_file, out, "--no-eval", "--eval-every", 1, "--resume")) == 0
+    assert check_best(out, 6) == 2 and (out / "prefix.safetensors").read_bytes() == best_before
+
+
+def test_real_validation_losses_pick_the_best(tiny_ckpt, csv_file, tmp_path):
+    out = tmp_path / "run"
+    assert train.main(train_args(tiny_ckpt[0], csv_file, out, "--no-eval", "--eval-every", 1, "--lr", 0.5)) == 0
+    check_best(out, 6)
+    assert [s for s, _ in val_losses(out)] == [0, 1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("losses,falling", [([5.0, 4.0, 3.0, 2.0], True), ([5.0, 4.0, 3.0, 3.1], False)])
+def test_a_run_still_improving_says_so(tiny_ckpt, csv_file, tmp_path, capsys, monkeypatch, losses, falling):
+    fake_validation(monkeypatch, losses)
+    assert train.main(train_args(tiny_ckpt[0], csv_file, tmp_path / "run", "--no-eval")) == 0
+    said = [line for line in capsys.readouterr().out.splitlines() if "still falling" in line]
+    assert said == (["note: the validation loss was still falling at the end (3.0000 at step 4, 2.0000 at step 6): "
+                     "more --steps may help"] if falling else [])
+
+
+def test_learning_rate_defaults_differ_as_documented():
+    direct, reparam = train.parse_args([]).lr, train.parse_args(["--reparam"]).lr
+    assert (direct, reparam) == (train.DEFAULT_LR["direct"], train.DEFAULT_LR["reparam"]) and direct / reparam >= 100
+    assert train.parse_args(["--reparam", "--lr", "0.003"]).lr == 0.003
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("### Learning rates"):]
+    assert f"`{direct:g}`" in section and f"`{reparam:g}`" in section
+
+
+def is_png(path):
+    import matplotlib.image
+
+    return path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and matplotlib.image.imread(path).ndim == 3
+
+
+def test_pictures_when_matplotlib_is_installed(tiny_ckpt, csv_file, tmp_path):
+    out = tmp_path / "run"
+    assert train.main(train_args(tiny_ckpt[0], csv_file, out)) == 0
+    assert is_png(out / "loss.png") and is_png(out / "bleu.png")
+    md = (out / "results.md").read_text()
+    assert "](bleu.png)" in md and "](loss.png)" in md
+
+
+def test_no_matplotlib_no_pictures_and_nothing_fails(tiny_ckpt, csv_file, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now fails, as where it is missing
+    out = tmp_path / "run"
+    assert train.main(train_args(tiny_ckpt[0], csv_file, out)) == 0
+    assert not (out / "loss.png").exists() and not (out / "bleu.png").exists()
+    assert not re.search(r"!\[.*\]\(", (out / "results.md").read_text())
