@@ -48,8 +48,9 @@ N_EXAMPLES = 5  # examples per direction in results.md
 
 def add_args(ap):
     g = ap.add_argument_group("evaluation (prefix against few-shot prompting)")
-    g.add_argument("--eval-only", action="store_true", help="skip training; evaluate the prefix file given by --prefix")
-    g.add_argument("--prefix", help="prefix file for --eval-only (default: --out/prefix.safetensors)")
+    g.add_argument("--eval-only", action="store_true", help="skip training; evaluate the prefix files given by --prefix")
+    g.add_argument("--prefix", nargs="+", help="prefix (or prompt) files for --eval-only, each a row of the table "
+                   "(default: --out/prefix.safetensors)")
     g.add_argument("--eval-size", type=positive_int, default=500, help="held-out pairs to evaluate, each both ways (default 500)")
     g.add_argument("--shots", type=positive_int, default=3, help="examples in the few-shot prompt (default 3)")
     g.add_argument("--eval-batch-size", type=positive_int, default=16, help="sentences decoded together (default 16)")
@@ -140,11 +141,13 @@ class FewShot:
 
 
 class Prefix:
-    def __init__(self, model, kv, names):
-        self.model, self.kv, self.names = model, kv, names
+    """Translation with a prefix file of either method."""
+
+    def __init__(self, model, learned, names, method="prefix"):
+        self.model, self.learned, self.names, self.method = model, learned, names, method
 
     def __call__(self, texts, source, target, limits):
-        return translate(self.model, self.kv, self.names, texts, [target] * len(texts), limits)
+        return translate(self.model, self.learned, self.names, texts, [target] * len(texts), limits, self.method)
 
 
 # ----------------------------------------------------------------------------- the evaluation
@@ -224,12 +227,18 @@ def write_reports(out, scores, outputs, examples, pairs, settings):
     return out / "results.json", out / "results.md"
 
 
-def run(args, model, prefix_path, examples, held_out):
+def run(args, model, prefix_paths, examples, held_out):
     """
-    Evaluate the prefix file and few-shot prompting with `examples` on the held-out pairs; print
-    the table; write results.json, results.md and bleu.png to args.out.
+    Evaluate zero-shot and few-shot prompting with `examples`, and each prefix file, on the same
+    held-out pairs: print the table; write results.json, results.md and bleu.png to args.out.
     """
-    kv, names, meta = load_prefixes(prefix_path, model.config)
+    methods = {"0-shot": FewShot(model, []), f"{len(examples)}-shot": FewShot(model, examples)}
+    files = []
+    for path in prefix_paths:
+        learned, names, meta = load_prefixes(path, model.config)
+        row = meta["method"] if meta["method"] not in methods else f"{meta['method']} ({path})"
+        methods[row] = Prefix(model, learned, names, meta["method"])
+        files.append({"row": row, "path": str(path), "method": meta["method"], "metadata": meta})
     # Held-out pairs longer than training allowed (--max-len) are left out, as in training.
     fits = [p for p in held_out if len(encode_sentence(p[0])) + len(encode_sentence(p[1])) + 1 <= args.max_len]
     if len(fits) < len(held_out):
@@ -237,12 +246,11 @@ def run(args, model, prefix_path, examples, held_out):
     if not fits:
         raise UserError("no held-out pair to evaluate")
     pairs = fits[:args.eval_size]
-    methods = {"prefix": Prefix(model, kv, names), f"{len(examples)}-shot": FewShot(model, examples)}
     with torch.no_grad():
         scores, outputs = evaluate(methods, pairs, args.eval_batch_size)
-    settings = {"model": args.model, "prefix": str(prefix_path), "eval_size": len(pairs), "shots": args.shots,
+    settings = {"model": args.model, "files": files, "eval_size": len(pairs), "shots": args.shots,
                 "seed": args.seed, "data": args.data or "kaggle", "rows": args.rows, "heldout": args.heldout,
-                "max_len": args.max_len, "prefix_metadata": meta}
+                "max_len": args.max_len}
     paths = write_reports(args.out, scores, outputs, examples, pairs, settings)
     print("\n" + table(scores) + "\n")
     print(f"results: {paths[0]} and {paths[1]}")

@@ -37,12 +37,11 @@ from cli import natural_int, positive_float, positive_int
 from mini_gpt2 import EOT, UserError
 from mini_gpt2.files import atomic_write, os_problem, write_bytes
 from mini_gpt2.load import config_of
-from prefix import (NAMES, Prefixes, encode_sentence, init_from_words, init_random, load_prefixes, make_batch,
-                    prefix_hidden, save_prefixes, target_loss)
+from prefix import METHODS, NAMES, Prefixes, encode_sentence, load_prefixes, make_batch, save_prefixes, target_loss
 
 # --resume continues a run only with the settings that fix its data order and its shapes...
-SAME_RUN = ("model", "data", "rows", "heldout", "val_size", "seed", "batch_size", "prefix_len", "max_len", "reparam",
-            "init")
+SAME_RUN = ("model", "data", "rows", "heldout", "val_size", "seed", "batch_size", "method", "prefix_len", "max_len",
+            "reparam", "init")
 # ...while these may change on the way (a lower --lr after a diverged loss, say), with a note.
 MAY_CHANGE = ("steps", "lr", "warmup", "save_every", "eval_every", "grad_checkpoint", "device", "dtype",
               "max_batch_tokens")
@@ -50,7 +49,7 @@ MAY_CHANGE = ("steps", "lr", "warmup", "save_every", "eval_every", "grad_checkpo
 RUN_FILES = ("checkpoint.pt", "log.csv", "prefix.safetensors", "prefix-last.safetensors", "split.json", "loss.png",
              "results.json", "results.md", "bleu.png")
 # The default peak learning rate of each parameterisation (why: README, "Learning rates").
-DEFAULT_LR = {"direct": 1e-2, "reparam": 5e-5}
+DEFAULT_LR = {"direct": 1e-2, "reparam": 5e-5, "prompt": 3e-2}
 
 
 def parse_args(argv=None):
@@ -70,14 +69,18 @@ def parse_args(argv=None):
                     help="padded tokens per forward pass: a step's sequences are packed into as few passes as fit "
                     "(default 3072: GPT-2 XL in bfloat16 then needs about 11 GiB of GPU memory; see README)")
     ap.add_argument("--lr", type=positive_float, help=f"peak learning rate (default {DEFAULT_LR['direct']:g}; "
-                    f"{DEFAULT_LR['reparam']:g} with --reparam)")
+                    f"{DEFAULT_LR['reparam']:g} with --reparam; {DEFAULT_LR['prompt']:g} with --method prompt)")
     ap.add_argument("--warmup", type=natural_int, default=100,
                     help="linear warm-up steps, then linear decay to 0 (default 100)")
+    ap.add_argument("--method", choices=list(METHODS), default="prefix",
+                    help="prefix: learned keys/values in every layer (Li & Liang; default); prompt: learned input "
+                    "embeddings, which take positions like tokens (the reference experiment's method)")
     ap.add_argument("--prefix-len", type=positive_int, default=10, help="virtual tokens per prefix (default 10)")
     ap.add_argument("--max-len", type=positive_int, default=128, help="skip pairs longer than this many tokens (default 128)")
     ap.add_argument("--reparam", action="store_true", help="train through the paper's MLP reparameterisation")
     ap.add_argument("--init", choices=["words", "random"], default="words",
-                    help="start from the model's keys/values for 'French:'/'English:' (default) or random")
+                    help="start from what the model makes of the words 'French:'/'English:' (their keys/values, or "
+                    "with --method prompt their embeddings; default) or random")
     ap.add_argument("--grad-checkpoint", action="store_true", help="recompute activations during backward: less memory, more time")
     ap.add_argument("--save-every", type=positive_int, default=250, help="checkpoint every N steps (default 250)")
     ap.add_argument("--eval-every", type=positive_int,
@@ -96,7 +99,9 @@ def parse_args(argv=None):
         ap.error("--resume continues the run in --out and --overwrite replaces it: give one of them")
     if args.heldout == 0 and not args.no_eval:
         ap.error("--heldout 0 leaves nothing to evaluate: hold some pairs out, or add --no-eval")
-    args.lr = args.lr or DEFAULT_LR["reparam" if args.reparam else "direct"]
+    if args.reparam and args.method != "prefix":
+        ap.error("--reparam trains --method prefix through an MLP; it does not apply to --method prompt")
+    args.lr = args.lr or DEFAULT_LR["prompt" if args.method == "prompt" else "reparam" if args.reparam else "direct"]
     args.eval_every = args.eval_every or args.save_every
     return args
 
@@ -171,37 +176,41 @@ class Batches:
         return [self.examples[i] for i in self.order[k % n]]
 
 
-def micro_batches(examples, max_tokens):
+def micro_batches(examples, max_tokens, extra=0):
     """
     A step's examples packed into forward passes of at most `max_tokens` padded tokens (rows x
-    longest row), shortest first so that rows of a pass have similar lengths. A longer example
-    than the budget still gets a pass of its own.
+    longest row, a row being its tokens plus `extra` positions for prompts), shortest first so
+    that rows of a pass have similar lengths. A longer example than the budget still gets a pass
+    of its own.
     """
     rows = sorted(examples, key=lambda ex: len(ex[0]) + len(ex[1]))
     passes, current = [], []
     for ex in rows:
-        if current and (len(current) + 1) * (len(ex[0]) + len(ex[1])) > max_tokens:
+        if current and (len(current) + 1) * (len(ex[0]) + len(ex[1]) + extra) > max_tokens:
             passes.append(current)
             current = []
         current.append(ex)
     return passes + [current]
 
 
-def mean_loss(model, prefixes, examples, max_batch_tokens, device, backward=False, grad_checkpoint=False, shapes=None):
+def mean_loss(model, prefixes, examples, method, max_batch_tokens, device, backward=False, grad_checkpoint=False,
+              shapes=None):
     """
     The mean loss over all the target tokens of `examples`, in as few forward passes as fit the
     token budget: however they are split, every target token weighs the same. With `backward`,
     the gradient of that mean is accumulated too (an optimizer step's). Returns a tensor: reading
     it would wait for the GPU. `shapes` gets each pass's (rows, length) as it starts.
+    The same for both methods but for the forward pass itself (METHODS[method].hidden).
     """
+    hidden = METHODS[method].hidden
+    extra = METHODS[method].positions(prefixes.shape[4] if method == "prefix" else prefixes.shape[1])
     n_targets = sum(len(tgt) for _, tgt, _, _ in examples)
     total = torch.zeros((), device=device)
-    for micro in micro_batches(examples, max_batch_tokens):
+    for micro in micro_batches(examples, max_batch_tokens, extra):
         idx, src_len, seq_len, sp, tp = make_batch(micro, device)
         if shapes is not None:
-            shapes.append(tuple(idx.shape))
-        h = prefix_hidden(model, prefixes.kv(), idx, src_len, seq_len, sp, tp, grad_checkpoint)
-        loss = target_loss(model, h, idx, src_len, seq_len)
+            shapes.append((idx.size(0), idx.size(1) + extra))
+        loss = target_loss(model, *hidden(model, prefixes(), idx, src_len, seq_len, sp, tp, grad_checkpoint))
         if backward:
             (loss / n_targets).backward()
         total += loss.detach()
@@ -211,7 +220,7 @@ def mean_loss(model, prefixes, examples, max_batch_tokens, device, backward=Fals
 @torch.no_grad()
 def validation_loss(model, prefixes, examples, args, device):
     """The teacher-forced target loss on the validation slice, both directions."""
-    return mean_loss(model, prefixes, examples, args.max_batch_tokens, device).item()
+    return mean_loss(model, prefixes, examples, args.method, args.max_batch_tokens, device).item()
 
 
 def lr_at(step, args):
@@ -309,16 +318,18 @@ def run_folder(out, args):
 
 
 def eval_only(args, device):
-    prefix_path = Path(args.prefix or Path(args.out) / "prefix.safetensors")
-    if not prefix_path.exists():
-        raise UserError(f"no prefix file at {prefix_path}: train one first, or point --prefix at one")
-    _, _, meta = load_prefixes(prefix_path)
-    args.model = args.model or meta.get("model", "gpt2-xl")
+    paths = [Path(p) for p in args.prefix or [Path(args.out) / "prefix.safetensors"]]
+    for path in paths:
+        if not path.exists():
+            raise UserError(f"no prefix file at {path}: train one first, or point --prefix at one")
+    metas = [load_prefixes(path)[2] for path in paths]
+    args.model = args.model or metas[0].get("model", "gpt2-xl")
     cli.note_if_slow(args.model, device)
-    evaluate.check_split(args, meta)
+    for meta in metas:
+        evaluate.check_split(args, meta)
     pairs, split, shots = load_data(args, Path(args.out))
     model = mini_gpt2.from_pretrained(args.model, device=device, dtype=cli.DTYPES[args.dtype])
-    evaluate.run(args, model, prefix_path, [pairs[i] for i in shots], [pairs[i] for i in split.held])
+    evaluate.run(args, model, paths, [pairs[i] for i in shots], [pairs[i] for i in split.held])
     return 0
 
 
@@ -357,7 +368,7 @@ def open_log(path, resume_step):
 
 def write_prefix(path, prefixes, model, args, step, val_loss):
     """A prefix file, with what it was trained for and how it scored on the validation slice."""
-    save_prefixes(path, prefixes.fold(), NAMES, model.config, model=args.model, step=step, val_loss=f"{val_loss:.4f}",
+    save_prefixes(path, prefixes.fold(), NAMES, model.config, args.method, model=args.model, step=step, val_loss=f"{val_loss:.4f}",
                   steps=args.steps, lr=args.lr, batch=args.batch_size, reparam=args.reparam, init=args.init,
                   data=args.data or "kaggle", rows=args.rows, heldout=args.heldout, val_size=args.val_size,
                   seed=args.seed)
@@ -404,7 +415,7 @@ def train_loop(args, model, prefixes, optimizer, batches, val_examples, state, d
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, args)
             step_examples = batches[step]
-            loss = mean_loss(model, prefixes, step_examples, args.max_batch_tokens, device, backward=True,
+            loss = mean_loss(model, prefixes, step_examples, args.method, args.max_batch_tokens, device, backward=True,
                              grad_checkpoint=args.grad_checkpoint, shapes=shapes)
             norm = torch.nn.utils.clip_grad_norm_(prefixes.parameters(), 1.0)
             loss_value, norm = torch.stack([loss, norm.float()]).tolist()  # the step's one wait for the GPU
@@ -500,10 +511,13 @@ def main(argv=None):
 def train(args, out, device):
     state = read_checkpoint(out / "checkpoint.pt", args) if args.resume else None
     n_positions = config_of(args.model).n_positions  # a small file: checked before the large ones load
-    for name, value in (("--prefix-len", args.prefix_len), ("--max-len", args.max_len)):
-        if value > n_positions:
-            what = "a prefix length" if name == "--prefix-len" else "a sequence length"
-            raise UserError(f"{name} {value}: {what} of at most {n_positions} fits this model")
+    taken = METHODS[args.method].positions(args.prefix_len)
+    if args.prefix_len > n_positions or taken + args.max_len > n_positions:
+        with_prompts = f" (the two prompts take {taken} positions, plus --max-len {args.max_len})" if taken else ""
+        raise UserError(f"--prefix-len {args.prefix_len}: too long a prefix length for this model's {n_positions} "
+                        f"positions{with_prompts}")
+    if args.max_len > n_positions:
+        raise UserError(f"--max-len {args.max_len}: a sequence length of at most {n_positions} fits this model")
 
     pairs, split, shots = load_data(args, out)
     if not split.train:
@@ -519,10 +533,11 @@ def train(args, out, device):
     model = mini_gpt2.from_pretrained(args.model, device=device, dtype=cli.DTYPES[args.dtype])
     model.requires_grad_(False)  # GPT-2 stays frozen: only the prefixes learn
 
+    method = METHODS[args.method]
     if args.init == "words":
-        init = init_from_words(model, NAMES, args.prefix_len)
+        init = method.init_from_words(model, NAMES, args.prefix_len)
     else:
-        init = init_random(model, NAMES, args.prefix_len, torch.Generator().manual_seed(args.seed))
+        init = method.init_random(model, NAMES, args.prefix_len, torch.Generator().manual_seed(args.seed))
     prefixes = Prefixes(init, reparam=args.reparam).to(device)
     optimizer = torch.optim.AdamW(prefixes.parameters(), lr=args.lr, weight_decay=0.0)
     if state:
@@ -534,9 +549,9 @@ def train(args, out, device):
                             "start a new run with --overwrite, or use another --out") from None
         print(f"resuming at step {state['step']} of {args.steps}")
     n_params = sum(p.numel() for p in prefixes.parameters())
-    print(f"model {args.model} on {device} in {args.dtype}, frozen; training {n_params:,} parameters for the prefixes "
-          f"({'through the MLP' if args.reparam else 'directly'}, {args.prefix_len} virtual tokens each), "
-          f"peak learning rate {args.lr:g}")
+    how = "input-embedding prompts" if args.method == "prompt" else "prefixes, through the MLP" if args.reparam else "prefixes"
+    print(f"model {args.model} on {device} in {args.dtype}, frozen; training {n_params:,} parameters: {how}, "
+          f"{args.prefix_len} virtual tokens each, peak learning rate {args.lr:g}")
 
     batches = Batches(examples, args.batch_size, args.seed)
     step, history = train_loop(args, model, prefixes, optimizer, batches, val_examples, state, device)
@@ -544,7 +559,7 @@ def train(args, out, device):
         return 130
     report_best(out, prefixes, model, args, history)
     if not args.no_eval:
-        evaluate.run(args, model, out / "prefix.safetensors", [pairs[i] for i in shots], [pairs[i] for i in split.held])
+        evaluate.run(args, model, [out / "prefix.safetensors"], [pairs[i] for i in shots], [pairs[i] for i in split.held])
     return 0
 
 

@@ -43,7 +43,8 @@ def main(argv=None):
     ap = cli.ArgumentParser(prog="translate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("text", nargs="*", help="phrases to translate (default: one per line from stdin)")
     ap.add_argument("--to", choices=["en", "fr"], help="target language (default: the other one)")
-    ap.add_argument("--prefix", default=str(DEFAULT_PREFIX), help=f"prefix file (default {DEFAULT_PREFIX})")
+    ap.add_argument("--prefix", default=str(DEFAULT_PREFIX),
+                    help=f"prefix file, of either --method train.py has (default {DEFAULT_PREFIX})")
     ap.add_argument("--model", help="model size or checkpoint folder (default: the one the prefix was trained for)")
     ap.add_argument("--max-new-tokens", type=positive_int,
                     help="longest translation in tokens (default: twice the input, plus 8)")
@@ -79,7 +80,7 @@ def main(argv=None):
         todo = [i for i, t in enumerate(chunk) if t.strip()]  # a blank line in gives a blank line out
         targets = [args.to or ("en" if guess_language(chunk[i]) == "fr" else "fr") for i in todo]
         try:
-            out = translate(model, kv, names, [chunk[i] for i in todo], targets, args.max_new_tokens,
+            out = translate(model, kv, names, [chunk[i] for i in todo], targets, args.max_new_tokens, meta["method"],
                             temperature=args.temperature, top_k=args.top_k, generator=generator) if todo else []
         except UserError as e:  # number the input among all inputs, not within this batch
             raise UserError(re.sub(r"input (\d+)", lambda m: f"input {b + todo[int(m.group(1)) - 1] + 1}", str(e))) from None

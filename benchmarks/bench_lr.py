@@ -14,6 +14,7 @@ the MLP's 512 hidden units, all of which move: one step moves it many times furt
 """
 
 import os
+import shutil
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -22,19 +23,20 @@ import torch  # noqa: E402
 
 import train  # noqa: E402
 from benchmarks.bench_prefix import examples  # noqa: E402
-from benchmarks.common import SIZES  # noqa: E402
-from mini_gpt2.model import GPT, GPTConfig  # noqa: E402
-from prefix import NAMES, Prefixes, init_random  # noqa: E402
+from benchmarks.common import SIZES, random_checkpoint  # noqa: E402
+from mini_gpt2 import GPTConfig, from_pretrained  # noqa: E402
+from prefix import METHODS, NAMES, Prefixes  # noqa: E402
 
 
-def distances(model, reparam, lr, steps, B, T):
-    """RMS distance of the prefix from its start after each of `steps` AdamW steps (as train.py takes them)."""
-    prefixes = Prefixes(init_random(model, NAMES, 10, torch.Generator().manual_seed(0)), reparam=reparam)
+def distances(model, method, reparam, lr, steps, B, T):
+    """RMS distance of the learned tensor from its start after each of `steps` AdamW steps (as train.py takes them)."""
+    init = METHODS[method].init_random(model, NAMES, 10, torch.Generator().manual_seed(0))
+    prefixes = Prefixes(init, reparam=reparam)
     start = prefixes.fold()
     opt = torch.optim.AdamW(prefixes.parameters(), lr=lr, weight_decay=0.0)
     out = []
     for step in range(steps):
-        train.mean_loss(model, prefixes, examples(B, T, seed=step), 10**9, "cpu", backward=True)
+        train.mean_loss(model, prefixes, examples(B, T, seed=step), method, 10**9, "cpu", backward=True)
         torch.nn.utils.clip_grad_norm_(prefixes.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -53,21 +55,26 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     c = SIZES[args.size]
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=args.layers, n_head=c.n_head, n_embd=c.n_embd)).requires_grad_(False)
-    print(f"{args.size} width ({c.n_head} heads x {c.head_dim}), {args.layers} layers, random weights, prefix length 10, "
-          f"batch 8 x 32 random tokens\n")
-    runs = [("directly", False, 1e-3), ("through the MLP", True, 1e-3),
-            ("directly", False, train.DEFAULT_LR["direct"]), ("through the MLP", True, train.DEFAULT_LR["reparam"])]
+    folder = random_checkpoint(GPTConfig(n_layer=args.layers, n_head=c.n_head, n_embd=c.n_embd))
+    model = from_pretrained(folder, device="cpu").requires_grad_(False)
+    shutil.rmtree(folder, ignore_errors=True)
+    print(f"{args.size} width ({c.n_head} heads x {c.head_dim}), {args.layers} layers, random weights as GPT-2 "
+          f"initialises them, prefix length 10, batch 8 x 32 random tokens\n")
+    runs = [("keys/values directly", "prefix", False, 1e-3), ("keys/values through the MLP", "prefix", True, 1e-3),
+            ("input embeddings (prompt)", "prompt", False, 1e-3),
+            ("keys/values directly", "prefix", False, train.DEFAULT_LR["direct"]),
+            ("keys/values through the MLP", "prefix", True, train.DEFAULT_LR["reparam"]),
+            ("input embeddings (prompt)", "prompt", False, train.DEFAULT_LR["prompt"])]
     marks = [m for m in (1, 10, 30, 100, 300, 1000) if m <= args.steps]
     print("| learned | lr | " + " | ".join(f"after {m} step{'s' * (m > 1)}" for m in marks) + " | per step, in units of lr |")
     print("|---|---:|" + "---:|" * len(marks) + "---:|")
-    for name, reparam, lr in runs:
-        d, scale = distances(model, reparam, lr, args.steps, 8, 32)
+    scales = {}
+    for name, method, reparam, lr in runs:
+        d, scales[name] = distances(model, method, reparam, lr, args.steps, 8, 32)
         print(f"| {name} | {lr:g} | " + " | ".join(f"{d[m - 1]:.2e}" for m in marks) +
               f" | {d[-1] / args.steps / lr:.1f} |", flush=True)
-    print(f"\nRMS distance of the keys/values from their start; their own RMS at the start: {scale:.3f} "
-          "(on random weights; a real model's differ)")
+    print("\nRMS distance of the learned numbers from their start; their own RMS at the start (random weights: a "
+          "real model's differ): " + ", ".join(f"{name} {scale:.3f}" for name, scale in scales.items()))
 
 
 if __name__ == "__main__":

@@ -5,11 +5,13 @@ the same random weights, batch, sequence length and prefix length, in one proces
 
     python benchmarks/bench_prefix.py                     # gpt2 shape on CPU, fp32, 2 threads: batch 8 x 64, P = 16
     python benchmarks/bench_prefix.py --batch-sizes 8 32 --seq-lens 32 64 128 256 --prefix-lens 10 64   # a grid
+    python benchmarks/bench_prefix.py --methods prefix prompt   # both of our methods
     python benchmarks/bench_prefix.py --size gpt2-xl      # the default on CUDA, bf16
 
 Ours runs train.py's own step (train.mean_loss with backward, clipping, AdamW): [source prefix] T/2
-source tokens [target prefix] T/2 target tokens, loss on the target. PEFT runs one prefix before
-all T tokens, loss on all of them (its standard causal-LM setup). The two are timed in turns,
+source tokens [target prefix] T/2 target tokens, loss on the target; with --methods prompt also
+the input-embedding prompts, whose 2P vectors are extra positions with queries in every layer.
+PEFT runs one prefix before all T tokens, loss on all of them (its standard causal-LM setup). All are timed in turns,
 after a warm-up each; the median of --repeats counts. Memory: on CUDA the peak allocated during a
 step beyond the weights; on the CPU the bytes autograd saves for backward (the activations).
 """
@@ -26,7 +28,7 @@ import mini_gpt2  # noqa: E402
 import train  # noqa: E402
 from benchmarks.common import median_times, parser, peak_memory, random_checkpoint, setup  # noqa: E402
 from mini_gpt2 import EOT  # noqa: E402
-from prefix import NAMES, Prefixes, init_random  # noqa: E402
+from prefix import METHODS, NAMES, Prefixes  # noqa: E402
 
 
 class SavedBytes:
@@ -70,13 +72,14 @@ def examples(B, T, seed=0):
     return [(row[:T // 2], row[T // 2:-1] + [EOT], b % 2, 1 - b % 2) for b, row in enumerate(ids)]
 
 
-def our_step(model, P, batch, device, max_batch_tokens=10**9, grad_checkpoint=False):
-    """One optimizer step as train.py takes it."""
-    prefixes = Prefixes(init_random(model, NAMES, P, torch.Generator().manual_seed(0))).to(device)
+def our_step(model, P, batch, device, max_batch_tokens=10**9, grad_checkpoint=False, method="prefix"):
+    """One optimizer step as train.py takes it, with either method."""
+    prefixes = Prefixes(METHODS[method].init_random(model, NAMES, P, torch.Generator().manual_seed(0))).to(device)
     opt = torch.optim.AdamW(prefixes.parameters(), lr=1e-3)
 
     def step():
-        train.mean_loss(model, prefixes, batch, max_batch_tokens, device, backward=True, grad_checkpoint=grad_checkpoint)
+        train.mean_loss(model, prefixes, batch, method, max_batch_tokens, device, backward=True,
+                        grad_checkpoint=grad_checkpoint)
         torch.nn.utils.clip_grad_norm_(prefixes.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -104,16 +107,15 @@ def peft_step(folder, P, idx, device, dtype):
     return step, list(hf.parameters())
 
 
-def compare(folder, model, B, T, P, device, dtype, repeats):
-    """(ours seconds, PEFT seconds, ours bytes, PEFT bytes) for one cell."""
+def compare(folder, model, B, T, P, device, dtype, repeats, methods):
+    """{name: (seconds, bytes)} for ours (each method) and PEFT in one cell."""
     batch = examples(B, T)
     idx = torch.tensor([s + t for s, t, _, _ in batch], device=device)
-    ours = our_step(model, P, batch, device)
-    peft, peft_weights = peft_step(folder, P, idx, device, dtype)
-    times = median_times({"ours": ours, "peft": peft}, repeats, device)
-    mem_ours = memory(ours, device, list(model.parameters()))
-    mem_peft = memory(peft, device, peft_weights)
-    return times["ours"], times["peft"], mem_ours, mem_peft
+    steps = {m: our_step(model, P, batch, device, method=m) for m in methods}
+    steps["PEFT"], peft_weights = peft_step(folder, P, idx, device, dtype)
+    times = median_times(steps, repeats, device)
+    return {name: (times[name], memory(step, device, peft_weights if name == "PEFT" else list(model.parameters())))
+            for name, step in steps.items()}
 
 
 def main():
@@ -121,21 +123,27 @@ def main():
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[8])
     ap.add_argument("--seq-lens", type=int, nargs="+", default=[64], help="real tokens per sequence (default 64)")
     ap.add_argument("--prefix-lens", type=int, nargs="+", default=[16])
+    ap.add_argument("--methods", nargs="+", choices=list(METHODS), default=["prefix"],
+                    help="ours: keys/values in every layer (prefix, default), input-embedding prompts (prompt)")
     args = ap.parse_args()
     device, size, dtype = setup(args)
-    print(f"{size}, random weights, {dtype}, median of {args.repeats} (ours and PEFT in turns)")
+    print(f"{size}, random weights, {dtype}, median of {args.repeats} (all timed in turns)")
     folder = random_checkpoint(size, dtype=dtype, device="cuda" if torch.device(device).type == "cuda" else "cpu")
     what = "peak memory beyond weights" if torch.device(device).type == "cuda" else "activations saved for backward"
-    print(f"\n| batch | T | P | ours tokens/s | PEFT tokens/s | ours / PEFT | ours MiB | PEFT MiB | memory ours / PEFT |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"\n| batch | T | P | method | tokens/s | PEFT tokens/s | ours / PEFT | MiB | PEFT MiB | memory ours / PEFT |")
+    print("|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|")
     try:
         model = mini_gpt2.from_pretrained(folder, device=device, dtype=dtype).requires_grad_(False)
         for B in args.batch_sizes:
             for T in args.seq_lens:
                 for P in args.prefix_lens:
-                    s_ours, s_peft, m_ours, m_peft = compare(folder, model, B, T, P, device, dtype, args.repeats)
-                    print(f"| {B} | {T} | {P} | {B * T / s_ours:.0f} | {B * T / s_peft:.0f} | {s_peft / s_ours:.2f} | "
-                          f"{m_ours / 2**20:.1f} | {m_peft / 2**20:.1f} | {m_ours / m_peft:.2f} |", flush=True)
+                    r = compare(folder, model, B, T, P, device, dtype, args.repeats, args.methods)
+                    (s_peft, m_peft) = r["PEFT"]
+                    for m in args.methods:
+                        s_ours, m_ours = r[m]
+                        print(f"| {B} | {T} | {P} | {m} | {B * T / s_ours:.0f} | {B * T / s_peft:.0f} | "
+                              f"{s_peft / s_ours:.2f} | {m_ours / 2**20:.1f} | {m_peft / 2**20:.1f} | "
+                              f"{m_ours / m_peft:.2f} |", flush=True)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     print(f"\nmemory: {what}")

@@ -42,16 +42,19 @@ def sample_pairs(n):
 
 
 def random_checkpoint(size, dtype=torch.float32, seed=0, device="cpu"):
-    """A folder holding a GPT-2 of the given size with random weights, written by save_pretrained."""
+    """
+    A folder holding a GPT-2 of the given size (a name in SIZES, or a GPTConfig) with random weights
+    as GPT-2 initialises them, written by save_pretrained.
+    """
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    c = SIZES[size]
+    c = SIZES[size] if isinstance(size, str) else size
     torch.manual_seed(seed)
     config = GPT2Config(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, n_positions=c.n_positions,
                         vocab_size=c.vocab_size, layer_norm_epsilon=c.layer_norm_epsilon)
     with torch.device(device):  # random init of 1.5B numbers is much faster on a GPU
         model = GPT2LMHeadModel(config).to(dtype)
-    folder = tempfile.mkdtemp(prefix=f"bench-{size}-")
+    folder = tempfile.mkdtemp(prefix="bench-")
     model.save_pretrained(folder)
     del model
     return folder

@@ -17,7 +17,8 @@ from .tokenizer import EOT
 def generate(model, prompts, max_new_tokens, *, temperature=0.0, top_k=None, stop_ids=(EOT,),
              past_kv=None, past_valid=None, past_positions=None, generator=None):
     """
-    prompts:        list of token-id lists, lengths may differ
+    prompts:        list of token-id lists, lengths may differ; an entry may also be a vector (C,)
+                    that goes in as it is, in place of a token's embedding (a learned prompt)
     max_new_tokens: int, or one int per prompt
     temperature:    0 for greedy; else sample from softmax(logits / temperature), over the top_k if given
     stop_ids:       a row ends when it produces one of these (it is not returned)
@@ -95,10 +96,17 @@ def prefill(model, prompts, past_kv=None, past_valid=None, past_positions=None, 
         past_kv = caches
     idx = torch.zeros(B, T, dtype=torch.long, device=device)
     valid = torch.zeros(B, T, dtype=torch.bool, device=device)  # which entries are real tokens
+    vectors = []  # (row, position, vector) of the entries that are vectors, not token ids
     for b, p in enumerate(prompts):
         if p:
-            idx[b, T - len(p):] = torch.tensor(p, device=device)
+            idx[b, T - len(p):] = torch.tensor([0 if torch.is_tensor(x) else x for x in p], device=device)
             valid[b, T - len(p):] = True
+            vectors += [(b, T - len(p) + i, x) for i, x in enumerate(p) if torch.is_tensor(x)]
+    embeds = None
+    if vectors:
+        embeds = model.wte(idx)
+        rows, positions, xs = zip(*vectors)
+        embeds[list(rows), list(positions)] = torch.stack(xs).to(device=device, dtype=dtype)
     start = torch.tensor([0] * B if past_positions is None else list(past_positions), device=device)
     pos = start[:, None] + (valid.cumsum(1) - 1).clamp(min=0)  # pads get a dummy position, unused
     if past_valid is None:
@@ -108,5 +116,5 @@ def prefill(model, prompts, past_kv=None, past_valid=None, past_positions=None, 
         return None, past_kv, keys_valid, start
     S = keys_valid.size(1)
     causal = torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=S - T)
-    h, cache = model.hidden(idx, past_kv, keys_valid[:, None, :] & causal, pos)
+    h, cache = model.hidden(idx, past_kv, keys_valid[:, None, :] & causal, pos, embeds=embeds)
     return h, cache, keys_valid, start + valid.sum(1)

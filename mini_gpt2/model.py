@@ -164,7 +164,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # GPT-2 reads out with its input embedding matrix
 
-    def hidden(self, idx, past_kv=None, attn_mask=None, position_ids=None, grad_checkpoint=False):
+    def hidden(self, idx, past_kv=None, attn_mask=None, position_ids=None, grad_checkpoint=False, embeds=None):
         """
         The model up to ln_f, plus the cache. Callers that want only some positions' logits
         (generation, the training loss) take `logits` of just those.
@@ -175,6 +175,8 @@ class GPT(nn.Module):
         position_ids: None for P, P+1, ... (the past are earlier tokens), else (B, T) or (T,)
         grad_checkpoint: keep only each block's input for backward and recompute the rest then
                       (less memory, a third more compute); no cache is returned
+        embeds:       None, or (B, T, C) vectors to feed in place of wte(idx): e.g. learned prompt
+                      vectors among the tokens' embeddings
         returns (B, T, C) and the new cache: per layer (k, v) each (B, nh, P + T, hd), or the KVCache
         """
         B, T = idx.shape
@@ -195,7 +197,7 @@ class GPT(nn.Module):
         else:
             mask = None  # one new token may look at everything
 
-        x = self.wte(idx) + self.wpe(position_ids)  # (B, T, C)
+        x = (self.wte(idx) if embeds is None else embeds) + self.wpe(position_ids)  # (B, T, C)
         if grad_checkpoint and torch.is_grad_enabled():
             # Keeping the blocks' keys/values would hold every layer's until the pass ends: we don't.
             for i, block in enumerate(self.h):

@@ -419,7 +419,11 @@ def test_translate_arguments_are_checked_first(call, tmp_path, args, problem):
 
 def test_a_prefix_length_that_does_not_fit_says_so(tiny_ckpt, csv_file, tmp_path, call):
     line = one_line_error(call(train.main, *train_args(tiny_ckpt[0], csv_file, tmp_path / "o", "--prefix-len", 2000)))
-    assert "--prefix-len 2000: a prefix length of at most 1024 fits this model" in line
+    assert "--prefix-len 2000: too long a prefix length for this model's 1024 positions" in line
+    line = one_line_error(call(train.main, *train_args(tiny_ckpt[0], csv_file, tmp_path / "o", "--method", "prompt",
+                                                       "--prefix-len", 500)))
+    assert "--prefix-len 500: too long a prefix length for this model's 1024 positions (the two prompts take 1000 " \
+           "positions, plus --max-len 128)" in line
 
 
 def test_duplicates_are_not_called_too_long(tiny_ckpt, tmp_path, call):

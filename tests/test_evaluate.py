@@ -46,25 +46,31 @@ def test_few_shot_examples_are_aligned_training_pairs_never_held_out():
     assert all(pairs[i][0].split()[1] == pairs[i][1].split()[1] for i in shots)  # each example's two sides match
 
 
-def test_eval_only_end_to_end(tiny_ckpt, csv_file, tmp_path):
+def test_eval_only_end_to_end_with_both_methods(tiny_ckpt, csv_file, tmp_path):
     model = from_pretrained(tiny_ckpt[0], device="cpu")
-    kv = prefix.init_random(model, prefix.NAMES, 3, torch.Generator().manual_seed(0))
-    pfile = tmp_path / "prefix.safetensors"
-    prefix.save_prefixes(pfile, kv, prefix.NAMES, model.config, model=str(tiny_ckpt[0]), data=str(csv_file),
-                         rows=200000, heldout=8, seed=0)
-    r = run("train.py", "--eval-only", "--prefix", pfile, "--data", csv_file, "--heldout", 8, "--eval-size", 3,
-            "--out", tmp_path / "out")
+    g = torch.Generator().manual_seed(0)
+    files = {"prefix": tmp_path / "A.safetensors", "prompt": tmp_path / "B.safetensors"}
+    for method, path in files.items():
+        learned = prefix.METHODS[method].init_random(model, prefix.NAMES, 3, g)
+        prefix.save_prefixes(path, learned, prefix.NAMES, model.config, method, model=str(tiny_ckpt[0]),
+                             data=str(csv_file), rows=200000, heldout=8, seed=0)
+    r = run("train.py", "--eval-only", "--prefix", files["prefix"], files["prompt"], "--data", csv_file, "--heldout", 8,
+            "--eval-size", 3, "--out", tmp_path / "out")
     assert r.returncode == 0, r.stderr
-    assert "| prefix | fr->en | 3 |" in r.stdout and "| 3-shot | both | 6 |" in r.stdout
-    assert "warning" not in r.stdout  # same split settings as the prefix was made with
+    for row in ("| 0-shot | fr->en | 3 |", "| 3-shot | both | 6 |", "| prefix | fr->en | 3 |", "| prompt | en->fr | 3 |"):
+        assert row in r.stdout
+    assert "warning" not in r.stdout  # same split settings as the files were made with
 
     results = json.loads((tmp_path / "out" / "results.json").read_text())
-    keys = [f"{m} {d}" for m in ("prefix", "3-shot") for d in ("fr->en", "en->fr", "both")]
-    assert sorted(results["scores"]) == sorted(keys)
+    rows = ("0-shot", "3-shot", "prefix", "prompt")
+    keys = [f"{m} {d}" for m in rows for d in ("fr->en", "en->fr", "both")]
+    assert list(results["scores"]) == keys  # in this order: the baselines, then the files
     for key in keys:
         figures = results["scores"][key]
         assert set(figures) == {"corpus", "sentence_smoothed", "sentence_whitespace", "pairs"}
         assert all(math.isfinite(v) for v in figures.values())
+    assert [(f["row"], f["method"], f["path"]) for f in results["settings"]["files"]] == \
+        [(m, m, str(path)) for m, path in files.items()]
     assert results["settings"]["model"] == str(tiny_ckpt[0]) and results["settings"]["eval_size"] == 3
 
     # the evaluated sentences are held out: neither trained on nor used as a few-shot example
@@ -74,10 +80,15 @@ def test_eval_only_end_to_end(tiny_ckpt, csv_file, tmp_path):
     shots = {s for ex in results["few_shot_examples"] for s in ex.values()}
     assert evaluated and evaluated <= {s for i in split.held for s in pairs[i]}
     assert not evaluated & ({s for i in split.train + split.val for s in pairs[i]} | shots)
+    assert all(set(rows) <= set(row) for rows_ in results["translations"].values() for row in rows_)
 
     md = (tmp_path / "out" / "results.md").read_text()
-    assert "| method | direction | pairs | corpus BLEU" in md and "- source:" in md and "  - prefix:" in md
+    assert "| method | direction | pairs | corpus BLEU" in md and "- source:" in md and "  - prompt:" in md
 
-    r = run("train.py", "--eval-only", "--prefix", pfile, "--data", csv_file, "--heldout", 6, "--eval-size", 2,
-            "--out", tmp_path / "out2")
+    r = run("train.py", "--eval-only", "--prefix", files["prefix"], "--data", csv_file, "--heldout", 6,
+            "--eval-size", 2, "--out", tmp_path / "out2")
     assert r.returncode == 0 and "warning: the prefix was trained with other --heldout" in r.stdout
+
+
+def test_zero_shot_is_the_prompt_with_no_examples():
+    assert evaluate.few_shot_prompt([], "Le chat dort.", "fr", "en") == "fr: Le chat dort.\nen:"

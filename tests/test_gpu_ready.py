@@ -43,7 +43,7 @@ def some_examples(n=12):
 
 def gradient(model, kv, examples, max_batch_tokens):
     prefixes = Prefixes(kv)
-    loss = train.mean_loss(model, prefixes, examples, max_batch_tokens, "cpu", backward=True)
+    loss = train.mean_loss(model, prefixes, examples, "prefix", max_batch_tokens, "cpu", backward=True)
     return loss, prefixes.prefix.grad
 
 
@@ -78,7 +78,7 @@ def test_the_loss_is_the_mean_over_all_target_tokens(models, kv):
     loss, _ = gradient(model, kv, examples, 40)
     with torch.no_grad():  # one big batch, by hand: every target token's cross-entropy, averaged
         batch = make_batch(examples, "cpu")
-        logits = model.logits(prefix_hidden(model, kv, *batch))
+        logits = model.logits(prefix_hidden(model, kv, *batch)[0])
         idx, src_len, seq_len = batch[:3]
         terms = [torch.nn.functional.cross_entropy(logits[b, src_len[b] - 1:seq_len[b] - 1], idx[b, src_len[b]:seq_len[b]],
                                                    reduction="none") for b in range(len(examples))]

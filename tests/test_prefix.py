@@ -37,7 +37,7 @@ def test_batched_training_forward_equals_decoding_through_the_cache(model, kv):
     batch = make_batch(examples(), "cpu")
     idx, src_len, seq_len, sp, tp = batch
     with torch.no_grad():
-        batched = model.logits(prefix_hidden(model, kv, *batch))  # (B, T, vocab)
+        batched = model.logits(prefix_hidden(model, kv, *batch)[0])  # (B, T, vocab)
         for b, (s, t, si, ti) in enumerate(examples()):
             # reading order: [source prefix] source[:-1], then [target prefix], then the rest
             cache = as_past(kv[si][None])
@@ -75,7 +75,7 @@ def test_greedy_translation_follows_the_training_forward(model, kv):
     for s, si, ti, gen in zip(sources, src, tgt, out):
         batch = make_batch([(s, gen, si, ti)], "cpu")
         with torch.no_grad():
-            logits = model.logits(prefix_hidden(model, kv, *batch))[0]
+            logits = model.logits(prefix_hidden(model, kv, *batch)[0])[0]
         assert logits[len(s) - 1:len(s) - 1 + len(gen)].argmax(-1).tolist() == gen
 
 
@@ -87,7 +87,7 @@ def test_translate_gives_text(model, kv):
 def test_loss_counts_target_tokens_only(model, kv):
     batch = make_batch(examples(), "cpu")
     idx, src_len, seq_len, sp, tp = batch
-    h = prefix_hidden(model, kv, *batch)
+    h = prefix_hidden(model, kv, *batch)[0]
     h2 = h.clone()
     for b in range(3):  # scramble what lies outside the target predictions: the loss must not move
         h2[b, : src_len[b] - 1] = torch.randn_like(h2[b, : src_len[b] - 1])
@@ -108,7 +108,7 @@ def test_training_moves_only_the_prefix_and_halves_the_loss(model, kv, reparam):
     batch = make_batch(examples(), "cpu")
     losses = []
     for _ in range(60):
-        loss = target_loss(model, prefix_hidden(model, prefixes.kv(), *batch), batch[0], batch[1], batch[2])
+        loss = target_loss(model, *prefix_hidden(model, prefixes(), *batch))
         loss.backward()
         assert all(p.grad is None for p in model.parameters())  # gradients reach only the prefix
         assert all(p.grad is not None for p in prefixes.parameters())
@@ -124,7 +124,7 @@ def test_activation_checkpointing_gives_the_same_gradients(model, kv):
     grads = []
     for ckpt in (False, True):
         p = kv.clone().requires_grad_()
-        target_loss(model, prefix_hidden(model, p, *batch, grad_checkpoint=ckpt), *batch[:3]).backward()
+        target_loss(model, *prefix_hidden(model, p, *batch, grad_checkpoint=ckpt)).backward()
         grads.append(p.grad)
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
 

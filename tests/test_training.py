@@ -48,7 +48,7 @@ def test_validation_loss_is_the_teacher_forced_loss_on_the_slice(tiny_ckpt, csv_
     with torch.no_grad():  # one example at a time, by hand: the sum of its target tokens' cross-entropies
         for src, tgt, sp, tp in examples:
             batch = make_batch([(src, tgt, sp, tp)], "cpu")
-            logits = model.logits(prefix_hidden(model, kv, *batch))[0]
+            logits = model.logits(prefix_hidden(model, kv, *batch)[0])[0]
             total += F.cross_entropy(logits[len(src) - 1:len(src) + len(tgt) - 1], torch.tensor(tgt), reduction="sum").item()
             n += len(tgt)
     logged = dict(val_losses(out))[int(meta["step"])]

@@ -1,0 +1,150 @@
+"""
+The reference experiment's own method, input-embedding prompts, beside the key/value prefixes:
+the same training path, the same file format, the identities each initialisation promises.
+"""
+
+import pytest
+import torch
+
+import train
+from mini_gpt2 import EOT, encode, from_pretrained, generate
+from prefix import (METHODS, NAMES, Prefixes, init_from_words, init_word_ids, load_prefixes, make_batch,
+                    prompt_from_words, prompt_hidden, prompt_random, prompt_translate_ids, save_prefixes, target_loss,
+                    translate)
+from tests.conftest import one_line_error, train_args
+from tests.test_prefix import examples
+
+
+@pytest.fixture(scope="module")
+def model(tiny_ckpt):
+    return from_pretrained(tiny_ckpt[0], device="cpu").requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def prompts(model):
+    return prompt_random(model, NAMES, 4, torch.Generator().manual_seed(0))  # (2, 4, C)
+
+
+def test_prompt_shape_is_input_embeddings(model, prompts):
+    assert prompts.shape == (2, 4, model.config.n_embd)
+    assert METHODS["prompt"].positions(4) == 8 and METHODS["prefix"].positions(4) == 0
+
+
+def test_batched_prompt_forward_equals_decoding_through_the_cache(model, prompts):
+    batch = make_batch(examples(), "cpu")
+    with torch.no_grad():
+        h, tokens, src_len, seq_len = prompt_hidden(model, prompts, *batch)
+        batched = model.logits(h)  # (B, T + 2P, vocab)
+        P = prompts.size(1)
+        for b, (s, t, si, ti) in enumerate(examples()):
+            # reading order, one slot at a time: [source prompt] source [target prompt] target
+            slots = [prompts[si, j] for j in range(P)] + s + [prompts[ti, j] for j in range(P)] + t
+            cache = None
+            for pos, slot in enumerate(slots):
+                tok = torch.tensor([[0 if torch.is_tensor(slot) else slot]])
+                emb = slot.view(1, 1, -1) if torch.is_tensor(slot) else None
+                h1, cache = model.hidden(tok, cache, position_ids=torch.tensor([[pos]]), embeds=emb)
+                assert (model.logits(h1)[0, 0] - batched[b, pos]).abs().max().item() <= 1e-5
+            assert src_len[b] == len(s) + 2 * P and seq_len[b] == len(s) + len(t) + 2 * P
+
+
+def test_prompt_loss_counts_the_target_tokens_predicted_after_the_target_prompt(model, prompts):
+    batch = make_batch(examples(), "cpu")
+    with torch.no_grad():
+        h, tokens, src_len, seq_len = prompt_hidden(model, prompts, *batch)
+        logits = model.logits(h)
+        P, total = prompts.size(1), 0.0
+        for b, (s, t, _, _) in enumerate(examples()):
+            first = 2 * P + len(s) - 1  # the target prompt's last vector predicts the first target token
+            total += torch.nn.functional.cross_entropy(logits[b, first:first + len(t)], torch.tensor(t), reduction="sum")
+        assert torch.allclose(target_loss(model, h, tokens, src_len, seq_len), total, atol=1e-4)
+
+
+def test_a_prompt_from_words_reads_exactly_as_the_words(model):
+    """Initialised from "French:", the prompt gives the logits of the text " French: French:..." itself."""
+    P = 4
+    learned = prompt_from_words(model, NAMES, P)
+    words = init_word_ids(NAMES[0], P)
+    text = encode(" Bonjour, le monde.")
+    with torch.no_grad():
+        as_text = model(torch.tensor([words + text]))
+        tokens = torch.tensor([[0] * P + text])
+        embeds = torch.cat([learned[0], model.wte(torch.tensor(text))])[None]
+        as_prompt = model.logits(model.hidden(tokens, embeds=embeds)[0])
+    assert torch.equal(as_prompt, as_text)
+    rows = [[*learned[0], *text]]
+    assert generate(model, rows, 6, stop_ids=()) == generate(model, [words + text], 6, stop_ids=())
+
+
+def test_a_prefix_from_words_holds_the_words_keys_and_values(tiny_ckpt, model):
+    """Initialised from "French:", the prefix is the keys/values transformers' GPT-2 makes for that text."""
+    P = 4
+    kv = init_from_words(model, NAMES, P)  # (2, L, 2, nh, P, hd)
+    ref = tiny_ckpt[1]
+    for i, name in enumerate(NAMES):
+        with torch.no_grad():
+            past = ref(torch.tensor([init_word_ids(name, P)]), use_cache=True).past_key_values
+        for layer in range(model.config.n_layer):
+            k, v = (past[layer][0], past[layer][1]) if isinstance(past, tuple) else (past.layers[layer].keys,
+                                                                                    past.layers[layer].values)
+            assert torch.allclose(kv[i, layer, 0], k[0], atol=1e-5) and torch.allclose(kv[i, layer, 1], v[0], atol=1e-5)
+
+
+def test_training_moves_only_the_prompts(model, prompts):
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    learned = Prefixes(prompts)
+    opt = torch.optim.AdamW(learned.parameters(), lr=0.05, weight_decay=0)
+    batch = make_batch(examples(), "cpu")
+    losses = []
+    for _ in range(40):
+        loss = target_loss(model, *prompt_hidden(model, learned(), *batch))
+        loss.backward()
+        assert all(p.grad is None for p in model.parameters())  # gradients reach only the prompts
+        assert learned.prefix.grad is not None and learned.prefix.grad.abs().sum() > 0
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] <= losses[0] * 2 / 3, losses[::10]  # it learns (less than the prefixes do: see test_prefix)
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())  # bit-identical
+
+
+def test_prompt_decoding_follows_the_training_forward(model, prompts):
+    sources = [encode(" Bonjour! Je m'appelle Sully."), encode(" Merci"), encode(" Hello! My name is Sully, hi.")]
+    src, tgt = [0, 0, 1], [1, 1, 0]
+    out = prompt_translate_ids(model, prompts, sources, src, tgt, max_new_tokens=6)
+    P = prompts.size(1)
+    for s, si, ti, gen in zip(sources, src, tgt, out):
+        batch = make_batch([(s, gen + [EOT], si, ti)], "cpu")
+        with torch.no_grad():
+            logits = model.logits(prompt_hidden(model, prompts, *batch)[0])[0]
+        first = 2 * P + len(s) - 1
+        assert logits[first:first + len(gen)].argmax(-1).tolist() == gen
+
+
+def test_one_file_format_for_both(tmp_path, model, prompts):
+    path = tmp_path / "p.safetensors"
+    save_prefixes(path, prompts, NAMES, model.config, "prompt", model="tiny")
+    learned, names, meta = load_prefixes(path, model.config)
+    assert torch.equal(learned, prompts) and meta["method"] == "prompt" and meta["prefix_len"] == "4"
+    assert len(translate(model, learned, names, ["Bonjour"], ["en"], 3, meta["method"])) == 1
+    kv = init_from_words(model, NAMES, 4)
+    save_prefixes(path, kv, NAMES, model.config, "prefix")
+    assert load_prefixes(path)[2]["method"] == "prefix"
+
+
+def test_train_and_translate_with_prompts(tiny_ckpt, csv_file, tmp_path, call):
+    import translate as translate_script
+
+    out = tmp_path / "run"
+    r = call(train.main, *train_args(tiny_ckpt[0], csv_file, out, "--method", "prompt", "--steps", 2))
+    assert r.returncode == 0, r.stderr
+    assert "input-embedding prompts" in r.stdout and "| prompt | both |" in r.stdout and "| 0-shot | both |" in r.stdout
+    assert load_prefixes(out / "prefix.safetensors")[2]["method"] == "prompt"
+    r = call(translate_script.main, "--prefix", out / "prefix.safetensors", "--max-new-tokens", 3, "Bonjour", "Hello")
+    assert r.returncode == 0 and len(r.stdout.splitlines()) == 2, r.stderr
+
+
+def test_prompt_arguments(call, tmp_path):
+    assert train.parse_args(["--method", "prompt"]).lr == train.DEFAULT_LR["prompt"]
+    r = call(train.main, "--method", "prompt", "--reparam", "--out", tmp_path / "o")
+    assert "--reparam trains --method prefix through an MLP" in one_line_error(r, status=2)
