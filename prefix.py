@@ -309,12 +309,14 @@ class Method:
     init_random: Callable      # (model, names, P, generator) -> the same, random
     hidden: Callable           # the training forward over a batch (see prefix_hidden)
     translate_ids: Callable    # decoding
+    prefix_len: Callable       # the learned tensor's shape -> P, its virtual tokens per prefix
     positions: Callable        # P -> how many of GPT-2's positions the learned vectors take in a sequence
 
 
 METHODS = {
-    "prefix": Method(init_from_words, init_random, prefix_hidden, translate_ids, lambda P: 0),
-    "prompt": Method(prompt_from_words, prompt_random, prompt_hidden, prompt_translate_ids, lambda P: 2 * P),
+    "prefix": Method(init_from_words, init_random, prefix_hidden, translate_ids, lambda shape: shape[4], lambda P: 0),
+    "prompt": Method(prompt_from_words, prompt_random, prompt_hidden, prompt_translate_ids, lambda shape: shape[1],
+                     lambda P: 2 * P),
 }
 
 
@@ -324,9 +326,9 @@ def save_prefixes(path, learned, names, model_config, method="prefix", **metadat
     """One safetensors file for either method: the learned tensor as it is used, and what it was made for."""
     if not bool(torch.isfinite(learned).all()):
         raise UserError(f"the prefixes hold NaN or inf values; {path} was not written")
-    P = learned.shape[4] if method == "prefix" else learned.shape[1]
     meta = {"method": method, "names": json.dumps(list(names)), "n_layer": str(model_config.n_layer),
-            "n_head": str(model_config.n_head), "n_embd": str(model_config.n_embd), "prefix_len": str(P),
+            "n_head": str(model_config.n_head), "n_embd": str(model_config.n_embd),
+            "prefix_len": str(METHODS[method].prefix_len(learned.shape)),
             "model_vocab": str(model_config.vocab_size)}
     meta.update({k: str(v) for k, v in metadata.items()})
     write_bytes(path, save({"prefixes": learned.detach().float().cpu().contiguous()}, metadata=meta))

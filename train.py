@@ -1,6 +1,7 @@
 """
-Train the [start_french] / [start_english] prefixes on a frozen GPT-2, then compare them with
-3-shot prompting of the same model on held-out pairs (evaluate.py).
+Train the [start_french] / [start_english] prefixes (or, with --method prompt, input-embedding
+prompts) on a frozen GPT-2, then compare them with zero-shot and 3-shot prompting of the same
+model on held-out pairs (evaluate.py).
 
     python train.py                              # the reference experiment: GPT-2 XL, 200,000 pairs
     python train.py --model gpt2 --data pairs.csv --steps 200    # small, runs on a CPU
@@ -203,7 +204,7 @@ def mean_loss(model, prefixes, examples, method, max_batch_tokens, device, backw
     The same for both methods but for the forward pass itself (METHODS[method].hidden).
     """
     hidden = METHODS[method].hidden
-    extra = METHODS[method].positions(prefixes.shape[4] if method == "prefix" else prefixes.shape[1])
+    extra = METHODS[method].positions(METHODS[method].prefix_len(prefixes.shape))
     n_targets = sum(len(tgt) for _, tgt, _, _ in examples)
     total = torch.zeros((), device=device)
     for micro in micro_batches(examples, max_batch_tokens, extra):
@@ -538,6 +539,7 @@ def train(args, out, device):
         init = method.init_from_words(model, NAMES, args.prefix_len)
     else:
         init = method.init_random(model, NAMES, args.prefix_len, torch.Generator().manual_seed(args.seed))
+    torch.manual_seed(args.seed)  # the MLP of --reparam starts random
     prefixes = Prefixes(init, reparam=args.reparam).to(device)
     optimizer = torch.optim.AdamW(prefixes.parameters(), lr=args.lr, weight_decay=0.0)
     if state:

@@ -41,10 +41,11 @@ def some_examples(n=12):
     return train.make_examples(pairs, 128)[0][:n]
 
 
-def gradient(model, kv, examples, max_batch_tokens):
-    prefixes = Prefixes(kv)
-    loss = train.mean_loss(model, prefixes, examples, "prefix", max_batch_tokens, "cpu", backward=True)
-    return loss, prefixes.prefix.grad
+def gradient(model, learned, examples, max_batch_tokens, method="prefix", reparam=False):
+    torch.manual_seed(0)  # the MLP of --reparam starts random: the same each time
+    prefixes = Prefixes(learned, reparam=reparam)
+    loss = train.mean_loss(model, prefixes, examples, method, max_batch_tokens, "cpu", backward=True)
+    return loss, torch.cat([p.grad.flatten() for p in prefixes.parameters()])
 
 
 def test_micro_batches_fit_the_budget():
@@ -65,10 +66,12 @@ def test_typical_steps_take_one_or_two_passes():
         assert len(train.micro_batches(examples, args.max_batch_tokens)) <= 2
 
 
-def test_packing_gives_the_gradient_of_one_pass(models, kv):
-    examples = some_examples()
-    one_loss, one = gradient(models[torch.float32], kv, examples, 10**6)
-    loss, packed = gradient(models[torch.float32], kv, examples, 40)
+@pytest.mark.parametrize("method,reparam", [("prefix", False), ("prefix", True), ("prompt", False)])
+def test_packing_gives_the_gradient_of_one_pass(models, kv, method, reparam):
+    model, examples = models[torch.float32], some_examples()
+    learned = kv if method == "prefix" else prefix.prompt_random(model, NAMES, 4, torch.Generator().manual_seed(0))
+    one_loss, one = gradient(model, learned, examples, 10**6, method, reparam)
+    loss, packed = gradient(model, learned, examples, 40, method, reparam)
     assert len(train.micro_batches(examples, 40)) >= 4
     assert torch.allclose(loss, one_loss, atol=1e-5) and torch.allclose(packed, one, atol=1e-6, rtol=1e-4)
 
