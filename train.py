@@ -465,7 +465,7 @@ def train_loop(args, model, prefixes, optimizer, batches, val_examples, state, d
                             f"--max-batch-tokens {max(1, args.max_batch_tokens // 2)}, or --grad-checkpoint. "
                             f"Stopped at step {step}; {kept}") from None
         if isinstance(e, (UserError, OSError)):
-            problem = os_problem(e, e.filename, "using") if isinstance(e, OSError) else str(e)
+            problem = os_problem(e, e.filename or "a file", "using") if isinstance(e, OSError) else str(e)
             raise UserError(f"{problem}. Stopped at step {step}; {kept}") from None
         print(f"\nstopped by an error at step {step}; {kept}", file=sys.stderr)
         raise

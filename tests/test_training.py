@@ -143,11 +143,13 @@ def test_a_run_still_improving_says_so(tiny_ckpt, csv_file, tmp_path, capsys, mo
 
 def test_learning_rate_defaults_differ_as_documented():
     direct, reparam = train.parse_args([]).lr, train.parse_args(["--reparam"]).lr
-    assert (direct, reparam) == (train.DEFAULT_LR["direct"], train.DEFAULT_LR["reparam"]) and direct / reparam >= 100
+    prompt = train.parse_args(["--method", "prompt"]).lr
+    assert (direct, reparam, prompt) == tuple(train.DEFAULT_LR[k] for k in ("direct", "reparam", "prompt"))
+    assert direct / reparam >= 100
     assert train.parse_args(["--reparam", "--lr", "0.003"]).lr == 0.003
     readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("### Learning rates"):]
-    assert f"`{direct:g}`" in section and f"`{reparam:g}`" in section
+    section = readme[readme.index("### Learning rates"):readme.index("### Memory and precision")]
+    assert f"`{direct:g}`" in section and f"`{reparam:g}`" in section and f"`{prompt:g}`" in section
 
 
 def is_png(path):
