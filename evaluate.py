@@ -1,6 +1,6 @@
 """
-The comparison: the learned prefixes against 3-shot prompting of the same frozen GPT-2, by BLEU,
-on held-out pairs, in both directions.
+The comparison: learned prefixes (or prompts) against zero-shot and 3-shot prompting of the same
+frozen GPT-2, by BLEU, on held-out pairs, in both directions.
 
 3-shot prompting gives the model three real translation pairs from the training split, then the
 sentence to translate, and lets it continue greedily until the end of the line:
@@ -17,10 +17,11 @@ sentence to translate, and lets it continue greedily until the end of the line:
     fr: <the sentence>
     en:
 
-(with en/fr swapped for English to French). Both methods decode greedily with the same length
-limit. BLEU is NLTK's, on tokens made by `bleu_tokens` (words and punctuation marks apart).
+(with en/fr swapped for English to French); zero-shot is the same with no examples. Every method
+decodes greedily with the same length limit. BLEU is NLTK's, on tokens made by `bleu_tokens`
+(words and punctuation marks apart).
 
-    python train.py --eval-only --prefix runs/prefix/prefix.safetensors
+    python train.py --eval-only --prefix runs/prefix/prefix.safetensors [runs/prompt/prefix.safetensors ...]
 """
 
 import json
@@ -47,7 +48,7 @@ N_EXAMPLES = 5  # examples per direction in results.md
 
 
 def add_args(ap):
-    g = ap.add_argument_group("evaluation (prefix against few-shot prompting)")
+    g = ap.add_argument_group("evaluation (prefix files against zero- and few-shot prompting)")
     g.add_argument("--eval-only", action="store_true", help="skip training; evaluate the prefix files given by --prefix")
     g.add_argument("--prefix", nargs="+", help="prefix (or prompt) files for --eval-only, each a row of the table "
                    "(default: --out/prefix.safetensors)")
@@ -83,7 +84,7 @@ def bleu_scores(hypotheses, references):
     return {k: 100 * v for k, v in scores.items()}
 
 
-# ----------------------------------------------------------------------------- the two methods
+# ----------------------------------------------------------------------------- the methods compared
 
 def few_shot_indices(pairs, candidates, shots, seed):
     """

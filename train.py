@@ -424,7 +424,7 @@ def train_loop(args, model, prefixes, optimizer, batches, val_examples, state, d
             if not (math.isfinite(loss_value) and math.isfinite(norm)):
                 what = f"the loss became {loss_value}" if not math.isfinite(loss_value) else f"the gradient became {norm}"
                 todo = (f"the last good checkpoint (step {saved}) is {checkpoint_path}: --resume with a lower --lr"
-                        if saved else f"nothing was saved: run again with a lower --lr and --overwrite")
+                        if saved else "nothing was saved: run again with a lower --lr and --overwrite")
                 raise LossNotFinite(f"{what} at step {step + 1}; stopped, and {todo}")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -116,7 +116,6 @@ def decoding_rows(folder, model, device, dtype, new_tokens, repeats):
         n = B * new_tokens
         rows.append(("greedy decoding", f"batch {B}, {new_tokens} new tokens after 16", f"{n / t['ours']:,.1f} tokens/s",
                      f"transformers {n / t['hf']:,.1f} tokens/s", f"{t['hf'] / t['ours']:.2f}"))
-    del hf
     return rows
 
 

@@ -86,7 +86,7 @@ def main():
         print(f"logits on 4 x 128 random tokens: max |difference| {(a - b).abs().max().item():.3g} "
               f"(largest logit {b.abs().max().item():.3g}), same top token {(a.argmax(-1) == b.argmax(-1)).float().mean().item():.1%}")
 
-        print(f"\n| batch | mini_gpt2 tokens/s | transformers tokens/s | ratio | same tokens |")
+        print("\n| batch | mini_gpt2 tokens/s | transformers tokens/s | ratio | same tokens |")
         print("|---:|---:|---:|---:|---:|")
         g = torch.Generator().manual_seed(0)
         for B in args.batch_sizes:
@@ -108,7 +108,6 @@ def main():
             same = sum(a == b for r, q in zip(out["ours"], out["hf"]) for a, b in zip(r, q)) / n
             print(f"| {B} | {n / times['ours']:.1f} | {n / times['hf']:.1f} | {times['hf'] / times['ours']:.2f} | {same:.0%} |",
                   flush=True)
-        del hf
 
         plain, shared, same = few_shot_speed(ours, args.eval_sentences, 16, args.repeats, device)
         print(f"\n3-shot evaluation, {args.eval_sentences} sentences fr->en, batches of 16: plain prompts "

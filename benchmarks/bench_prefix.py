@@ -130,7 +130,7 @@ def main():
     print(f"{size}, random weights, {dtype}, median of {args.repeats} (all timed in turns)")
     folder = random_checkpoint(size, dtype=dtype, device="cuda" if torch.device(device).type == "cuda" else "cpu")
     what = "peak memory beyond weights" if torch.device(device).type == "cuda" else "activations saved for backward"
-    print(f"\n| batch | T | P | method | tokens/s | PEFT tokens/s | ours / PEFT | MiB | PEFT MiB | memory ours / PEFT |")
+    print("\n| batch | T | P | method | tokens/s | PEFT tokens/s | ours / PEFT | MiB | PEFT MiB | memory ours / PEFT |")
     print("|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|")
     try:
         model = mini_gpt2.from_pretrained(folder, device=device, dtype=dtype).requires_grad_(False)

@@ -100,7 +100,7 @@ def _fix(path):
     """What to do about a damaged model file."""
     if in_cache(path):
         return f"delete {path} and run again to download it anew"
-    return "replace it with the file as released (e.g. from https://huggingface.co/openai-community/gpt2-xl)"
+    return "replace it with the file as released on the Hugging Face hub (openai-community/<size>)"
 
 
 def from_pretrained(name_or_path, device=None, dtype=None):

@@ -174,7 +174,7 @@ class GPT(nn.Module):
         attn_mask:    None for plain causal attention after the past, else bool (B, T, P + T)
         position_ids: None for P, P+1, ... (the past are earlier tokens), else (B, T) or (T,)
         grad_checkpoint: keep only each block's input for backward and recompute the rest then
-                      (less memory, a third more compute); no cache is returned
+                      (less memory, one more forward pass of compute); no cache is returned
         embeds:       None, or (B, T, C) vectors to feed in place of wte(idx): e.g. learned prompt
                       vectors among the tokens' embeddings
         returns (B, T, C) and the new cache: per layer (k, v) each (B, nh, P + T, hd), or the KVCache

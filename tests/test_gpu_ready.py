@@ -15,9 +15,9 @@ import torch
 import evaluate
 import prefix
 import train
-from mini_gpt2 import EOT, encode, from_pretrained, generate
-from prefix import NAMES, Prefixes, init_random, make_batch, prefix_hidden, target_loss, translate
-from tests.conftest import ROOT, fail_in_step, one_line_error, run, train_args
+from mini_gpt2 import encode, from_pretrained, generate
+from prefix import NAMES, Prefixes, init_random, make_batch, prefix_hidden, translate
+from tests.conftest import fail_in_step, one_line_error, run, train_args
 
 
 @pytest.fixture(scope="module")
