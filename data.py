@@ -47,6 +47,8 @@ def read_pairs(path, limit=DEFAULT_ROWS):
         with open(path, encoding="utf-8-sig", newline="") as f:  # utf-8-sig: a BOM, if any, is dropped
             return parse_pairs(f, limit, str(path))
     except UnicodeDecodeError as e:
+        if e.object[:4] == b"PK\x03\x04":
+            raise UserError(f"{path} is a zip archive: unzip it and pass the CSV inside with --data") from None
         raise UserError(f"{path} is not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r}); "
                         "save it as UTF-8 (e.g. iconv -f latin1 -t utf-8) and pass that file") from None
     except OSError as e:

@@ -98,6 +98,10 @@ def parse_args(argv=None):
     cli.settle_device(ap, args)
     if args.resume and args.overwrite:
         ap.error("--resume continues the run in --out and --overwrite replaces it: give one of them")
+    if args.eval_only and (args.resume or args.overwrite):
+        ap.error("--eval-only trains nothing, so --resume and --overwrite do not apply")
+    if args.prefix and not args.eval_only:
+        ap.error("--prefix names the files --eval-only evaluates; a training run evaluates its own")
     if args.heldout == 0 and not args.no_eval:
         ap.error("--heldout 0 leaves nothing to evaluate: hold some pairs out, or add --no-eval")
     if args.reparam and args.method != "prefix":

@@ -62,7 +62,10 @@ def main(argv=None):
     if not prefix_path.exists():
         raise UserError(f"no prefix file at {prefix_path}: train one first with `python train.py` "
                         "(or point --prefix at one)")
-    texts = args.text or [line.rstrip("\n") for line in sys.stdin]
+    try:
+        texts = args.text or [line.rstrip("\n") for line in sys.stdin]
+    except UnicodeDecodeError:
+        raise UserError("the text on stdin is not UTF-8: convert it (e.g. iconv -f latin1 -t utf-8)") from None
     if not texts:
         raise UserError("nothing to translate: give phrases as arguments or one per line on stdin")
 

@@ -9,6 +9,9 @@ import io
 import json
 import os
 import shutil
+import subprocess
+import sys
+import zipfile
 
 import pytest
 import torch
@@ -20,7 +23,7 @@ import prefix
 import train
 import translate
 from mini_gpt2 import UserError, files
-from tests.conftest import fail_in_step, make_checkpoint, one_line_error, run, train_args
+from tests.conftest import ROOT, fail_in_step, make_checkpoint, one_line_error, run, train_args
 from tests.http_server import Hub
 
 
@@ -165,7 +168,7 @@ def test_prefixes_that_are_not_finite_are_never_written(tmp_path, tiny_config):
 
 @pytest.mark.parametrize("content,problem", [
     ("folder", "is a folder"), ("latin-1", "is not UTF-8 text"), ("", "header naming the columns en and fr"),
-    ("binary", "is not UTF-8 text")])
+    ("binary", "is not UTF-8 text"), ("zip", "is a zip archive: unzip it")])
 def test_bad_csv_is_one_line(tiny_ckpt, tmp_path, call, content, problem):
     path = tmp_path / "pairs.csv"
     if content == "folder":
@@ -174,10 +177,21 @@ def test_bad_csv_is_one_line(tiny_ckpt, tmp_path, call, content, problem):
         path.write_bytes("en,fr\nSummer,Été\nCoffee,Café\n".encode("latin-1"))
     elif content == "binary":
         path.write_bytes(bytes(range(256)) * 20)
+    elif content == "zip":
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:  # the Kaggle download, not unzipped
+            z.writestr("en-fr.csv", "en,fr\n" + "Hello,Bonjour\n" * 1000)
     else:
         path.write_text(content)
     line = one_line_error(call(train.main, *train_args(tiny_ckpt[0], path, tmp_path / "out")))
     assert str(path) in line and problem in line
+
+
+def test_stdin_that_is_not_utf8_is_one_line(tiny_ckpt, tiny_config, tmp_path):
+    path = write_prefix(tmp_path / "p.safetensors", tiny_config, model=str(tiny_ckpt[0]))
+    r = subprocess.run([sys.executable, str(ROOT / "translate.py"), "--prefix", str(path)], input="Été\n".encode("latin-1"),
+                       capture_output=True, cwd=ROOT, env=os.environ | {"PYTHONIOENCODING": "utf-8:strict"}, timeout=300)
+    r = subprocess.CompletedProcess(r.args, r.returncode, r.stdout.decode(), r.stderr.decode())
+    assert "the text on stdin is not UTF-8" in one_line_error(r)
 
 
 # ----------------------------------------------------------------------------- 2. folders written
@@ -401,7 +415,9 @@ def test_log_that_is_not_a_log_is_named_on_resume(run_copy, tiny_ckpt, csv_file,
     (["--lr", "nan"], "argument --lr"), (["--lr", "inf"], "argument --lr"), (["--lr", "-1e-3"], "argument --lr"),
     (["--steps", "0"], "argument --steps"), (["--device", "cuda:1"], "argument --device: cuda:1"),
     (["--device", "mps"], "argument --device: mps"), (["--device", "gpu"], "argument --device: 'gpu' is not a device"),
-    (["--heldout", "0"], "--heldout 0 leaves nothing to evaluate"), (["--resume", "--overwrite"], "give one of them")])
+    (["--heldout", "0"], "--heldout 0 leaves nothing to evaluate"), (["--resume", "--overwrite"], "give one of them"),
+    (["--eval-only", "--overwrite"], "--resume and --overwrite do not apply"), (["--prefix", "p.safetensors"], "--eval-only"),
+    (["--method", "prompt", "--reparam"], "does not apply to --method prompt")])
 def test_train_arguments_are_checked_first(call, tmp_path, args, problem):
     r = call(train.main, "--model", tmp_path / "not-loaded", "--out", tmp_path / "o", *args)
     assert problem in one_line_error(r, status=2)
