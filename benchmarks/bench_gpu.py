@@ -9,7 +9,8 @@ Rows:
 - bf16 against fp32 logits (the same weights), and how often greedy decoding picks the same tokens;
 - a training step as train.py takes it (32 sequences at the default --max-batch-tokens, and half
   and twice that budget), with and without --grad-checkpoint: tokens/s, MFU, peak memory; and
-  PEFT's prefix tuning on the same batch (no checkpointing), with the ratio;
+  PEFT's prefix tuning on the same batch (no checkpointing), with the ratio; at the default, also
+  with the attention written out instead of the fused kernel a GPU runs (model.py);
 - greedy decoding at batch 1 and 16, ours against transformers' generate;
 - evaluation: sentences/s for the prefixes and for 3-shot prompting.
 
@@ -65,30 +66,49 @@ def precision_rows(folder, device, prompts):
             ("bf16 vs fp32 greedy tokens", f"{len(prompts)} x 32 new tokens", f"{same:.1%} the same", "", "")]
 
 
+def set_fused_attention(model, on):
+    for block in model.h:
+        block.attn.fused_on_gpu = on
+
+
 def training_rows(folder, model, device, dtype, seq_len, repeats):
     rows, default = [], 32 * seq_len  # train.py's default batch of 32 sequences, one pass
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     peak = peak_tflops(device)
+
+    def cells(step, batch, ckpt, seconds):
+        tokens = len(batch) * seq_len
+        flops = step_flops(model.config, batch, ckpt) / seconds
+        mfu = f", MFU {flops / (peak * 1e12):.0%}" if peak else ""
+        extra = peak_memory(step, device)  # beyond what was allocated before: the weights, PEFT's model
+        mem = f", peak {(extra + weights) / 2**30:.1f} GiB with the weights" if extra is not None else ""
+        return tokens, f"{tokens / seconds:,.0f} tokens/s ({flops / 1e12:.3g} TFLOP/s{mfu}{mem})"
+
     for budget in (default // 2, default, 2 * default):
         batch = examples(budget // seq_len, seq_len)
         idx = torch.tensor([s + t for s, t, _, _ in batch], device=device)
+        setting = f"{len(batch)} x {seq_len} tokens, budget {budget}{' (default)' if budget == default else ''}"
         peft, _ = peft_step(folder, 10, idx, device, dtype)
         for ckpt in (False, True):
             ours = our_step(model, 10, batch, device, max_batch_tokens=budget, grad_checkpoint=ckpt)
             fns = {"ours": ours} if ckpt else {"ours": ours, "peft": peft}
             times = median_times(fns, repeats, device)
-            extra = peak_memory(ours, device)  # beyond what was allocated before: the weights, PEFT's model
-            tokens = len(batch) * seq_len
-            flops = step_flops(model.config, batch, ckpt) / times["ours"]
-            mfu = f", MFU {flops / (peak * 1e12):.0%}" if peak else ""
-            mem = f", peak {(extra + weights) / 2**30:.1f} GiB with the weights" if extra is not None else ""
-            setting = f"{len(batch)} x {seq_len} tokens, budget {budget}{' (default)' if budget == default else ''}"
-            ours_cell = f"{tokens / times['ours']:,.0f} tokens/s ({flops / 1e12:.3g} TFLOP/s{mfu}{mem})"
+            tokens, cell = cells(ours, batch, ckpt, times["ours"])
             if ckpt:
-                rows.append(("prefix training, --grad-checkpoint", setting, ours_cell, "", ""))
+                rows.append(("prefix training, --grad-checkpoint", setting, cell, "", ""))
             else:
-                rows.append(("prefix training", setting, ours_cell, f"PEFT {tokens / times['peft']:,.0f} tokens/s",
+                rows.append(("prefix training", setting, cell, f"PEFT {tokens / times['peft']:,.0f} tokens/s",
                              f"{times['peft'] / times['ours']:.2f}"))
+        if budget == default:
+            # What the fused attention kernel buys on this device: the same step, attention written out.
+            written = our_step(model, 10, batch, device, max_batch_tokens=budget)
+            set_fused_attention(model, False)
+            try:
+                t = median_times({"ours": written}, repeats, device)["ours"]
+                _, cell = cells(written, batch, False, t)
+            finally:
+                set_fused_attention(model, True)
+            rows.append(("prefix training, attention written out", setting, cell, "", ""))
         del peft
         if torch.device(device).type == "cuda":
             torch.cuda.empty_cache()

@@ -78,6 +78,20 @@ def mask_bias(visible, dtype):
     return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, torch.finfo(dtype).min)
 
 
+def attention(q, k, v, mask=None):
+    """
+    softmax(q k^T / sqrt(hd) + mask) v, written out: every query (B, nh, T, hd) against every key
+    (B, nh, S, hd) -> (B, nh, T, hd). mask as in CausalSelfAttention.forward.
+    """
+    # (B, nh, T, hd) @ (B, nh, hd, S) -> (B, nh, T, S), scaled by 1/sqrt(hd); scaling q is the same,
+    # and cheaper than scaling the (T, S) scores
+    att = (q * (1.0 / math.sqrt(q.size(-1)))) @ k.transpose(-2, -1)
+    if mask is not None:
+        att = att + mask  # masked scores sink to the most negative number: softmax gives them ~0
+    att = F.softmax(att, dim=-1, dtype=torch.float32).to(v.dtype)
+    return att @ v  # (B, nh, T, S) @ (B, nh, S, hd) -> (B, nh, T, hd)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -85,6 +99,10 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads at once
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        # On a GPU, PyTorch's fused kernel computes `attention` without writing the (T, S) scores
+        # to memory (softmax in float32 inside it, too): for GPT-2 XL training that is faster and
+        # gigabytes smaller. False: the written-out function there as well (benchmarks compare them).
+        self.fused_on_gpu = True
 
     def forward(self, x, past=None, mask=None):
         """
@@ -110,13 +128,10 @@ class CausalSelfAttention(nn.Module):
                 v = torch.cat([past[1], v], dim=2)
             present = (k, v)
 
-        # every query against every key: (B, nh, T, hd) @ (B, nh, hd, S) -> (B, nh, T, S), scaled
-        # by 1/sqrt(hd); scaling q is the same, and cheaper than scaling the (T, S) scores
-        att = (q * (1.0 / math.sqrt(q.size(-1)))) @ k.transpose(-2, -1)
-        if mask is not None:
-            att = att + mask  # masked scores sink to the most negative number: softmax gives them ~0
-        att = F.softmax(att, dim=-1, dtype=torch.float32).to(v.dtype)
-        y = att @ v  # (B, nh, T, S) @ (B, nh, S, hd) -> (B, nh, T, hd)
+        if q.is_cuda and self.fused_on_gpu:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:
+            y = attention(q, k, v, mask)
         y = y.transpose(1, 2).reshape(B, T, C)  # heads side by side again
         return self.c_proj(y), present
 

@@ -19,6 +19,33 @@ def test_logits_match_transformers(tmp_path, layout, n_head, n_embd):
     assert theirs.std() > 1  # the weights are wide enough that a wrong transpose could not hide
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_fused_attention_is_the_written_out_arithmetic(dtype, tol):
+    # On a GPU the model calls PyTorch's fused attention instead of `attention`: the same numbers
+    # for every mask the model makes (none, a causal one after a past, a padded batch whose first
+    # query sees nothing), and the same gradients into the keys/values (a prefix learns through them).
+    from mini_gpt2.model import attention, mask_bias
+
+    g = torch.Generator().manual_seed(0)
+    B, nh, P, T, hd = 3, 5, 4, 6, 16
+    q, k, v = (torch.randn(B, nh, n, hd, generator=g).to(dtype) for n in (T, P + T, P + T))
+    causal = torch.ones(T, P + T, dtype=torch.bool).tril(diagonal=P)
+    padded = causal.expand(B, T, P + T).clone()
+    padded[0, 0] = False
+    for mask in (None, mask_bias(causal, dtype), mask_bias(padded[:, None], dtype)):
+        outs, grads = [], []
+        for fn in (attention, lambda *a: torch.nn.functional.scaled_dot_product_attention(*a[:3], attn_mask=a[3])):
+            kk, vv = k.clone().requires_grad_(), v.clone().requires_grad_()
+            y = fn(q, kk, vv, mask)
+            # a query that sees nothing is padding: training never reads it, so neither does the loss
+            y.float()[:, :, 1:].square().sum().backward()
+            outs.append(y.float())
+            grads += [kk.grad.float(), vv.grad.float()]
+        assert (outs[0] - outs[1]).abs().max() <= tol * outs[0].abs().max()
+        for a, b in zip(grads[:2], grads[2:]):
+            assert (a - b).abs().max() <= tol * a.abs().max()
+
+
 def test_hub_layout_file_loads_without_config(tmp_path):
     # A bare .safetensors of a released size: the sizes are read off the tensors.
     make_checkpoint(tmp_path, n_layer=12, n_head=12, n_embd=768, n_positions=1024, layout="hub")
