@@ -38,13 +38,16 @@ def os_problem(e, path, doing):
 def atomic_write(path, mode="wb"):
     """
     Open `path` for writing through a temporary file that replaces it only once everything is
-    written: a crash, Ctrl-C or a full disk leaves the previous file as it was, never a half-written one.
+    written: a crash, Ctrl-C or a full disk leaves the previous file as it was, never a half-written
+    one. The data is on the disk (fsync) before the rename, so a power cut cannot leave it empty.
     """
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": ""})) as f:
             yield f
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)

@@ -65,9 +65,15 @@ def full_disk(monkeypatch, module, after=0):
         def writable(self):
             return True
 
+        def flush(self):
+            self.f.flush()
+
+        def fileno(self):
+            return self.f.fileno()
+
         def close(self):
+            super().close()  # flushes, so before the file it wraps is closed
             self.f.close()
-            super().close()
 
     def fake_open(path, mode="r", *a, **k):
         f = real_open(path, mode, *a, **k)
