@@ -40,7 +40,7 @@ from mini_gpt2 import EOT, UserError, decode, encode
 from mini_gpt2.files import write_bytes
 from mini_gpt2.generate import generate
 from mini_gpt2.tokenizer import ids_containing
-from prefix import encode_sentence, load_prefixes, max_new_tokens_for, translate
+from prefix import check_fits, encode_sentence, load_prefixes, max_new_tokens_for, translate
 
 DIRECTIONS = (("fr", "en"), ("en", "fr"))  # (source, target)
 COLUMN = {"en": 0, "fr": 1}  # where each language sits in an (en, fr) pair
@@ -228,15 +228,20 @@ def write_reports(out, scores, outputs, examples, pairs, settings):
     return out / "results.json", out / "results.md"
 
 
-def run(args, model, prefix_paths, examples, held_out):
+def read_files(paths):
+    """Each prefix (or prompt) file, read and checked once: [(path, tensor, names, metadata)]."""
+    return [(Path(path), *load_prefixes(path)) for path in paths]
+
+
+def run(args, model, prefix_files, examples, held_out):
     """
-    Evaluate zero-shot and few-shot prompting with `examples`, and each prefix file, on the same
-    held-out pairs: print the table; write results.json, results.md and bleu.png to args.out.
+    Evaluate zero-shot and few-shot prompting with `examples`, and each prefix file (read_files),
+    on the same held-out pairs: print the table; write results.json, results.md and bleu.png to args.out.
     """
     methods = {"0-shot": FewShot(model, []), f"{len(examples)}-shot": FewShot(model, examples)}
     files = []
-    for path in prefix_paths:
-        learned, names, meta = load_prefixes(path, model.config)
+    for path, learned, names, meta in prefix_files:
+        check_fits(meta, model.config, path)
         row = meta["method"] if meta["method"] not in methods else f"{meta['method']} ({path})"
         methods[row] = Prefix(model, learned, names, meta["method"])
         files.append({"row": row, "path": str(path), "method": meta["method"], "metadata": meta})

@@ -38,7 +38,7 @@ from cli import natural_int, positive_float, positive_int
 from mini_gpt2 import EOT, UserError
 from mini_gpt2.files import atomic_write, os_problem, write_bytes
 from mini_gpt2.load import config_of
-from prefix import METHODS, NAMES, Prefixes, encode_sentence, load_prefixes, make_batch, save_prefixes, target_loss
+from prefix import METHODS, NAMES, Prefixes, encode_sentence, make_batch, save_prefixes, target_loss
 
 # --resume continues a run only with the settings that fix its data order and its shapes...
 SAME_RUN = ("model", "data", "rows", "heldout", "val_size", "seed", "batch_size", "method", "prefix_len", "max_len",
@@ -327,14 +327,14 @@ def eval_only(args, device):
     for path in paths:
         if not path.exists():
             raise UserError(f"no prefix file at {path}: train one first, or point --prefix at one")
-    metas = [load_prefixes(path)[2] for path in paths]
-    args.model = args.model or metas[0].get("model", "gpt2-xl")
+    files = evaluate.read_files(paths)
+    args.model = args.model or files[0][3].get("model", "gpt2-xl")
     cli.note_if_slow(args.model, device)
-    for meta in metas:
+    for *_, meta in files:
         evaluate.check_split(args, meta)
     pairs, split, shots = load_data(args, Path(args.out))
     model = mini_gpt2.from_pretrained(args.model, device=device, dtype=cli.DTYPES[args.dtype])
-    evaluate.run(args, model, paths, [pairs[i] for i in shots], [pairs[i] for i in split.held])
+    evaluate.run(args, model, files, [pairs[i] for i in shots], [pairs[i] for i in split.held])
     return 0
 
 
@@ -516,13 +516,13 @@ def main(argv=None):
 def train(args, out, device):
     state = read_checkpoint(out / "checkpoint.pt", args) if args.resume else None
     n_positions = config_of(args.model).n_positions  # a small file: checked before the large ones load
+    if args.max_len > n_positions:
+        raise UserError(f"--max-len {args.max_len}: a sequence length of at most {n_positions} fits this model")
     taken = METHODS[args.method].positions(args.prefix_len)
     if args.prefix_len > n_positions or taken + args.max_len > n_positions:
         with_prompts = f" (the two prompts take {taken} positions, plus --max-len {args.max_len})" if taken else ""
         raise UserError(f"--prefix-len {args.prefix_len}: too long a prefix length for this model's {n_positions} "
                         f"positions{with_prompts}")
-    if args.max_len > n_positions:
-        raise UserError(f"--max-len {args.max_len}: a sequence length of at most {n_positions} fits this model")
 
     pairs, split, shots = load_data(args, out)
     if not split.train:
@@ -565,7 +565,8 @@ def train(args, out, device):
         return 130
     report_best(out, prefixes, model, args, history)
     if not args.no_eval:
-        evaluate.run(args, model, [out / "prefix.safetensors"], [pairs[i] for i in shots], [pairs[i] for i in split.held])
+        evaluate.run(args, model, evaluate.read_files([out / "prefix.safetensors"]), [pairs[i] for i in shots],
+                     [pairs[i] for i in split.held])
     return 0
 
 

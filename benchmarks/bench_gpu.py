@@ -34,6 +34,7 @@ import torch  # noqa: E402
 
 import evaluate  # noqa: E402
 import mini_gpt2  # noqa: E402
+from benchmarks.bench_model import decoding_speed  # noqa: E402
 from benchmarks.bench_prefix import examples, our_step, peft_step  # noqa: E402
 from benchmarks.common import (median_times, parser, peak_memory, peak_tflops, random_checkpoint,  # noqa: E402
                                sample_pairs, setup)
@@ -121,21 +122,9 @@ def decoding_rows(folder, model, device, dtype, new_tokens, repeats):
     hf = GPT2LMHeadModel.from_pretrained(folder, dtype=dtype).to(device).eval()
     rows, g = [], torch.Generator().manual_seed(0)
     for B in (1, 16):
-        prompts = torch.randint(0, 50256, (B, 16), generator=g)
-
-        def ours():
-            mini_gpt2.generate(model, prompts.tolist(), new_tokens, stop_ids=())
-
-        def theirs():
-            with torch.no_grad():
-                x = prompts.to(device)
-                hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens, do_sample=False,
-                            eos_token_id=None, pad_token_id=0)
-
-        t = median_times({"ours": ours, "hf": theirs}, repeats, device)
-        n = B * new_tokens
-        rows.append(("greedy decoding", f"batch {B}, {new_tokens} new tokens after 16", f"{n / t['ours']:,.1f} tokens/s",
-                     f"transformers {n / t['hf']:,.1f} tokens/s", f"{t['hf'] / t['ours']:.2f}"))
+        ours, theirs, _ = decoding_speed(model, hf, B, 16, new_tokens, repeats, device, g)
+        rows.append(("greedy decoding", f"batch {B}, {new_tokens} new tokens after 16", f"{ours:,.1f} tokens/s",
+                     f"transformers {theirs:,.1f} tokens/s", f"{ours / theirs:.2f}"))
     return rows
 
 

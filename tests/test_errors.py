@@ -450,6 +450,11 @@ def test_a_prefix_length_that_does_not_fit_says_so(tiny_ckpt, csv_file, tmp_path
            "positions, plus --max-len 128)" in line
 
 
+def test_a_max_len_that_does_not_fit_says_so(tiny_ckpt, csv_file, tmp_path, call):
+    line = one_line_error(call(train.main, *train_args(tiny_ckpt[0], csv_file, tmp_path / "o", "--max-len", 2000)))
+    assert "--max-len 2000: a sequence length of at most 1024 fits this model" in line
+
+
 def test_duplicates_are_not_called_too_long(tiny_ckpt, tmp_path, call):
     path = tmp_path / "same.csv"
     path.write_text("en,fr\n" + "Thank you.,Merci.\n" * 30)
