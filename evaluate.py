@@ -40,7 +40,7 @@ from mini_gpt2 import EOT, UserError, decode, encode
 from mini_gpt2.files import write_bytes
 from mini_gpt2.generate import generate
 from mini_gpt2.tokenizer import ids_containing
-from prefix import check_fits, encode_sentence, load_prefixes, max_new_tokens_for, translate
+from prefix import encode_sentence, load_prefixes, max_new_tokens_for, translate
 
 DIRECTIONS = (("fr", "en"), ("en", "fr"))  # (source, target)
 COLUMN = {"en": 0, "fr": 1}  # where each language sits in an (en, fr) pair
@@ -235,13 +235,12 @@ def read_files(paths):
 
 def run(args, model, prefix_files, examples, held_out):
     """
-    Evaluate zero-shot and few-shot prompting with `examples`, and each prefix file (read_files),
-    on the same held-out pairs: print the table; write results.json, results.md and bleu.png to args.out.
+    Evaluate zero-shot and few-shot prompting with `examples`, and each prefix file (read_files;
+    made for this model), on the same held-out pairs: print the table; write results.json, results.md and bleu.png to args.out.
     """
     methods = {"0-shot": FewShot(model, []), f"{len(examples)}-shot": FewShot(model, examples)}
     files = []
     for path, learned, names, meta in prefix_files:
-        check_fits(meta, model.config, path)
         row = meta["method"] if meta["method"] not in methods else f"{meta['method']} ({path})"
         methods[row] = Prefix(model, learned, names, meta["method"])
         files.append({"row": row, "path": str(path), "method": meta["method"], "metadata": meta})

@@ -38,7 +38,7 @@ from cli import natural_int, positive_float, positive_int
 from mini_gpt2 import EOT, UserError
 from mini_gpt2.files import atomic_write, os_problem, write_bytes
 from mini_gpt2.load import config_of
-from prefix import METHODS, NAMES, Prefixes, encode_sentence, make_batch, save_prefixes, target_loss
+from prefix import METHODS, NAMES, Prefixes, check_fits, encode_sentence, make_batch, save_prefixes, target_loss
 
 # --resume continues a run only with the settings that fix its data order and its shapes...
 SAME_RUN = ("model", "data", "rows", "heldout", "val_size", "seed", "batch_size", "method", "prefix_len", "max_len",
@@ -329,9 +329,11 @@ def eval_only(args, device):
             raise UserError(f"no prefix file at {path}: train one first, or point --prefix at one")
     files = evaluate.read_files(paths)
     args.model = args.model or files[0][3].get("model", "gpt2-xl")
-    cli.note_if_slow(args.model, device)
-    for *_, meta in files:
+    config = config_of(args.model)  # a small file: every prefix is checked against it before the model loads
+    for path, _, _, meta in files:
+        check_fits(meta, config, path)
         evaluate.check_split(args, meta)
+    cli.note_if_slow(args.model, device)
     pairs, split, shots = load_data(args, Path(args.out))
     model = mini_gpt2.from_pretrained(args.model, device=device, dtype=cli.DTYPES[args.dtype])
     evaluate.run(args, model, files, [pairs[i] for i in shots], [pairs[i] for i in split.held])

@@ -20,6 +20,7 @@ import cli
 import mini_gpt2
 from cli import natural_float, positive_int
 from mini_gpt2 import UserError
+from mini_gpt2.load import config_of
 from prefix import check_fits, load_prefixes, translate
 
 DEFAULT_PREFIX = Path("runs/prefix/prefix.safetensors")  # where train.py writes
@@ -71,9 +72,9 @@ def main(argv=None):
 
     kv, names, meta = load_prefixes(prefix_path)
     name = args.model or meta.get("model", "gpt2-xl")
+    check_fits(meta, config_of(name), prefix_path)  # before the (large) model loads
     cli.note_if_slow(name, args.device)
     model = mini_gpt2.from_pretrained(name, device=args.device, dtype=cli.DTYPES[args.dtype])
-    check_fits(meta, model.config, prefix_path)
     generator = None
     if args.seed is not None:
         generator = torch.Generator(model.wte.weight.device).manual_seed(args.seed)

@@ -450,6 +450,18 @@ def test_a_prefix_length_that_does_not_fit_says_so(tiny_ckpt, csv_file, tmp_path
            "positions, plus --max-len 128)" in line
 
 
+def test_a_prefix_for_another_model_is_refused_before_the_model_loads(finished_run, csv_file, tmp_path, call):
+    other = tmp_path / "other"
+    make_checkpoint(other, n_layer=3)
+    (other / "model.safetensors").write_bytes(b"never read")  # only its config.json may be looked at
+    want = "but this model has 3 layers"
+    line = one_line_error(call(translate.main, "--prefix", finished_run / "prefix.safetensors", "--model", other, "Bonjour"))
+    assert str(finished_run / "prefix.safetensors") in line and want in line
+    line = one_line_error(call(train.main, *train_args(other, csv_file, tmp_path / "eval", "--eval-only", "--prefix",
+                                                         finished_run / "prefix.safetensors")))
+    assert str(finished_run / "prefix.safetensors") in line and want in line
+
+
 def test_a_max_len_that_does_not_fit_says_so(tiny_ckpt, csv_file, tmp_path, call):
     line = one_line_error(call(train.main, *train_args(tiny_ckpt[0], csv_file, tmp_path / "o", "--max-len", 2000)))
     assert "--max-len 2000: a sequence length of at most 1024 fits this model" in line
