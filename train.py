@@ -567,8 +567,13 @@ def train(args, out, device):
         return 130
     report_best(out, prefixes, model, args, history)
     if not args.no_eval:
-        evaluate.run(args, model, evaluate.read_files([out / "prefix.safetensors"]), [pairs[i] for i in shots],
-                     [pairs[i] for i in split.held])
+        try:
+            evaluate.run(args, model, evaluate.read_files([out / "prefix.safetensors"]), [pairs[i] for i in shots],
+                         [pairs[i] for i in split.held])
+        except KeyboardInterrupt:
+            print(f"\ninterrupted in the evaluation; the training is complete and saved in {out}: the same command "
+                  "with --eval-only runs the comparison", file=sys.stderr)
+            return 130
     return 0
 
 

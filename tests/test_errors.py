@@ -352,6 +352,22 @@ def test_a_crash_in_the_first_step_claims_no_checkpoint(tiny_ckpt, csv_file, tmp
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
 
+def test_ctrl_c_in_the_evaluation_says_the_training_is_kept(tiny_ckpt, csv_file, tmp_path, call, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train.evaluate, "evaluate", interrupted)
+    out = tmp_path / "run"
+    r = call(train.main, *train_args(tiny_ckpt[0], csv_file, out))
+    assert r.returncode == 130
+    assert f"interrupted in the evaluation; the training is complete and saved in {out}" in r.stderr
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 6 and (out / "prefix.safetensors").exists()
+    monkeypatch.undo()
+    r = call(train.main, *train_args(tiny_ckpt[0], csv_file, out, "--eval-only"))  # the advice works
+    assert r.returncode == 0, r.stderr
+    assert (out / "results.json").exists()
+
+
 def test_nan_in_the_first_step_advice_works(tiny_ckpt, csv_file, tmp_path, call, monkeypatch):
     out = tmp_path / "run"
     fail_in_step(monkeypatch, 1, "nan")
