@@ -59,12 +59,15 @@ def cached(dest):
     if not dest.exists():
         return None
     record = dest.with_name(dest.name + ".verified")
+    damaged = f"{record} is damaged: delete it and {dest}, and run again to download the file anew"
     try:
         want = json.loads(record.read_text())["size"]
     except FileNotFoundError:
         return dest  # placed there by hand: nothing to check against
     except (OSError, ValueError, KeyError, TypeError):
-        raise UserError(f"{record} is damaged: delete it and {dest}, and run again to download the file anew") from None
+        raise UserError(damaged) from None
+    if type(want) is not int:  # a size written as "123" or 1.5 was not written by publish()
+        raise UserError(damaged)
     have = dest.stat().st_size
     if have != want:
         raise UserError(f"{dest} is {have} bytes, but {want} were downloaded and verified: it was damaged since; "
@@ -121,8 +124,14 @@ def _download(url, dest, headers, what):
         location = url
     else:
         raise DownloadError(f"could not download {url} (HTTP {r.status_code})")
-    size = r.headers.get("X-Linked-Size") or (None if r.is_redirect else r.headers.get("Content-Length"))
-    size = int(size) if size else None
+    header = "X-Linked-Size" if r.headers.get("X-Linked-Size") or r.is_redirect else "Content-Length"
+    size = r.headers.get(header)
+    if size is not None:
+        if not size.strip().isdigit():  # what a server sends is input like any other
+            raise DownloadError(f"{url}: the server's {header} header ({size!r}) is not a number of bytes")
+        size = int(size)
+        if size == 0:
+            raise DownloadError(f"{url}: the server answered with an empty file")
     sha256 = (r.headers.get("X-Linked-Etag") or "").removeprefix("W/").strip('"') or None
     if sha256 and len(sha256) != 64:  # a small file's ETag is a git hash, not a sha256
         sha256 = None
@@ -164,7 +173,8 @@ def _fetch(url, part, have, size, headers, what):
             raise DownloadError(f"could not download {url} (HTTP {r.status_code})")
         if r.status_code == 200:
             have = 0  # the server ignored our Range: start again
-        total = size or (have + int(r.headers["Content-Length"]) if "Content-Length" in r.headers else None)
+        length = r.headers.get("Content-Length", "")
+        total = size or (have + int(length) if length.isdigit() else None)  # for the progress bar only
         try:
             with open(part, "ab" if have else "wb") as f, tqdm(
                 total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024, desc=what

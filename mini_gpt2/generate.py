@@ -71,7 +71,10 @@ def generate(model, prompts, max_new_tokens, *, temperature=0.0, top_k=None, sto
 def _pick(logits, temperature, top_k, generator):
     if not temperature:
         return logits.argmax(-1)
-    logits = logits / temperature
+    # In float64 (a temperature such as 1e-320 is 0 in float32), shifted so that the largest is 0:
+    # divided by a tiny temperature the others go to -inf (greedy, in effect), never to +inf or NaN.
+    logits = logits.double()
+    logits = (logits - logits.max(-1, keepdim=True).values) / temperature
     if top_k:
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

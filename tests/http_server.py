@@ -11,15 +11,18 @@ class Hub:
     /<repo>/resolve/main/<name>: a 302 to /cdn/<name> carrying X-Linked-Etag (sha256) and
     X-Linked-Size, as the hub does for large files; small files (`small`) are answered directly.
     /cdn/<name> honours Range. `drop_next` makes the next CDN answer stop half-way and hang up.
-    `sha_override` publishes a wrong sha256. Every request is logged as (method, path, Range,
-    Authorization). `pages` maps other paths straight to bodies (200), counting the bytes sent.
+    `sha_override` publishes a wrong sha256; `cdn` (another server's URL) sends those redirects there.
+    Every request is logged as (method, path, Range, Authorization). `pages` maps other paths
+    straight to bodies (200), counting the bytes sent; `redirects` maps paths to a URL (302).
+    `headers` replaces or adds headers of the answers to /resolve/ (e.g. a bad X-Linked-Size).
     `hold[path] = n` sends only the first n bytes of that page, then waits for the client to hang up
     before sending the rest: `hung_up` is set if the client closed the connection there, `sent_all`
     if it kept listening and got the whole body. What happened does not depend on socket buffers.
     """
 
     def __init__(self):
-        self.files, self.small, self.log, self.pages = {}, set(), [], {}
+        self.files, self.small, self.log, self.pages, self.redirects, self.headers = {}, set(), [], {}, {}, {}
+        self.cdn = ""
         self.drop_next = 0
         self.sha_override = None
         self.bytes_sent = 0
@@ -43,14 +46,21 @@ class Hub:
                 hub.log.append((self.command, self.path, self.headers.get("Range"), self.headers.get("Authorization")))
                 if self.path in hub.pages:
                     return self.send(hub.pages[self.path], body, hub.hold.get(self.path))
+                if self.path in hub.redirects:
+                    self.send_response(302)
+                    self.send_header("Location", hub.redirects[self.path])
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 m = re.fullmatch(r"/(.+)/resolve/main/([^/]+)", self.path)
                 if m and m.group(2) in hub.files and m.group(2) not in hub.small:
                     data = hub.files[m.group(2)]
                     self.send_response(302)
-                    self.send_header("Location", f"/cdn/{m.group(2)}")
-                    self.send_header("X-Linked-Etag", f'"{hub.sha_override or hashlib.sha256(data).hexdigest()}"')
-                    self.send_header("X-Linked-Size", str(len(data)))
-                    self.send_header("Content-Length", "0")
+                    self.send_header("Location", f"{hub.cdn}/cdn/{m.group(2)}")
+                    headers = {"X-Linked-Etag": f'"{hub.sha_override or hashlib.sha256(data).hexdigest()}"',
+                               "X-Linked-Size": str(len(data)), "Content-Length": "0"} | hub.headers
+                    for key, value in headers.items():
+                        self.send_header(key, value)
                     self.end_headers()
                     return
                 name = m.group(2) if m else self.path.removeprefix("/cdn/")

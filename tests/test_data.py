@@ -113,3 +113,31 @@ def test_kaggle_failures_are_one_line(kaggle):
     with pytest.raises(data.DownloadError, match="readable zip"):
         data.fetch_kaggle(rows=10)
     assert not list((kaggle_cache := data.cache_dir() / "en-fr").glob("*.csv")), list(kaggle_cache.iterdir())
+
+
+def test_kaggle_credentials_go_to_kaggle_only_never_to_another_host(kaggle, monkeypatch):
+    """Kaggle answers the download with a redirect to its storage, another host: the credentials stay behind."""
+    storage = Hub()
+    try:
+        storage.pages["/bucket/en-fr.zip"] = kaggle_zip([("Hello.", "Bonjour.")] * 20)
+        kaggle.redirects[KAGGLE_PATH] = f"{storage.url}/bucket/en-fr.zip"
+        monkeypatch.setenv("KAGGLE_USERNAME", "ada")
+        monkeypatch.setenv("KAGGLE_KEY", "secret")
+        pairs, _, _ = data.read_pairs(data.fetch_kaggle(rows=5))
+        assert pairs == [("Hello.", "Bonjour.")] * 5
+        assert kaggle.log and all(entry[3] == "Basic YWRhOnNlY3JldA==" for entry in kaggle.log)
+        assert storage.log and all(entry[3] is None for entry in storage.log), storage.log
+    finally:
+        storage.close()
+
+
+def test_a_near_duplicate_on_the_french_side_alone_is_never_trained_on():
+    """Different English, the same French once normalised (and the other way round): both are kept out of training."""
+    pairs = [(f"English {i}", f"Français {i % 150}") for i in range(300)]  # each French sentence twice
+    pairs += [(f"Anglais {i % 150}.", f"autre {i}") for i in range(300)]  # each English sentence twice
+    s = data.split(pairs, heldout=30, val_size=30, seed=4)
+    for side in (0, 1):
+        kept_out = {data.normalise(pairs[i][side]) for i in s.held + s.val}
+        assert not {data.normalise(pairs[i][side]) for i in s.train} & kept_out
+        assert not {data.normalise(pairs[i][side]) for i in s.val} & {data.normalise(pairs[i][side]) for i in s.held}
+    assert len(s.dropped) >= 30  # the twins of the pairs kept out

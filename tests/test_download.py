@@ -91,3 +91,34 @@ def test_from_pretrained_downloads_a_size_name(tmp_path, monkeypatch):
         assert ("HEAD", "/openai-community/gpt2/resolve/main/model.safetensors", None, None) in server.log
     finally:
         server.close()
+
+
+def test_the_token_goes_to_the_hub_only_never_to_another_host(hub, monkeypatch):
+    """The hub's redirect to a CDN on another host must not carry HF_TOKEN there."""
+    cdn = Hub()
+    try:
+        cdn.files["model.safetensors"] = hub.files["model.safetensors"]
+        hub.cdn = cdn.url  # the hub's redirects now point at the other server
+        monkeypatch.setenv("HF_TOKEN", "hf_secret")
+        path = hub_download(REPO, "model.safetensors")
+        assert path.read_bytes() == hub.files["model.safetensors"]
+        assert hub.log and all(entry[3] == "Bearer hf_secret" for entry in hub.log)
+        assert cdn.log and all(entry[3] is None for entry in cdn.log), cdn.log
+    finally:
+        cdn.close()
+
+
+@pytest.mark.parametrize("value", ["abc", "-5", "1e6", " "])
+def test_a_size_header_that_is_not_a_number_is_one_line(hub, value):
+    hub.headers["X-Linked-Size"] = value
+    with pytest.raises(DownloadError) as e:
+        hub_download(REPO, "model.safetensors")
+    assert "\n" not in str(e.value) and "is not a number of bytes" in str(e.value)
+
+
+def test_an_empty_answer_is_one_line(hub, tmp_path):
+    hub.files["config.json"] = b""  # answered directly, with Content-Length: 0
+    with pytest.raises(DownloadError, match="the server answered with an empty file") as e:
+        hub_download(REPO, "config.json")
+    assert "\n" not in str(e.value) and "does not exist" not in str(e.value)
+    assert not list((tmp_path / "cache" / "openai-community--gpt2").glob("config.json*"))

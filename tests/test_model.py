@@ -156,3 +156,32 @@ def test_tokenizer_round_trips_french():
     assert mini_gpt2.decode(ids) == text
     assert mini_gpt2.encode("<|endoftext|>") != [mini_gpt2.EOT]  # special tokens are never made from text
     assert mini_gpt2.decode([mini_gpt2.EOT]) == "<|endoftext|>"
+
+
+def test_sampling_follows_the_temperature_and_top_k():
+    """The frequencies of 20,000 seeded draws are softmax(logits / T), over the top k if given."""
+    from mini_gpt2.generate import _pick
+
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
+    g = torch.Generator().manual_seed(0)
+
+    def expected(T, k):
+        p = torch.softmax(logits.double() / T, -1)
+        if k:
+            p[p.argsort(descending=True)[k:]] = 0
+        return p / p.sum()
+
+    for T, k in ((1.0, None), (0.5, None), (2.0, None), (0.7, 3)):
+        draws = _pick(logits.repeat(20_000, 1), T, k, g)
+        seen = torch.bincount(draws, minlength=6).double() / len(draws)
+        assert (seen - expected(T, k)).abs().max() < 0.015, (T, k, seen)
+        assert (expected(T, k) - expected(1.0, None)).abs().max() > 0.05 or (T, k) == (1.0, None)  # the test can tell
+
+
+def test_any_positive_temperature_works(tiny_ckpt):
+    model = from_pretrained(tiny_ckpt[0], device="cpu")
+    greedy = generate(model, [[1, 2, 3], [4, 5]], 6, stop_ids=())
+    for T in (1e-320, 5e-324, 1e-30):  # so small that logits / T overflow: greedy, in effect
+        assert generate(model, [[1, 2, 3], [4, 5]], 6, temperature=T, stop_ids=(), generator=torch.Generator()) == greedy
+        assert generate(model, [[1, 2, 3], [4, 5]], 6, temperature=T, top_k=5, stop_ids=()) == greedy
+    assert len(generate(model, [[1, 2, 3]], 6, temperature=1e300, stop_ids=())[0]) == 6  # and so large it is uniform
