@@ -5,6 +5,7 @@ can fix (mini_gpt2.UserError, or an OSError from a file) becomes one line instea
 
 import argparse
 import math
+import signal
 import sys
 
 import torch
@@ -14,7 +15,39 @@ from mini_gpt2 import UserError
 from mini_gpt2.files import os_problem
 
 
+# What `kill`, `docker stop`, a cluster's preemption (SIGTERM) and a closed terminal (SIGHUP) send.
+STOP_SIGNALS = {"SIGTERM": "terminated", "SIGHUP": "hung up"}
+
+
+class Stopped(KeyboardInterrupt):
+    """
+    SIGTERM or SIGHUP, raised wherever the program is, as Ctrl-C raises KeyboardInterrupt: so every
+    `except KeyboardInterrupt` (which saves a checkpoint and says so in one line) handles all three.
+    """
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def stop_word(e):
+    """How a KeyboardInterrupt (or Stopped) ended the program: "interrupted", "terminated", "hung up"."""
+    return STOP_SIGNALS[signal.Signals(e.signum).name] if isinstance(e, Stopped) else "interrupted"
+
+
+def stop_status(e):
+    """The exit status the shell expects: 128 + the signal's number (Ctrl-C: SIGINT, 130)."""
+    return 128 + (e.signum if isinstance(e, Stopped) else signal.SIGINT)
+
+
+def _raise_stopped(signum, frame):
+    raise Stopped(signum)
+
+
 def run(main):
+    """Run a script's main(): its return value is the exit status; a UserError or OSError is one line."""
+    stops = [getattr(signal, name) for name in STOP_SIGNALS if hasattr(signal, name)]  # Windows has no SIGHUP
+    previous = {s: signal.signal(s, _raise_stopped) for s in stops}
     try:
         sys.exit(main())
     except UserError as e:
@@ -23,9 +56,12 @@ def run(main):
     except OSError as e:  # a file or folder the code did not expect to fail
         print(f"error: {os_problem(e, e.filename or 'a file', 'using')}", file=sys.stderr)
         sys.exit(1)
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as e:
+        print(f"\n{stop_word(e)}", file=sys.stderr)
+        sys.exit(stop_status(e))
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -54,6 +90,7 @@ positive_int = _number(int, lambda x: x >= 1, "a whole number of at least 1")
 natural_int = _number(int, lambda x: x >= 0, "a whole number of at least 0")
 positive_float = _number(float, lambda x: math.isfinite(x) and x > 0, "a positive finite number")
 natural_float = _number(float, lambda x: math.isfinite(x) and x >= 0, "a finite number of at least 0")
+seed = _number(int, lambda x: -2**63 <= x < 2**64, "a whole number that fits in 64 bits (what PyTorch's seeds take)")
 
 
 def device(text):

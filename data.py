@@ -16,6 +16,7 @@ that differs from it only in case, punctuation or spacing, is ever trained on.
 import base64
 import codecs
 import csv
+import hashlib
 import itertools
 import json
 import os
@@ -84,6 +85,14 @@ def parse_pairs(lines, limit, source="the data", bar=None):
         if bar is not None:
             bar.update(1)
     return pairs, starts, skipped
+
+
+def fingerprint(pairs):
+    """The sha256 of the pairs read: what identifies the data of a run, however the file is named."""
+    h = hashlib.sha256()
+    for en, fr in pairs:
+        h.update(f"{en}\t{fr}\n".encode())
+    return h.hexdigest()
 
 
 def normalise(text):

@@ -124,9 +124,13 @@ class FewShot:
         self.stop = ids_containing("\n") + [EOT]  # the answer ends with its line
         self.heads = {}  # (source, target) -> (token ids, per layer (k, v) each (1, nh, S, hd))
 
+    def prompt(self, source, target):
+        """The text every prompt of a direction starts with: the examples, then `xx:`."""
+        return few_shot_head(self.examples, source, target)
+
     def head(self, source, target):
         if (source, target) not in self.heads:
-            ids = encode(few_shot_head(self.examples, source, target))
+            ids = encode(self.prompt(source, target))
             _, kv = self.model.hidden(torch.tensor([ids], device=self.model.wte.weight.device))
             self.heads[(source, target)] = ids, kv
         return self.heads[(source, target)]
@@ -198,7 +202,7 @@ def table(scores):
     return "\n".join(lines)
 
 
-def write_reports(out, scores, outputs, examples, pairs, settings):
+def write_reports(out, scores, outputs, examples, prompts, pairs, settings, split):
     """results.json (everything), results.md (the table, the pictures, examples) and bleu.png."""
     out = Path(out)
     names = list(dict.fromkeys(k[0] for k in outputs))  # the methods, in order
@@ -206,9 +210,11 @@ def write_reports(out, scores, outputs, examples, pairs, settings):
                              for i, p in enumerate(pairs)]
                for s, t in DIRECTIONS}
     results = {"scores": scores, "settings": settings, "few_shot_examples": [{"en": e, "fr": f} for e, f in examples],
+               # as the model read it, per direction; each sentence followed as " <sentence>\n<target>:"
+               "few_shot_prompts": prompts,
                "tokenisation": "BLEU on words and single punctuation marks (regex \\w+|[^\\w\\s]), case kept; "
                                "sentence_whitespace: str.split()",
-               "translations": samples}
+               "split": split, "translations": samples}
     write_bytes(out / "results.json", json.dumps(results, ensure_ascii=False, indent=2).encode())
 
     md = [f"# {' against '.join(names)}", "",
@@ -233,39 +239,59 @@ def read_files(paths):
     return [(Path(path), *load_prefixes(path)) for path in paths]
 
 
-def run(args, model, prefix_files, examples, held_out):
+def evaluation_pairs(held_out, max_len, eval_size):
+    """The first `eval_size` held-out pairs that fit --max-len as training examples do (longer ones are left out, as in training)."""
+    fits = [p for p in held_out if len(encode_sentence(p[0])) + len(encode_sentence(p[1])) + 1 <= max_len]
+    if len(fits) < len(held_out):
+        print(f"evaluation: {len(held_out) - len(fits)} held-out pairs longer than --max-len {max_len} left out")
+    if not fits:
+        raise UserError("no held-out pair to evaluate")
+    return fits[:eval_size]
+
+
+def check_few_shot_room(examples, pairs, n_positions, shots):
+    """A one-line error, before the model loads, if the few-shot prompt and a translation pass GPT-2's positions."""
+    shots_ = [{"en": e, "fr": f} for e, f in examples]
+    for source, target in DIRECTIONS:
+        head = len(encode(few_shot_head(shots_, source, target)))
+        longest = max(len(encode(few_shot_tail(p[COLUMN[source]], target))) + max_new_tokens_for(
+            encode_sentence(p[COLUMN[source]])) for p in pairs)
+        if head + longest > n_positions:
+            raise UserError(f"--shots {shots}: the examples take {head} positions, and with the longest held-out sentence "
+                            f"and its translation the {source}->{target} prompt needs {head + longest}, more than GPT-2's "
+                            f"{n_positions}: lower --shots")
+
+
+def run(args, model, prefix_files, examples, pairs, split):
     """
     Evaluate zero-shot and few-shot prompting with `examples`, and each prefix file (read_files;
-    made for this model), on the same held-out pairs: print the table; write results.json, results.md and bleu.png to args.out.
+    made for this model), on the same held-out pairs (evaluation_pairs): print the table; write
+    results.json, results.md and bleu.png to args.out. `split`: what train.load_data recorded.
     """
-    methods = {"0-shot": FewShot(model, []), f"{len(examples)}-shot": FewShot(model, examples)}
+    few_shot = FewShot(model, examples)
+    methods = {"0-shot": FewShot(model, []), f"{len(examples)}-shot": few_shot}
     files = []
     for path, learned, names, meta in prefix_files:
         row = meta["method"] if meta["method"] not in methods else f"{meta['method']} ({path})"
         methods[row] = Prefix(model, learned, names, meta["method"])
         files.append({"row": row, "path": str(path), "method": meta["method"], "metadata": meta})
-    # Held-out pairs longer than training allowed (--max-len) are left out, as in training.
-    fits = [p for p in held_out if len(encode_sentence(p[0])) + len(encode_sentence(p[1])) + 1 <= args.max_len]
-    if len(fits) < len(held_out):
-        print(f"evaluation: {len(held_out) - len(fits)} held-out pairs longer than --max-len {args.max_len} left out")
-    if not fits:
-        raise UserError("no held-out pair to evaluate")
-    pairs = fits[:args.eval_size]
     with torch.no_grad():
         scores, outputs = evaluate(methods, pairs, args.eval_batch_size)
-    settings = {"model": args.model, "files": files, "eval_size": len(pairs), "shots": args.shots,
-                "seed": args.seed, "data": args.data or "kaggle", "rows": args.rows, "heldout": args.heldout,
-                "max_len": args.max_len}
-    paths = write_reports(args.out, scores, outputs, examples, pairs, settings)
+    settings = {"model": args.model, "files": files, "eval_size": len(pairs), "shots": len(examples),
+                "seed": args.seed, "data": split["data"], "rows": args.rows, "heldout": args.heldout,
+                "heldout_pairs": len(split["heldout"]), "max_len": args.max_len}
+    prompts = {f"{s}->{t}": few_shot.prompt(s, t) for s, t in DIRECTIONS}
+    paths = write_reports(args.out, scores, outputs, examples, prompts, pairs, settings, split)
     print("\n" + table(scores) + "\n")
     print(f"results: {paths[0]} and {paths[1]}")
     return scores
 
 
-def check_split(args, meta):
-    """Warn if the held-out pairs may not be the ones this prefix was kept from."""
-    now = {"data": args.data or "kaggle", "rows": args.rows, "heldout": args.heldout, "seed": args.seed}
-    differ = [k for k in now if k in meta and meta[k] != str(now[k])]
+def check_split(meta, args, split):
+    """Warn if the held-out pairs may not be the ones this prefix was kept from. split: what train.load_data recorded."""
+    now = {"rows": str(args.rows), "heldout": str(args.heldout), "seed": str(args.seed)}
+    differ = [f"--{k} {meta[k]}" for k in now if k in meta and meta[k] != now[k]]
+    if meta.get("data_sha256", split["data_sha256"]) != split["data_sha256"]:
+        differ.insert(0, f"data ({meta.get('data', '?')})")
     if differ:
-        print(f"warning: the prefix was trained with other {', '.join('--' + k for k in differ)} "
-              f"({', '.join(meta[k] for k in differ)}): its held-out pairs may differ from these")
+        print(f"warning: the prefix was trained with other {', '.join(differ)}: its held-out pairs may differ from these")

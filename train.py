@@ -51,6 +51,9 @@ RUN_FILES = ("checkpoint.pt", "log.csv", "prefix.safetensors", "prefix-last.safe
              "results.json", "results.md", "bleu.png")
 # The default peak learning rate of each parameterisation (why: README, "Learning rates").
 DEFAULT_LR = {"direct": 1e-2, "reparam": 5e-5, "prompt": 3e-2}
+MAX_LR = 10.0  # AdamW moves each number by about the rate per step: more than this is a typo
+# What fixes the split (data.split); --eval-only takes them from the prefix file unless given.
+SPLIT_DEFAULTS = {"rows": data.DEFAULT_ROWS, "heldout": 1000, "val_size": 200, "seed": 0}
 
 
 def parse_args(argv=None):
@@ -58,10 +61,9 @@ def parse_args(argv=None):
     ap.add_argument("--model", help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a checkpoint folder "
                     "(default gpt2-xl; with --eval-only, the prefix's own)")
     ap.add_argument("--data", help="CSV with columns en,fr (default: the first --rows of the Kaggle dataset, downloaded)")
-    ap.add_argument("--rows", type=positive_int, default=data.DEFAULT_ROWS, help="read only the first N pairs (default 200000)")
-    ap.add_argument("--heldout", type=natural_int, default=1000,
-                    help="pairs held out for evaluation (at most a tenth; default 1000)")
-    ap.add_argument("--val-size", type=positive_int, default=200,
+    ap.add_argument("--rows", type=positive_int, help="read only the first N pairs (default 200000)")
+    ap.add_argument("--heldout", type=natural_int, help="pairs held out for evaluation (at most a tenth; default 1000)")
+    ap.add_argument("--val-size", type=positive_int,
                     help="pairs set aside from training to compute the validation loss on (at most a tenth; default 200)")
     ap.add_argument("--out", default="runs/prefix", help="output folder (default runs/prefix)")
     ap.add_argument("--steps", type=positive_int, default=5000, help="optimizer steps (default 5000)")
@@ -87,7 +89,8 @@ def parse_args(argv=None):
     ap.add_argument("--eval-every", type=positive_int,
                     help="validation loss every N steps, and at the end (default: with each checkpoint)")
     cli.add_device_args(ap)
-    ap.add_argument("--seed", type=int, default=0, help="seeds the split, the data order and random init (default 0)")
+    ap.add_argument("--seed", type=cli.seed, help="seeds the split, the data order and random init (default 0; "
+                    "with --eval-only, the prefix's own, as --data, --rows, --heldout and --val-size are)")
     ap.add_argument("--resume", action="store_true", help="continue the run saved in --out (--lr, --steps, --warmup, "
                     "--save-every, --eval-every, --device, --dtype, --max-batch-tokens, --grad-checkpoint may change; "
                     "the rest must be as before)")
@@ -106,29 +109,50 @@ def parse_args(argv=None):
         ap.error("--heldout 0 leaves nothing to evaluate: hold some pairs out, or add --no-eval")
     if args.reparam and args.method != "prefix":
         ap.error("--reparam trains --method prefix through an MLP; it does not apply to --method prompt")
+    if args.lr is not None and args.lr > MAX_LR:
+        ap.error(f"--lr {args.lr:g}: AdamW moves every number by about the rate per step, so rates above {MAX_LR:g} "
+                 "only diverge (the defaults are 0.05 and below)")
     args.lr = args.lr or DEFAULT_LR["prompt" if args.method == "prompt" else "reparam" if args.reparam else "direct"]
     args.eval_every = args.eval_every or args.save_every
+    if not args.eval_only:  # --eval-only fills them from the prefix file first
+        fill_split_settings(args, {})
     return args
 
 
-def load_data(args, out):
-    """Read the pairs and split them (data.split); record the split in --out/split.json. -> (pairs, split, shots)."""
+def fill_split_settings(args, meta):
+    """The split settings not given on the command line: from a prefix file's metadata if it has them, else the defaults."""
+    for name, default in SPLIT_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, int(meta[name]) if name in meta else default)
+    if args.data is None and meta.get("data", "kaggle") != "kaggle":
+        args.data = meta["data"]
+        if not Path(args.data).exists():
+            raise UserError(f"the prefix was trained on {args.data}, which is not there: give the data with --data")
+
+
+def load_data(args):
+    """
+    Read the pairs and split them (data.split). -> (pairs, split, shots, record): `record` says, by CSV
+    line, what each pair is for (train.py writes it to split.json) and identifies the data read.
+    """
     path = args.data or data.fetch_kaggle(args.rows)
     pairs, lines, skipped = data.read_pairs(path, args.rows)
     if len(pairs) < 2:
         raise UserError(f"{path}: found {len(pairs)} usable pairs; training needs more")
     split = data.split(pairs, args.heldout, args.val_size, args.seed)
+    for flag_, asked, got in (("--heldout", args.heldout, split.held), ("--val-size", args.val_size, split.val)):
+        if len(got) < asked:
+            print(f"note: {flag_} {asked} is more than a tenth of the {len(pairs)} pairs: {len(got)} are used")
     shots = evaluate.few_shot_indices(pairs, split.train, args.shots, args.seed)
-    record = {"data": str(path), "rows_read": len(pairs), "seed": args.seed,
+    record = {"data": str(path), "rows_read": len(pairs), "data_sha256": data.fingerprint(pairs), "seed": args.seed,
               "lines": "the CSV line each pair starts on (the header is line 1)",
               "heldout": [lines[i] for i in split.held], "validation": [lines[i] for i in split.val],
               "few_shot": [lines[i] for i in shots], "dropped_near_duplicates": [lines[i] for i in split.dropped],
               "train_pairs": len(split.train)}
-    write_bytes(out / "split.json", json.dumps(record, indent=1).encode())
     print(f"data: {len(pairs)} pairs from {path} ({skipped} empty or broken rows skipped): {len(split.held)} held out, "
           f"{len(split.val)} for validation, {len(split.train)} to train, {len(split.dropped)} dropped as "
-          f"(near-)duplicates of held-out or validation pairs; see {out / 'split.json'}")
-    return pairs, split, shots
+          f"(near-)duplicates of held-out or validation pairs")
+    return pairs, split, shots, record
 
 
 def make_examples(pairs, max_len):
@@ -241,13 +265,14 @@ def run_settings(args):
     return {k: canonical(getattr(args, k)) if k in ("model", "data") else getattr(args, k) for k in SAME_RUN + MAY_CHANGE}
 
 
-def save_checkpoint(path, prefixes, optimizer, step, seconds, val_history, args):
+def save_checkpoint(path, prefixes, optimizer, step, seconds, val_history, args, data_sha256):
     """Write checkpoint.pt atomically; prefixes that are not finite are never saved."""
     if not all(bool(torch.isfinite(p).all()) for p in prefixes.parameters()):
         raise UserError(f"the prefixes hold NaN or inf values at step {step}; {path} was not overwritten")
     buf = io.BytesIO()  # serialised in memory first: torch.save reports a failing disk as an unclear RuntimeError
     torch.save({"prefixes": prefixes.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                "seconds": seconds, "val_history": val_history, "args": run_settings(args)}, buf)
+                "seconds": seconds, "val_history": val_history, "args": run_settings(args),
+                "data_sha256": data_sha256}, buf)
     write_bytes(path, buf.getbuffer())
 
 
@@ -255,7 +280,8 @@ def read_checkpoint(path, args):
     """checkpoint.pt, checked: whole, from this program, and made with the same data and shapes."""
     fix = "start a new run with --overwrite, or use another --out"
     if not path.exists():
-        raise UserError(f"--resume: no checkpoint at {path}")
+        raise UserError(f"--resume: no checkpoint at {path} (the run there saved none): start it again with "
+                        "--overwrite instead of --resume")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except OSError as e:
@@ -279,6 +305,14 @@ def read_checkpoint(path, args):
     return state
 
 
+def check_same_data(state, record, path):
+    """--resume only on the pairs the run started with: an edited or reshuffled CSV would change the split mid-run."""
+    if state.get("data_sha256", record["data_sha256"]) != record["data_sha256"]:
+        raise UserError(f"--resume: the data changed since {path} was saved ({record['data']} now gives other pairs: "
+                        f"sha256 {record['data_sha256'][:12]}..., was {state['data_sha256'][:12]}...); resume with "
+                        "the data the run started with, or start a new run in another --out")
+
+
 def flag(name):
     return "--" + name.replace("_", "-")
 
@@ -288,6 +322,8 @@ def run_folder(out, args):
     """
     Claim --out for this run, before anything large is loaded: it must be a folder we can write, no
     other run may be using it, and a new run must not replace an earlier one's files by accident.
+    Yields the files of an earlier run that --overwrite replaces (clear_old_run, once the new run
+    is sure to start: until then a failed start leaves them as they were).
     """
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a folder: choose another --out")
@@ -314,12 +350,18 @@ def run_folder(out, args):
         lock.flush()
         found = [name for name in RUN_FILES if (out / name).exists()]
         if found and not (args.resume or args.overwrite or args.eval_only):
-            raise UserError(f"{out} already holds a run ({', '.join(found)}): continue it with --resume, "
-                            "choose another --out, or replace it with --overwrite")
-        if args.overwrite:
-            for name in found:
-                (out / name).unlink()
-        yield
+            if "checkpoint.pt" in found:
+                raise UserError(f"{out} already holds a run ({', '.join(found)}): continue it with --resume, "
+                                "choose another --out, or replace it with --overwrite")
+            raise UserError(f"{out} already holds the files of a run that saved no checkpoint ({', '.join(found)}): "
+                            "replace them with --overwrite, or choose another --out")
+        yield found if args.overwrite else []
+
+
+def clear_old_run(out, found):
+    """--overwrite: delete the earlier run's files, now that the new run starts."""
+    for name in found:
+        (out / name).unlink(missing_ok=True)
 
 
 def eval_only(args, device):
@@ -328,15 +370,21 @@ def eval_only(args, device):
         if not path.exists():
             raise UserError(f"no prefix file at {path}: train one first, or point --prefix at one")
     files = evaluate.read_files(paths)
-    args.model = args.model or files[0][3].get("model", "gpt2-xl")
+    meta = files[0][3]
+    args.model = args.model or meta.get("model", "gpt2-xl")
+    fill_split_settings(args, meta)  # the first file's split, unless told otherwise
     config = config_of(args.model)  # a small file: every prefix is checked against it before the model loads
-    for path, _, _, meta in files:
-        check_fits(meta, config, path)
-        evaluate.check_split(args, meta)
+    for path, _, _, file_meta in files:
+        check_fits(file_meta, config, path)
     cli.note_if_slow(args.model, device)
-    pairs, split, shots = load_data(args, Path(args.out))
+    pairs, split, shots, record = load_data(args)
+    for path, _, _, file_meta in files:
+        evaluate.check_split(file_meta, args, record)
+    held_out = evaluate.evaluation_pairs([pairs[i] for i in split.held], args.max_len, args.eval_size)
+    examples = [pairs[i] for i in shots]
+    evaluate.check_few_shot_room(examples, held_out, config.n_positions, args.shots)
     model = mini_gpt2.from_pretrained(args.model, device=device, dtype=cli.DTYPES[args.dtype])
-    evaluate.run(args, model, files, [pairs[i] for i in shots], [pairs[i] for i in split.held])
+    evaluate.run(args, model, files, examples, held_out, record)
     return 0
 
 
@@ -373,22 +421,27 @@ def open_log(path, resume_step):
         raise UserError(os_problem(e, path, "writing")) from None
 
 
-def write_prefix(path, prefixes, model, args, step, val_loss):
-    """A prefix file, with what it was trained for and how it scored on the validation slice."""
-    save_prefixes(path, prefixes.fold(), NAMES, model.config, args.method, model=args.model, step=step, val_loss=f"{val_loss:.4f}",
-                  steps=args.steps, lr=args.lr, batch=args.batch_size, reparam=args.reparam, init=args.init,
-                  data=args.data or "kaggle", rows=args.rows, heldout=args.heldout, val_size=args.val_size,
-                  seed=args.seed)
+def write_prefix(path, prefixes, model, args, meta, step, val_loss):
+    """A prefix file, with what it was trained for (meta) and how it scored on the validation slice."""
+    save_prefixes(path, prefixes.fold(), NAMES, model.config, args.method, **meta, step=step, val_loss=f"{val_loss:.4f}")
 
 
-def train_loop(args, model, prefixes, optimizer, batches, val_examples, state, device):
+def prefix_metadata(args, record, split):
+    """What a prefix file records of its run: the model, the training settings, and the split it was kept from."""
+    return {"model": args.model, "steps": args.steps, "lr": args.lr, "batch": args.batch_size, "reparam": args.reparam,
+            "init": args.init, "data": str(Path(args.data).resolve()) if args.data else "kaggle", "rows": args.rows,
+            "heldout": args.heldout, "val_size": args.val_size, "seed": args.seed, "data_sha256": record["data_sha256"],
+            "heldout_pairs": len(split.held), "val_pairs": len(split.val)}
+
+
+def train_loop(args, model, prefixes, optimizer, batches, val_examples, state, device, meta, data_sha256):
     """
     Optimizer steps from the checkpoint's step (0 for a new run) to args.steps; returns the step
-    reached and the validation losses [(step, loss)]. Every --eval-every steps and at the end the
-    validation loss is computed and logged, and a prefix better than any before is written to
-    prefix.safetensors. Ctrl-C or a crash saves a checkpoint of the last completed step first (a
-    step cut short is dropped whole); a loss that is not finite stops the run without overwriting
-    the last good checkpoint.
+    reached, the validation losses [(step, loss)] and None, or the exit status if Ctrl-C or a
+    signal stopped it. Every --eval-every steps and at the end the validation loss is computed and
+    logged, and a prefix better than any before is written to prefix.safetensors. Ctrl-C or a crash
+    saves a checkpoint of the last completed step first (a step cut short is dropped whole); a loss
+    that is not finite stops the run without overwriting the last good checkpoint.
     """
     out = Path(args.out)
     checkpoint_path, log_path = out / "checkpoint.pt", out / "log.csv"
@@ -399,11 +452,12 @@ def train_loop(args, model, prefixes, optimizer, batches, val_examples, state, d
     log = csv.writer(log_file)
     bar = tqdm(total=args.steps, initial=step, desc="training", unit="step")
     t0, tokens_seen, shapes = time.time(), 0, []
+    unlogged = None  # a completed step's log row, while its validation runs
 
     def validate():
         v = validation_loss(model, prefixes, val_examples, args, device)
         if math.isfinite(v) and all(v < best for _, best in history):
-            write_prefix(out / "prefix.safetensors", prefixes, model, args, step, v)
+            write_prefix(out / "prefix.safetensors", prefixes, model, args, meta, step, v)
         history.append((step, v))
         bar.set_postfix_str(f"val {v:.3f}")
         return f"{v:.4f}"
@@ -415,9 +469,13 @@ def train_loop(args, model, prefixes, optimizer, batches, val_examples, state, d
         except OSError as e:
             raise UserError(os_problem(e, log_path, "writing")) from None
 
+    def validates_at(k):
+        return k == 0 or k % args.eval_every == 0 or k == args.steps
+
     try:
-        if step == 0:  # where training starts from
-            write_log([0, "", "", 0, "0.0", validate()])
+        # Where training starts from (step 0), or a resumed run whose last validation was cut short.
+        if validates_at(step) and not (history and history[-1][0] == step):
+            write_log([step, "", "", 0, f"{seconds_before:.1f}", validate()])
         while step < args.steps:
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, args)
@@ -436,35 +494,39 @@ def train_loop(args, model, prefixes, optimizer, batches, val_examples, state, d
             optimizer.zero_grad(set_to_none=True)
             step += 1
             tokens_seen += tokens
-            val = validate() if step % args.eval_every == 0 or step == args.steps else ""
             elapsed = time.time() - t0
-            write_log([step, f"{loss_value:.4f}", f"{lr_at(step - 1, args):.3g}", tokens, f"{seconds_before + elapsed:.1f}",
-                       val])
+            unlogged = [step, f"{loss_value:.4f}", f"{lr_at(step - 1, args):.3g}", tokens, f"{seconds_before + elapsed:.1f}"]
+            write_log(unlogged + [validate() if validates_at(step) else ""])
+            unlogged = None
             bar.set_postfix_str(f"loss {loss_value:.3f}, val {history[-1][1]:.3f}, {tokens_seen / elapsed:.0f} tokens/s")
             bar.update(1)
             if step % args.save_every == 0 or step == args.steps:
-                save_checkpoint(checkpoint_path, prefixes, optimizer, step, seconds_before + elapsed, history, args)
+                save_checkpoint(checkpoint_path, prefixes, optimizer, step, seconds_before + elapsed, history, args,
+                                data_sha256)
                 saved = step
     except BaseException as e:
         bar.close()
-        log_file.close()
         if isinstance(e, LossNotFinite):
+            log_file.close()
             raise
         if step > saved:  # a checkpoint of the last completed step, if the disk lets us
             optimizer.zero_grad(set_to_none=True)
             try:
+                if unlogged:  # its validation was cut short: log the step without it (a resume validates it)
+                    write_log(unlogged + [""])
                 save_checkpoint(checkpoint_path, prefixes, optimizer, step, seconds_before + time.time() - t0, history,
-                                args)
+                                args, data_sha256)
                 saved = step
             except UserError:
                 pass
+        log_file.close()
         if saved:
             kept = f"{checkpoint_path} holds step {saved}: continue with the same command and --resume"
         else:
             kept = "no step was completed, so nothing was saved"
-        if isinstance(e, KeyboardInterrupt):
-            print(f"\ninterrupted at step {step}; {kept}", file=sys.stderr)
-            return step, history
+        if isinstance(e, KeyboardInterrupt):  # Ctrl-C, SIGTERM or SIGHUP (cli.Stopped)
+            print(f"\n{cli.stop_word(e)} at step {step}; {kept}", file=sys.stderr)
+            return step, history, cli.stop_status(e)
         if isinstance(e, torch.OutOfMemoryError) and shapes:
             rows, length = shapes[-1]
             raise UserError(f"out of GPU memory in a forward pass of {rows} x {length} = {rows * length} tokens; try "
@@ -477,10 +539,10 @@ def train_loop(args, model, prefixes, optimizer, batches, val_examples, state, d
         raise
     bar.close()
     log_file.close()
-    return step, history
+    return step, history, None
 
 
-def report_best(out, prefixes, model, args, history):
+def report_best(out, prefixes, model, args, meta, history):
     """
     After the last step: prefix.safetensors holds the prefix with the lowest validation loss; the
     last one goes to prefix-last.safetensors if it is another. Say which is which, and whether the
@@ -490,7 +552,7 @@ def report_best(out, prefixes, model, args, history):
     last_step, last = history[-1]
     last_path = out / "prefix-last.safetensors"
     if best_step != last_step:
-        write_prefix(last_path, prefixes, model, args, last_step, last)
+        write_prefix(last_path, prefixes, model, args, meta, last_step, last)
         print(f"prefixes: {out / 'prefix.safetensors'} is the best (step {best_step}, validation loss {best:.4f}); "
               f"{last_path} is the last (step {last_step}, validation loss {last:.4f})")
     else:
@@ -507,17 +569,18 @@ def main(argv=None):
     args = parse_args(argv)
     out = Path(args.out)
     device = args.device
-    with run_folder(out, args):
+    with run_folder(out, args) as replaced:
         if args.eval_only:
             return eval_only(args, device)
         args.model = args.model or "gpt2-xl"
         cli.note_if_slow(args.model, device)
-        return train(args, out, device)
+        return train(args, out, device, replaced)
 
 
-def train(args, out, device):
+def train(args, out, device, replaced):
     state = read_checkpoint(out / "checkpoint.pt", args) if args.resume else None
-    n_positions = config_of(args.model).n_positions  # a small file: checked before the large ones load
+    config = config_of(args.model)  # a small file: checked before the large ones load
+    n_positions = config.n_positions
     if args.max_len > n_positions:
         raise UserError(f"--max-len {args.max_len}: a sequence length of at most {n_positions} fits this model")
     taken = METHODS[args.method].positions(args.prefix_len)
@@ -525,8 +588,13 @@ def train(args, out, device):
         with_prompts = f" (the two prompts take {taken} positions, plus --max-len {args.max_len})" if taken else ""
         raise UserError(f"--prefix-len {args.prefix_len}: too long a prefix length for this model's {n_positions} "
                         f"positions{with_prompts}")
+    if args.warmup > args.steps:
+        print(f"note: --warmup {args.warmup} is longer than --steps {args.steps}: the learning rate rises to "
+              f"{lr_at(args.steps - 1, args):.3g} at the last step and never reaches the peak {args.lr:g}")
 
-    pairs, split, shots = load_data(args, out)
+    pairs, split, shots, record = load_data(args)
+    if state:
+        check_same_data(state, record, out / "checkpoint.pt")
     if not split.train:
         raise UserError("no pair is left to train on: every pair is held out, for validation, or a (near-)duplicate "
                         "of a held-out or validation pair")
@@ -535,6 +603,9 @@ def train(args, out, device):
     if not examples or not val_examples:
         raise UserError(f"every {'training' if not examples else 'validation'} pair is longer than --max-len "
                         f"{args.max_len} tokens")
+    held_out = evaluate.evaluation_pairs([pairs[i] for i in split.held], args.max_len, args.eval_size)
+    if not args.no_eval:
+        evaluate.check_few_shot_room([pairs[i] for i in shots], held_out, n_positions, args.shots)
     print(f"training examples: {len(examples)} (both directions; {too_long} longer than {args.max_len} tokens skipped); "
           f"validation examples: {len(val_examples)}")
     model = mini_gpt2.from_pretrained(args.model, device=device, dtype=cli.DTYPES[args.dtype])
@@ -561,19 +632,23 @@ def train(args, out, device):
     print(f"model {args.model} on {device} in {args.dtype}, frozen; training {n_params:,} parameters: {how}, "
           f"{args.prefix_len} virtual tokens each, peak learning rate {args.lr:g}")
 
+    clear_old_run(out, replaced)  # the new run starts here: only now may --overwrite replace the old one's files
+    write_bytes(out / "split.json", json.dumps(record, indent=1).encode())
+    meta = prefix_metadata(args, record, split)
     batches = Batches(examples, args.batch_size, args.seed)
-    step, history = train_loop(args, model, prefixes, optimizer, batches, val_examples, state, device)
-    if step != args.steps:
-        return 130
-    report_best(out, prefixes, model, args, history)
+    step, history, stopped = train_loop(args, model, prefixes, optimizer, batches, val_examples, state, device, meta,
+                                        record["data_sha256"])
+    if stopped:
+        return stopped
+    report_best(out, prefixes, model, args, meta, history)
     if not args.no_eval:
         try:
             evaluate.run(args, model, evaluate.read_files([out / "prefix.safetensors"]), [pairs[i] for i in shots],
-                         [pairs[i] for i in split.held])
-        except KeyboardInterrupt:
-            print(f"\ninterrupted in the evaluation; the training is complete and saved in {out}: the same command "
-                  "with --eval-only runs the comparison", file=sys.stderr)
-            return 130
+                         held_out, record)
+        except KeyboardInterrupt as e:
+            print(f"\n{cli.stop_word(e)} in the evaluation; the training is complete and saved in {out}: the same "
+                  "command with --eval-only runs the comparison", file=sys.stderr)
+            return cli.stop_status(e)
     return 0
 
 

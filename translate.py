@@ -40,6 +40,16 @@ def guess_language(text):
     return "fr" if fr > en else "en"
 
 
+def read_stdin():
+    """The lines on stdin, decoded as UTF-8 whatever the locale (which may let bad bytes through as escapes)."""
+    raw = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
+    try:
+        lines = raw.decode("utf-8").split("\n")
+    except UnicodeDecodeError:
+        raise UserError("the text on stdin is not UTF-8: convert it (e.g. iconv -f latin1 -t utf-8)") from None
+    return lines[:-1] if lines[-1] == "" else lines  # the last line's newline ends it; it starts no empty one
+
+
 def main(argv=None):
     ap = cli.ArgumentParser(prog="translate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("text", nargs="*", help="phrases to translate (default: one per line from stdin)")
@@ -53,7 +63,7 @@ def main(argv=None):
     ap.add_argument("--top-k", type=positive_int, help="with --temperature: sample only from the k most likely tokens")
     ap.add_argument("--batch-size", type=positive_int, default=16, help="inputs translated together (default 16)")
     cli.add_device_args(ap)
-    ap.add_argument("--seed", type=int, help="seed for sampling")
+    ap.add_argument("--seed", type=cli.seed, help="seed for sampling")
     args = ap.parse_args(argv)
     cli.settle_device(ap, args)
     if args.top_k is not None and args.temperature == 0:
@@ -63,10 +73,7 @@ def main(argv=None):
     if not prefix_path.exists():
         raise UserError(f"no prefix file at {prefix_path}: train one first with `python train.py` "
                         "(or point --prefix at one)")
-    try:
-        texts = args.text or [line.rstrip("\n") for line in sys.stdin]
-    except UnicodeDecodeError:
-        raise UserError("the text on stdin is not UTF-8: convert it (e.g. iconv -f latin1 -t utf-8)") from None
+    texts = args.text or read_stdin()
     if not texts:
         raise UserError("nothing to translate: give phrases as arguments or one per line on stdin")
 

@@ -26,6 +26,13 @@ if "TIKTOKEN_CACHE_DIR" not in os.environ and _cache.exists():
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(autouse=True)
+def no_internet(monkeypatch):
+    """No test reaches the real hub or Kaggle: those that download start their own server and point here at it."""
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setenv("KAGGLE_API_ENDPOINT", "http://127.0.0.1:9")
+
+
 def make_checkpoint(folder, n_layer=2, n_head=5, n_embd=80, n_positions=1024, vocab_size=50257,
                     layout="save_pretrained", seed=0):
     """
@@ -86,10 +93,10 @@ def csv_file(tmp_path_factory):
     return path
 
 
-def run(script, *args, stdin=None):
-    """Run one of the project's scripts as a user would, in a fresh process."""
+def run(script, *args, stdin=None, timeout=300):
+    """Run one of the project's scripts as a user would, in a fresh process (timeout: a hung one fails, None: no limit)."""
     return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], input=stdin, capture_output=True,
-                          text=True, cwd=ROOT, env=os.environ | {"PYTHONPATH": str(ROOT)}, timeout=300)
+                          text=True, cwd=ROOT, env=os.environ | {"PYTHONPATH": str(ROOT)}, timeout=timeout)
 
 
 @pytest.fixture
@@ -132,8 +139,9 @@ def train_args(ckpt, csv_file, out, *extra):
 
 def fail_in_step(monkeypatch, n, error):
     """
-    Make training step n (counting from 1 in this process) fail: raise `error`, or with error="nan"
-    let the step compute its gradient but return a NaN loss. Validation passes are left alone.
+    Make training step n (counting from 1 in this process) fail: raise `error` (or call it, if it is
+    a function), or with error="nan" let the step compute its gradient but return a NaN loss.
+    Validation passes are left alone.
     """
     import train
 
@@ -143,6 +151,8 @@ def fail_in_step(monkeypatch, n, error):
         if backward:
             calls["n"] += 1
             if calls["n"] == n and error != "nan":
+                if callable(error) and not isinstance(error, type) and not isinstance(error, BaseException):
+                    error()
                 raise error
         loss = real(*args, backward=backward, **kwargs)
         return loss * float("nan") if backward and calls["n"] == n else loss

@@ -9,8 +9,10 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import zipfile
 
 import pytest
@@ -192,12 +194,15 @@ def test_bad_csv_is_one_line(tiny_ckpt, tmp_path, call, content, problem):
     assert str(path) in line and problem in line
 
 
-def test_stdin_that_is_not_utf8_is_one_line(tiny_ckpt, tiny_config, tmp_path):
+@pytest.mark.parametrize("env", [{"PYTHONIOENCODING": "utf-8:strict"}, {"LC_ALL": "C", "LANG": "C"}])
+def test_stdin_that_is_not_utf8_is_one_line(tiny_ckpt, tiny_config, tmp_path, env):
+    """Also in the C locale, where Python would let the bad bytes through as escapes."""
     path = write_prefix(tmp_path / "p.safetensors", tiny_config, model=str(tiny_ckpt[0]))
+    plain = {k: v for k, v in os.environ.items() if k not in ("PYTHONIOENCODING", "LC_ALL", "LANG", "PYTHONUTF8")}
     r = subprocess.run([sys.executable, str(ROOT / "translate.py"), "--prefix", str(path)], input="Été\n".encode("latin-1"),
-                       capture_output=True, cwd=ROOT, env=os.environ | {"PYTHONIOENCODING": "utf-8:strict"}, timeout=300)
+                       capture_output=True, cwd=ROOT, env=plain | env, timeout=300)
     r = subprocess.CompletedProcess(r.args, r.returncode, r.stdout.decode(), r.stderr.decode())
-    assert "the text on stdin is not UTF-8" in one_line_error(r)
+    assert "the text on stdin is not UTF-8" in one_line_error(r) and not r.stdout
 
 
 # ----------------------------------------------------------------------------- 2. folders written
@@ -281,6 +286,30 @@ def test_a_cached_file_damaged_later_is_named(hub, tmp_path):
     assert len(hub.log) == n  # the cache was checked, nothing was fetched
 
 
+@pytest.mark.parametrize("damage", ["longer", "shorter"])
+def test_a_cached_file_of_another_size_is_caught_either_way(hub, tmp_path, damage):
+    mini_gpt2.from_pretrained("gpt2", device="cpu")
+    cached = tmp_path / "cache" / "openai-community--gpt2" / "model.safetensors"
+    size = cached.stat().st_size
+    with open(cached, "r+b") as f:
+        f.seek(0, os.SEEK_END) if damage == "longer" else f.truncate(size - 1)
+        f.write(b"\0" if damage == "longer" else b"")
+    with pytest.raises(UserError, match=f"{cached} is {size + 1 if damage == 'longer' else size - 1} bytes, but {size} "
+                                        "were downloaded and verified"):
+        mini_gpt2.from_pretrained("gpt2", device="cpu")
+
+
+@pytest.mark.parametrize("record", ['{"size": "SIZE"}', '{"size": SIZE.0}', "not json"])
+def test_a_verified_record_not_as_written_is_called_damaged(hub, tmp_path, record):
+    mini_gpt2.from_pretrained("gpt2", device="cpu")
+    cached = tmp_path / "cache" / "openai-community--gpt2" / "model.safetensors"
+    verified = cached.with_name("model.safetensors.verified")
+    verified.write_text(record.replace("SIZE", str(cached.stat().st_size)))
+    with pytest.raises(UserError) as e:
+        mini_gpt2.from_pretrained("gpt2", device="cpu")
+    assert str(e.value) == (f"{verified} is damaged: delete it and {cached}, and run again to download the file anew")
+
+
 def test_full_disk_while_downloading_leaves_no_finished_file(hub, tmp_path, monkeypatch):
     from mini_gpt2 import download
 
@@ -315,6 +344,132 @@ def test_a_new_run_does_not_replace_an_old_one(run_copy, tiny_ckpt, csv_file, ca
     r = call(train.main, *train_args(tiny_ckpt[0], csv_file, run_copy, "--no-eval", "--overwrite", "--seed", 1))
     assert r.returncode == 0, r.stderr
     assert snapshot(run_copy)["prefix.safetensors"] != before["prefix.safetensors"]
+
+
+def test_overwrite_replaces_every_file_of_the_earlier_run_once_the_new_one_starts(tiny_ckpt, csv_file, tmp_path, call,
+                                                                                  monkeypatch):
+    out = tmp_path / "run"
+    validation_losses(monkeypatch, [5.0, 4.0, 1.0, 3.0])  # steps 0, 2, 4, 6: the best is not the last
+    assert call(train.main, *train_args(tiny_ckpt[0], csv_file, out)).returncode == 0
+    assert [name for name in train.RUN_FILES if not (out / name).exists()] == []  # every file a run writes
+    before = snapshot(out)
+    for cannot_start in (["--model", tmp_path / "no-such-model"], ["--data", tmp_path / "no-such.csv"]):
+        line = one_line_error(call(train.main, *train_args(tiny_ckpt[0], csv_file, out, "--overwrite", *cannot_start)))
+        assert "no-such" in line and snapshot(out) == before  # a new run that cannot start replaces nothing
+    validation_losses(monkeypatch, [5.0, 4.0])  # steps 0 and 2: the last is the best
+    r = call(train.main, *train_args(tiny_ckpt[0], csv_file, out, "--overwrite", "--no-eval", "--steps", 2))
+    assert r.returncode == 0, r.stderr
+    assert sorted(snapshot(out)) == ["checkpoint.pt", "log.csv", "loss.png", "prefix.safetensors", "split.json"]
+    assert [r["step"] for r in csv.DictReader(open(out / "log.csv"))] == ["0", "1", "2"]
+
+
+def test_a_folder_left_by_a_run_that_saved_no_checkpoint_is_not_offered_to_resume(tiny_ckpt, csv_file, tmp_path,
+                                                                                 call, monkeypatch):
+    out = tmp_path / "run"
+    fail_in_step(monkeypatch, 1, RuntimeError("a bug"))
+    with pytest.raises(RuntimeError):
+        train.main(train_args(tiny_ckpt[0], csv_file, out, "--no-eval"))
+    monkeypatch.undo()
+    assert (out / "split.json").exists() and not (out / "checkpoint.pt").exists()
+    line = one_line_error(call(train.main, *train_args(tiny_ckpt[0], csv_file, out, "--no-eval")))
+    assert "holds the files of a run that saved no checkpoint" in line and "--overwrite" in line and "--resume" not in line
+    line = one_line_error(call(train.main, *train_args(tiny_ckpt[0], csv_file, out, "--no-eval", "--resume")))
+    assert "no checkpoint" in line and "--overwrite" in line
+    assert call(train.main, *train_args(tiny_ckpt[0], csv_file, out, "--no-eval", "--overwrite")).returncode == 0
+
+
+def test_resume_refuses_data_that_changed_under_the_run(tiny_ckpt, csv_file, tmp_path, call):
+    data_file, out = tmp_path / "pairs.csv", tmp_path / "run"
+    shutil.copy(csv_file, data_file)
+    assert call(train.main, *train_args(tiny_ckpt[0], data_file, out, "--no-eval", "--steps", 2)).returncode == 0
+    before = snapshot(out)
+    lines = data_file.read_text().splitlines(keepends=True)
+    for edited in (lines[:1] + lines[2:3] + lines[1:2] + lines[3:],  # two rows swapped
+                   lines[:5] + ["The sea is green.,La mer est verte.\n"] + lines[6:]):  # a row edited
+        data_file.write_text("".join(edited))
+        line = one_line_error(call(train.main, *train_args(tiny_ckpt[0], data_file, out, "--no-eval", "--resume",
+                                                           "--steps", 4)))
+        assert "--resume: the data changed since" in line and str(data_file) in line
+        assert snapshot(out) == before
+
+
+def test_ctrl_c_in_the_last_validation_stops_there_and_resume_finishes_the_run(tiny_ckpt, csv_file, tmp_path, call,
+                                                                               monkeypatch):
+    straight, out = tmp_path / "straight", tmp_path / "run"
+    assert call(train.main, *train_args(tiny_ckpt[0], csv_file, straight, "--no-eval")).returncode == 0
+    real, calls = train.validation_loss, {"n": 0}
+
+    def validation_loss(*args):
+        calls["n"] += 1
+        if calls["n"] == 4:  # steps 0, 2, 4, then the last one, 6
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(train, "validation_loss", validation_loss)
+    r = call(train.main, *train_args(tiny_ckpt[0], csv_file, out))
+    assert r.returncode == 130, r.stderr
+    assert f"interrupted at step 6; {out / 'checkpoint.pt'} holds step 6: continue with the same command and --resume" \
+        in r.stderr
+    assert "prefixes:" not in r.stdout and not (out / "results.json").exists()  # no report, no comparison
+    monkeypatch.undo()
+    r = call(train.main, *train_args(tiny_ckpt[0], csv_file, out, "--resume", "--no-eval"))
+    assert r.returncode == 0, r.stderr
+    for name in ("prefix.safetensors", "prefix-last.safetensors"):  # as if never stopped
+        assert (out / name).exists() == (straight / name).exists()
+        if (out / name).exists():
+            (a, _, meta_a), (b, _, meta_b) = prefix.load_prefixes(out / name), prefix.load_prefixes(straight / name)
+            assert torch.equal(a, b) and meta_a == meta_b
+    val = [[(row["step"], row["val_loss"]) for row in csv.DictReader(open(d / "log.csv")) if row["val_loss"]]
+           for d in (straight, out)]
+    assert val[0] == val[1] and val[0][-1][0] == "6"
+
+
+def test_sigterm_saves_the_last_step_and_says_so(tiny_ckpt, csv_file, tmp_path):
+    """A real SIGTERM (kill, docker stop, a cluster's preemption) mid-run, sent once step 1 is logged."""
+    out = tmp_path / "run"
+    args = train_args(tiny_ckpt[0], csv_file, out, "--steps", 100000, "--save-every", 100000, "--no-eval")
+    p = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                         text=True, cwd=ROOT, env=os.environ | {"PYTHONPATH": str(ROOT)})
+
+    def logged():
+        return [row["step"] for row in csv.DictReader(open(out / "log.csv"))] if (out / "log.csv").exists() else []
+
+    try:
+        while "1" not in logged() and p.poll() is None:
+            time.sleep(0.05)  # waits for the run to be under way; what is checked does not depend on how long
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=300)
+    finally:
+        p.kill()
+    r = subprocess.CompletedProcess(args, p.returncode, "", err)
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state["step"] >= 1
+    assert r.returncode == 143 and f"terminated at step {state['step']}; {out / 'checkpoint.pt'} holds step " \
+        f"{state['step']}: continue with the same command and --resume" in err and "Traceback" not in err, err
+    assert logged()[-1] == str(state["step"])
+
+
+def stop_signal(name):
+    """What the signal does once cli.run has installed its handler, raised here and now (no race with a real signal)."""
+    signum = getattr(signal, name)
+    signal.getsignal(signum)(signum, None)
+
+
+def test_sighup_is_handled_as_ctrl_c(tiny_ckpt, csv_file, tmp_path, call, monkeypatch):
+    fail_in_step(monkeypatch, 3, lambda: stop_signal("SIGHUP"))
+    out = tmp_path / "run"
+    r = call(train.main, *train_args(tiny_ckpt[0], csv_file, out, "--no-eval", "--save-every", 100))
+    assert r.returncode == 129 and f"hung up at step 2; {out / 'checkpoint.pt'} holds step 2" in r.stderr, r.stderr
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
+
+
+def test_sigterm_in_the_comparison_says_the_training_is_kept(tiny_ckpt, csv_file, tmp_path, call, monkeypatch):
+    monkeypatch.setattr(train.evaluate, "evaluate", lambda *a, **k: stop_signal("SIGTERM"))
+    out = tmp_path / "run"
+    r = call(train.main, *train_args(tiny_ckpt[0], csv_file, out))
+    assert r.returncode == 143 and f"terminated in the evaluation; the training is complete and saved in {out}" in r.stderr
+    r = call(train.main, "--eval-only", "--out", out, "--eval-size", 1)
+    assert r.returncode == 143 and r.stderr.strip() == "terminated"  # outside training too: one word, the shell's status
 
 
 def test_two_runs_in_one_folder_do_not_both_proceed(tiny_ckpt, csv_file, tmp_path):
@@ -366,6 +521,27 @@ def test_ctrl_c_in_the_evaluation_says_the_training_is_kept(tiny_ckpt, csv_file,
     r = call(train.main, *train_args(tiny_ckpt[0], csv_file, out, "--eval-only"))  # the advice works
     assert r.returncode == 0, r.stderr
     assert (out / "results.json").exists()
+
+
+def test_prefixes_that_became_nan_are_never_checkpointed(tiny_ckpt, csv_file, tmp_path, call, monkeypatch):
+    real, calls = torch.optim.AdamW.step, {"n": 0}
+
+    def step(self, *args, **kwargs):  # step 3 leaves NaN in the prefixes, its loss still finite
+        out = real(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    p.data.fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    out = tmp_path / "run"
+    line = one_line_error(call(train.main, *train_args(tiny_ckpt[0], csv_file, out, "--no-eval", "--save-every", 1)))
+    assert "the prefixes hold NaN or inf values at step 3" in line and f"{out / 'checkpoint.pt'} holds step 2" in line
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 2 and all(torch.isfinite(v).all() for v in state["prefixes"].values())
+    assert int(prefix.load_prefixes(out / "prefix.safetensors")[2]["step"]) <= 2
 
 
 def test_nan_in_the_first_step_advice_works(tiny_ckpt, csv_file, tmp_path, call, monkeypatch):
@@ -441,7 +617,10 @@ def test_log_that_is_not_a_log_is_named_on_resume(run_copy, tiny_ckpt, csv_file,
     (["--device", "mps"], "argument --device: mps"), (["--device", "gpu"], "argument --device: 'gpu' is not a device"),
     (["--heldout", "0"], "--heldout 0 leaves nothing to evaluate"), (["--resume", "--overwrite"], "give one of them"),
     (["--eval-only", "--overwrite"], "--resume and --overwrite do not apply"), (["--prefix", "p.safetensors"], "--eval-only"),
-    (["--method", "prompt", "--reparam"], "does not apply to --method prompt")])
+    (["--method", "prompt", "--reparam"], "does not apply to --method prompt"),
+    (["--lr", "1e38"], "--lr 1e+38: AdamW moves every number by about the rate per step"),
+    (["--seed", "99999999999999999999999"], "argument --seed: 99999999999999999999999 is not a whole number that fits"),
+    (["--seed", "-9223372036854775809"], "argument --seed")])
 def test_train_arguments_are_checked_first(call, tmp_path, args, problem):
     r = call(train.main, "--model", tmp_path / "not-loaded", "--out", tmp_path / "o", *args)
     assert problem in one_line_error(r, status=2)
@@ -451,7 +630,8 @@ def test_train_arguments_are_checked_first(call, tmp_path, args, problem):
 @pytest.mark.parametrize("args,problem", [
     (["--temperature", "nan"], "argument --temperature"), (["--temperature", "-1"], "argument --temperature"),
     (["--top-k", "5"], "--top-k has no effect with greedy decoding"), (["--device", "cuda:1"], "argument --device"),
-    (["--device", "mps"], "argument --device"), (["--max-new-tokens", "0"], "argument --max-new-tokens")])
+    (["--device", "mps"], "argument --device"), (["--max-new-tokens", "0"], "argument --max-new-tokens"),
+    (["--seed", "99999999999999999999999"], "argument --seed")])
 def test_translate_arguments_are_checked_first(call, tmp_path, args, problem):
     r = call(translate.main, "--prefix", tmp_path / "not-read.safetensors", *args, "Bonjour")
     assert problem in one_line_error(r, status=2)
@@ -481,6 +661,45 @@ def test_a_prefix_for_another_model_is_refused_before_the_model_loads(finished_r
 def test_a_max_len_that_does_not_fit_says_so(tiny_ckpt, csv_file, tmp_path, call):
     line = one_line_error(call(train.main, *train_args(tiny_ckpt[0], csv_file, tmp_path / "o", "--max-len", 2000)))
     assert "--max-len 2000: a sequence length of at most 1024 fits this model" in line
+
+
+def test_the_widest_seeds_and_the_smallest_temperature_work(finished_run, call):
+    prefix_file = finished_run / "prefix.safetensors"
+    greedy = call(translate.main, "--prefix", prefix_file, "--max-new-tokens", 4, "Bonjour", "Merci beaucoup")
+    for seed in ("18446744073709551615", "-9223372036854775808"):
+        r = call(translate.main, "--prefix", prefix_file, "--max-new-tokens", 4, "--temperature", "1e-320", "--seed", seed,
+                 "Bonjour", "Merci beaucoup")
+        assert r.returncode == 0 and r.stdout == greedy.stdout, r.stderr  # a temperature that small is greedy
+
+
+def test_a_few_shot_prompt_longer_than_the_model_is_refused_before_it_loads(tiny_ckpt, tiny_config, tmp_path, call):
+    path = tmp_path / "long.csv"
+    words = "the committee will meet again next week to review the report of the".split()
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows([("en", "fr")] + [(f"{i} " + " ".join(words * 2), f"{i} " + " ".join(words[::-1] * 2))
+                                                  for i in range(100)])
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_ckpt[0], folder)
+    (folder / "model.safetensors").write_bytes(b"never read")  # refused before the weights load
+    pfile = write_prefix(tmp_path / "p.safetensors", tiny_config, model=str(folder), data=str(path))
+    line = one_line_error(call(train.main, "--eval-only", "--prefix", pfile, "--shots", 40, "--out", tmp_path / "o"))
+    assert line.startswith("error: --shots 40: the examples take") and "lower --shots" in line
+    line = one_line_error(call(train.main, *train_args(folder, path, tmp_path / "t", "--shots", 40)))
+    assert line.startswith("error: --shots 40: the examples take")  # a training run finds out before it trains
+
+
+def test_what_was_cut_to_fit_is_said_and_recorded(tiny_ckpt, csv_file, tmp_path, call):
+    out = tmp_path / "run"
+    r = call(train.main, *train_args(tiny_ckpt[0], csv_file, out, "--val-size", 50, "--warmup", 10))
+    assert r.returncode == 0, r.stderr
+    assert "note: --heldout 4 is more than a tenth of the 36 pairs: 3 are used" in r.stdout
+    assert "note: --val-size 50 is more than a tenth of the 36 pairs: 3 are used" in r.stdout
+    assert "note: --warmup 10 is longer than --steps 6: the learning rate rises to 0.03 at the last step and never " \
+           "reaches the peak 0.05" in r.stdout
+    meta = prefix.load_prefixes(out / "prefix.safetensors")[2]
+    assert (meta["heldout"], meta["heldout_pairs"], meta["val_size"], meta["val_pairs"]) == ("4", "3", "50", "3")
+    settings = json.loads((out / "results.json").read_text())["settings"]
+    assert (settings["heldout"], settings["heldout_pairs"]) == (4, 3)
 
 
 def test_duplicates_are_not_called_too_long(tiny_ckpt, tmp_path, call):

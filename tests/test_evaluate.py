@@ -8,7 +8,7 @@ import data
 import evaluate
 import prefix
 from mini_gpt2 import from_pretrained
-from tests.conftest import run
+from tests.conftest import PAIRS, run
 
 
 def test_bleu_hand_checked_cases():
@@ -92,3 +92,73 @@ def test_eval_only_end_to_end_with_both_methods(tiny_ckpt, csv_file, tmp_path):
 
 def test_zero_shot_is_the_prompt_with_no_examples():
     assert evaluate.few_shot_prompt([], "Le chat dort.", "fr", "en") == "fr: Le chat dort.\nen:"
+
+
+# ----------------------------------------------------------------------------- each BLEU, by hand and independently
+
+def test_corpus_bleu_pools_the_counts_of_all_sentences():
+    # "a b c d" exactly, and "a b c d e f" against "a b c d x f": pooled 1-grams 9/10, 2-grams 6/8,
+    # 3-grams 4/6, 4-grams 2/4, same lengths: BLEU = (9/10 * 6/8 * 4/6 * 2/4) ** (1/4), which is not
+    # the mean of the two sentences' BLEU ((1 + 0.5373) / 2 = 0.7686)
+    s = evaluate.bleu_scores(["a b c d", "a b c d e f"], ["a b c d", "a b c d x f"])
+    assert s["corpus"] == pytest.approx(100 * (9 / 10 * 6 / 8 * 4 / 6 * 2 / 4) ** 0.25)  # 68.87
+    assert s["sentence_smoothed"] == pytest.approx(100 * (1 + (5 / 6 * 3 / 5 * 2 / 4 * 1 / 3) ** 0.25) / 2)
+
+
+def test_the_smoothed_sentence_bleu_gives_a_missing_4gram_a_tenth():
+    # "a b c x" against "a b c d": 1-grams 3/4, 2-grams 2/3, 3-grams 1/2, 4-grams 0/1, which NLTK's
+    # smoothing method 1 counts as 0.1/1; unsmoothed, the sentence scores 0
+    s = evaluate.bleu_scores(["a b c x"], ["a b c d"])
+    assert s["sentence_smoothed"] == pytest.approx(100 * (3 / 4 * 2 / 3 * 1 / 2 * 0.1) ** 0.25)  # 39.76
+    assert s["sentence_whitespace"] < 1e-10 and s["corpus"] < 1e-10  # NLTK returns a tiny number for 0
+
+
+def test_the_whitespace_sentence_bleu_splits_on_spaces_only():
+    # Whitespace tokens: "mat ." against "mat.": 1-grams 5/7, 2-grams 4/6, 3-grams 3/5, 4-grams 2/4,
+    # the hypothesis longer (no brevity penalty); the regex tokens of both are the same, 100
+    s = evaluate.bleu_scores(["the cat sat on the mat ."], ["the cat sat on the mat."])
+    assert s["sentence_whitespace"] == pytest.approx(100 * (5 / 7 * 4 / 6 * 3 / 5 * 2 / 4) ** 0.25)  # 61.48
+    assert s["corpus"] == pytest.approx(100) and s["sentence_smoothed"] == pytest.approx(100)
+
+
+# Each at least 4 tokens: for a shorter one, NLTK counts 1 where it has no 4-gram at all (sacreBLEU 0),
+# so their corpus BLEU part ways there.
+HYPOTHESES = ["Hello! My name is Sully, hello.", "Thanks you so much.", "Where is the train station?", "I like cheese and bread",
+              "It rains today.", "See you tomorrow, friend.", "The cat is sleeping.", "We are very late!"]
+REFERENCES = [en for en, _ in PAIRS[:8]]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # NLTK's, for sentences without some n-gram
+def test_bleu_agrees_with_sacrebleu_and_nltk_called_directly():
+    import sacrebleu
+    from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+
+    s = evaluate.bleu_scores(HYPOTHESES, REFERENCES)
+    join = lambda texts: [" ".join(evaluate.bleu_tokens(t)) for t in texts]  # noqa: E731  the same tokens
+    theirs = sacrebleu.corpus_bleu(join(HYPOTHESES), [join(REFERENCES)], tokenize="none", smooth_method="none",
+                                   force=True)
+    assert 0 < s["corpus"] < 100 and s["corpus"] == pytest.approx(theirs.score, abs=1e-9)
+    tok = evaluate.bleu_tokens
+    smooth = SmoothingFunction().method1
+    mean = lambda xs: 100 * sum(xs) / len(xs)  # noqa: E731
+    assert s["sentence_smoothed"] == pytest.approx(
+        mean([sentence_bleu([tok(r)], tok(h), smoothing_function=smooth) for h, r in zip(HYPOTHESES, REFERENCES)]))
+    assert s["sentence_whitespace"] == pytest.approx(
+        mean([sentence_bleu([r.split()], h.split()) for h, r in zip(HYPOTHESES, REFERENCES)]))
+
+
+def test_both_directions_is_the_corpus_bleu_of_all_their_sentences_together():
+    pairs = PAIRS[:4]
+    answers = {"en": HYPOTHESES[:4], "fr": ["Bonjour! Je suis Sully.", "Merci beaucoup.", "Où est la gare?", "J'aime le pain."]}
+
+    class Fixed:
+        def __call__(self, texts, source, target, limits):
+            return [answers[target][[p[evaluate.COLUMN[source]] for p in pairs].index(t)] for t in texts]
+
+    scores, _ = evaluate.evaluate({"fixed": Fixed()}, pairs, 2)
+    refs = {"en": [en for en, _ in pairs], "fr": [fr for _, fr in pairs]}
+    for target, source in (("en", "fr"), ("fr", "en")):
+        assert scores[f"fixed {source}->{target}"] == evaluate.bleu_scores(answers[target], refs[target]) | {"pairs": 4}
+    both = evaluate.bleu_scores(answers["en"] + answers["fr"], refs["en"] + refs["fr"])
+    assert scores["fixed both"] == both | {"pairs": 8}
+    assert len({scores[f"fixed {d}"]["corpus"] for d in ("fr->en", "en->fr", "both")}) == 3  # all three differ

@@ -204,9 +204,24 @@ def test_activation_checkpointing_does_not_hold_every_layers_keys(models, kv):
 
 
 def test_bench_gpu_runs_tiny_on_the_cpu(tmp_path):
-    r = run("benchmarks/bench_gpu.py", "--size", "tiny", "--device", "cpu", "--out", tmp_path / "bench.md")
+    # As little as runs every row once, on one thread (two spin-waiting threads on two busy cores crawl),
+    # with no deadline: a slow machine takes longer, that is all.
+    r = run("benchmarks/bench_gpu.py", "--size", "tiny", "--device", "cpu", "--out", tmp_path / "bench.md", "--threads", 1,
+            "--repeats", 1, "--new-tokens", 4, "--eval-sentences", 2, "--seq-len", 8, timeout=None)
     assert r.returncode == 0, r.stderr[-3000:]
     table = (tmp_path / "bench.md").read_text()
     for row in ("bf16 vs fp32 logits", "prefix training", "PEFT", "decoding", "evaluation"):
         assert row in table, table
     assert table in r.stdout
+
+
+def test_the_prompt_methods_passes_count_its_2p_positions_in_the_budget(models, monkeypatch):
+    model, examples = models[torch.float32], some_examples()
+    prompts = prefix.prompt_random(model, NAMES, 8, torch.Generator().manual_seed(0))  # 2P = 16 positions a row
+    shapes, real = [], model.hidden
+    monkeypatch.setattr(model, "hidden", lambda idx, *a, **k: shapes.append(tuple(idx.shape)) or real(idx, *a, **k))
+    budget = 120
+    with torch.no_grad():
+        train.mean_loss(model, Prefixes(prompts), examples, "prompt", budget, "cpu")
+    assert len(shapes) > 1 and all(rows * length <= budget or rows == 1 for rows, length in shapes), shapes
+    assert sum(rows for rows, _ in shapes) == len(examples)

@@ -60,11 +60,19 @@ def test_prompt_loss_counts_the_target_tokens_predicted_after_the_target_prompt(
         assert torch.allclose(target_loss(model, h, tokens, src_len, seq_len), total, atol=1e-4)
 
 
+# What each prompt starts from, written out here rather than read from prefix.py: the text's first P tokens.
+WORDS = {"[start_french]": " French: French: French:", "[start_english]": " English: English: English:"}
+
+
+def test_the_words_are_the_documented_ones():
+    assert [init_word_ids(name, 4) for name in NAMES] == [encode(WORDS[name])[:4] for name in NAMES]
+
+
 def test_a_prompt_from_words_reads_exactly_as_the_words(model):
     """Initialised from "French:", the prompt gives the logits of the text " French: French:..." itself."""
     P = 4
     learned = prompt_from_words(model, NAMES, P)
-    words = init_word_ids(NAMES[0], P)
+    words = encode(WORDS[NAMES[0]])[:P]
     text = encode(" Bonjour, le monde.")
     with torch.no_grad():
         as_text = model(torch.tensor([words + text]))
@@ -83,7 +91,7 @@ def test_a_prefix_from_words_holds_the_words_keys_and_values(tiny_ckpt, model):
     ref = tiny_ckpt[1]
     for i, name in enumerate(NAMES):
         with torch.no_grad():
-            past = ref(torch.tensor([init_word_ids(name, P)]), use_cache=True).past_key_values
+            past = ref(torch.tensor([encode(WORDS[name])[:P]]), use_cache=True).past_key_values
         for layer in range(model.config.n_layer):
             k, v = (past[layer][0], past[layer][1]) if isinstance(past, tuple) else (past.layers[layer].keys,
                                                                                     past.layers[layer].values)

@@ -172,3 +172,75 @@ def test_no_matplotlib_no_pictures_and_nothing_fails(tiny_ckpt, csv_file, tmp_pa
     assert train.main(train_args(tiny_ckpt[0], csv_file, out)) == 0
     assert not (out / "loss.png").exists() and not (out / "bleu.png").exists()
     assert not re.search(r"!\[.*\]\(", (out / "results.md").read_text())
+
+
+# ----------------------------------------------------------------------------- the schedule and the step
+
+@pytest.fixture
+def optimizer_steps(monkeypatch):
+    """Each AdamW step train.py takes, as it is taken: the learning rate, the gradient's norm, how far each number moved."""
+    seen, real = [], torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        params = [p for group in self.param_groups for p in group["params"]]
+        before = [p.detach().clone() for p in params]
+        norm = torch.cat([p.grad.flatten() for p in params]).norm().item()
+        out = real(self, *args, **kwargs)
+        moved = max((p.detach() - b).abs().max().item() for p, b in zip(params, before))
+        seen.append({"lr": self.param_groups[0]["lr"], "grad_norm": norm, "moved": moved})
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    return seen
+
+
+def test_the_learning_rate_of_the_first_a_middle_and_the_last_step(tiny_ckpt, csv_file, tmp_path, optimizer_steps):
+    # --lr 0.05, --warmup 2, --steps 6: 0.05 * (k + 1) / 2 while warming up, then 0.05 * (6 - k) / 4 down to the end
+    out = tmp_path / "run"
+    assert train.main(train_args(tiny_ckpt[0], csv_file, out, "--no-eval")) == 0
+    want = [0.025, 0.05, 0.05, 0.0375, 0.025, 0.0125]
+    assert [s["lr"] for s in optimizer_steps] == pytest.approx(want)
+    assert [float(r["lr"]) for r in log_rows(out) if r["lr"]] == pytest.approx(want)
+    # AdamW's first step moves every number with a gradient by the learning rate itself, whatever the
+    # gradient's size: the rate that really reached the prefix
+    assert optimizer_steps[0]["moved"] == pytest.approx(want[0], rel=1e-3)
+
+
+def test_a_huge_gradient_is_clipped_before_the_step(tiny_ckpt, csv_file, tmp_path, optimizer_steps, monkeypatch):
+    real = train.target_loss
+    monkeypatch.setattr(train, "target_loss", lambda *a: real(*a) * 1e6)  # a gradient a million times too large
+    assert train.main(train_args(tiny_ckpt[0], csv_file, tmp_path / "run", "--no-eval", "--steps", 2)) == 0
+    assert len(optimizer_steps) == 2 and all(s["grad_norm"] <= 1.0 + 1e-5 for s in optimizer_steps), optimizer_steps
+
+
+def test_each_epoch_is_the_data_in_a_new_order():
+    examples = [([i], [i, 50256], 0, 1) for i in range(50)]
+    batches = train.Batches(examples, 8, seed=0)
+    n = 7  # steps per epoch: 50 examples in batches of 8
+    epochs = [[tuple(ex[0][0] for ex in batches[k]) for k in range(e * n, (e + 1) * n)] for e in range(3)]
+    for steps in epochs:
+        assert sorted(i for step in steps for i in step) == list(range(50))  # every example once an epoch
+    assert epochs[0] != epochs[1] != epochs[2] != epochs[0]
+    assert [tuple(ex[0][0] for ex in train.Batches(examples, 8, seed=0)[k]) for k in (9, 3)] == [epochs[1][2], epochs[0][3]]
+
+
+def test_a_resumed_run_sees_the_data_in_the_same_order(tiny_ckpt, csv_file, tmp_path, monkeypatch):
+    """Across an epoch's end (36 examples, batches of 8: 5 steps an epoch), stopped in the second epoch."""
+    seen = []
+    real = train.mean_loss
+
+    def spy(model, prefixes, examples, *args, backward=False, **kwargs):
+        if backward:
+            seen.append(sorted((tuple(s), tuple(t)) for s, t, _, _ in examples))
+        return real(model, prefixes, examples, *args, backward=backward, **kwargs)
+
+    monkeypatch.setattr(train, "mean_loss", spy)
+    args = ["--no-eval", "--steps", 8, "--batch-size", 8, "--save-every", 100]
+    assert train.main(train_args(tiny_ckpt[0], csv_file, tmp_path / "straight", *args)) == 0
+    straight, seen[:] = list(seen), []
+    fail_in_step(monkeypatch, 7, KeyboardInterrupt)  # wraps the spy: steps 1 to 6 complete
+    assert train.main(train_args(tiny_ckpt[0], csv_file, tmp_path / "resumed", *args)) == 130
+    monkeypatch.setattr(train, "mean_loss", spy)
+    assert train.main(train_args(tiny_ckpt[0], csv_file, tmp_path / "resumed", *args, "--resume")) == 0
+    assert len(straight) == 8 and seen == straight  # 6 steps before the interruption, 2 after it
+    assert straight[5:8] != straight[0:3]  # the second epoch is in another order

@@ -1,0 +1,150 @@
+"""
+What the final table means, guarded from outside: the loss train.py reports and the translations
+translate.py prints are those of the layout README documents, computed again on transformers'
+GPT-2 (tests/reference.py); translations stop where they should; the few-shot examples are real,
+aligned pairs of the training side.
+"""
+
+import json
+
+import pytest
+import torch
+
+import data
+import evaluate
+import train
+import translate
+from mini_gpt2 import EOT, decode, encode, from_pretrained, generate
+from prefix import METHODS, load_prefixes
+from tests import reference
+from tests.conftest import train_args
+
+DIRECTIONS = (("fr", "en", "[start_french]", "[start_english]"), ("en", "fr", "[start_english]", "[start_french]"))
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_ckpt, csv_file, tmp_path_factory):
+    """A short training run of each method, from random prefixes (so that the two differ clearly)."""
+    out = {}
+    for method in ("prefix", "prompt"):
+        out[method] = tmp_path_factory.mktemp(method) / "run"
+        args = train_args(tiny_ckpt[0], csv_file, out[method], "--method", method, "--init", "random", "--steps", 2,
+                          "--no-eval")
+        assert train.main(args) == 0
+    return out
+
+
+def rows_by_line(csv_file):
+    pairs, lines, _ = data.read_pairs(csv_file)
+    return dict(zip(lines, pairs))
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+def test_the_saved_loss_is_transformers_nll_in_the_documented_layout(runs, tiny_ckpt, csv_file, method):
+    """prefix.safetensors' val_loss, from train.py's own examples, is the NLL transformers' GPT-2 gives in that layout."""
+    learned, names, meta = load_prefixes(runs[method] / "prefix.safetensors")
+    record = json.loads((runs[method] / "split.json").read_text())
+    at = rows_by_line(csv_file)
+    total, n = 0.0, 0
+    for line in record["validation"]:
+        pair = dict(zip(("en", "fr"), at[line]))
+        for source, target, sp, tp in DIRECTIONS:
+            tgt = reference.sentence(pair[target]) + [EOT]
+            total += reference.target_nll(tiny_ckpt[1], method, learned, names.index(sp), names.index(tp),
+                                          reference.sentence(pair[source]), tgt)
+            n += len(tgt)
+    assert record["validation"] and meta["method"] == method
+    assert total / n == pytest.approx(float(meta["val_loss"]), abs=1e-4)
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+def test_translate_py_is_transformers_greedy_decoding_in_that_layout(runs, tiny_ckpt, call, method):
+    learned, names, _ = load_prefixes(runs[method] / "prefix.safetensors")
+    texts = {"fr": ["Bonjour! Je m'appelle Sully.", "Merci."], "en": ["Where is the station?", "Good night, my friend."]}
+    for source, target, sp, tp in DIRECTIONS:
+        r = call(translate.main, "--prefix", runs[method] / "prefix.safetensors", "--to", target, "--max-new-tokens", 6,
+                 *texts[source])
+        assert r.returncode == 0, r.stderr
+        want = [decode(reference.greedy(tiny_ckpt[1], method, learned, names.index(sp), names.index(tp),
+                                        reference.sentence(t), 6)).strip().replace("\n", " ") for t in texts[source]]
+        assert r.stdout.split("\n")[:-1] == want
+
+
+# ----------------------------------------------------------------------------- stopping
+
+def forced(tiny_ckpt, position, token):
+    """
+    The tiny model, made to predict `token` at `position` whatever comes before: a huge position
+    embedding there, along that token's embedding, outweighs everything else in the residual. The
+    positions before it compute what they did (they never attend to it).
+    """
+    model = from_pretrained(tiny_ckpt[0], device="cpu")
+    with torch.no_grad():
+        e = model.wte.weight[token]
+        model.wpe.weight[position] = 1e3 * e / e.norm()
+        probe = torch.randint(0, EOT, (1, position + 1), generator=torch.Generator().manual_seed(0))
+        assert model(probe)[0, position].argmax().item() == token  # the construction works
+    return model
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+def test_translation_stops_at_endoftext_and_keeps_what_came_before(runs, tiny_ckpt, method):
+    learned, names, _ = load_prefixes(runs[method] / "prefix.safetensors")
+    texts = ["Bonjour! Je m'appelle Sully.", "Il pleut aujourd'hui, et il fait froid."]
+    sources = [reference.sentence(t) for t in texts]
+    fr, en = names.index("[start_french]"), names.index("[start_english]")
+    free = METHODS[method].translate_ids(from_pretrained(tiny_ckpt[0], device="cpu"), learned, sources, [fr, fr],
+                                         [en, en], 12)
+    # Target token i of a row sits at position taken + len(source) + i (the prompts' 2P positions come
+    # first). The one at the longer source's first target position is made to predict <|endoftext|>:
+    # that row stops after one token, the shorter one some tokens later, each with what came before.
+    taken = 2 * learned.size(1) if method == "prompt" else 0
+    q = taken + max(map(len, sources))
+    got = METHODS[method].translate_ids(forced(tiny_ckpt, q, EOT), learned, sources, [fr, fr], [en, en], 12)
+    for source, g, f in zip(sources, got, free):
+        k = q - (taken + len(source)) + 1  # the tokens before the one position q predicts
+        assert len(f) >= k and g == f[:k], (g, f)
+    assert len(got[0]) > len(got[1]) == 1
+
+
+def test_few_shot_answers_stop_at_the_end_of_their_line(tiny_ckpt):
+    examples = [("Thank you.", "Merci."), ("The cat sleeps.", "Le chat dort.")]
+    texts = ["Où est la gare ?", "Il pleut aujourd'hui, et il fait froid."]
+    model = from_pretrained(tiny_ckpt[0], device="cpu")
+    few = evaluate.FewShot(model, examples)
+    prompts = [encode(evaluate.few_shot_prompt(few.examples, t, "fr", "en")) for t in texts]
+    free = generate(model, prompts, [12, 12], stop_ids=())  # the answers if nothing ended them
+    q = max(map(len, prompts)) + 1  # the longer prompt's second answer token predicts the end of the line
+    for newline in (198, 628):  # "\n" and "\n\n"
+        got = evaluate.FewShot(forced(tiny_ckpt, q, newline), examples)(texts, "fr", "en", [12, 12])
+        for prompt, g, f in zip(prompts, got, free):
+            assert g == decode(f[:q - len(prompt) + 1]).strip(), (g, f)
+        assert "\n" not in "".join(got) and got[0] != got[1]
+
+
+# ----------------------------------------------------------------------------- the few-shot examples
+
+def test_few_shot_examples_are_aligned_rows_of_the_training_side(runs, csv_file, call):
+    """results.json holds each direction's prompt as the model read it; each example in it is one CSV row, trained on."""
+    out = runs["prefix"]
+    split_before = (out / "split.json").read_bytes()
+    r = call(train.main, "--eval-only", "--out", out, "--eval-size", 2)  # no --data: the prefix file's own
+    assert r.returncode == 0, r.stderr
+    assert (out / "split.json").read_bytes() == split_before  # the training run's record stays as it was
+    results = json.loads((out / "results.json").read_text())
+    record = json.loads(split_before)
+    at = rows_by_line(csv_file)
+    not_trained = set(record["heldout"] + record["validation"] + record["dropped_near_duplicates"])
+    seen = {}
+    for direction, prompt in results["few_shot_prompts"].items():
+        source, target = direction.split("->")
+        *blocks, last = prompt.split("\n\n")
+        assert last == f"{source}:" and len(blocks) == 3
+        for block in blocks:
+            first, second = block.split("\n")
+            assert first.startswith(f"{source}: ") and second.startswith(f"{target}: ")
+            pair = {source: first[len(source) + 2:], target: second[len(target) + 2:]}
+            lines = {line for line, (en, fr) in at.items() if (en, fr) == (pair["en"], pair["fr"])}
+            assert lines & set(record["few_shot"]) and not lines & not_trained, (direction, pair)
+            seen.setdefault(direction, set()).add((pair["en"], pair["fr"]))
+    assert seen["fr->en"] == seen["en->fr"] and len(seen["fr->en"]) == 3  # the same pairs both ways
