@@ -114,6 +114,7 @@ def device(text):
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DEFAULT_MODEL = "gpt2-xl"  # the model the scripts load unless told otherwise
 
 
 def add_device_args(ap):

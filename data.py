@@ -10,7 +10,8 @@ serve a zip from 127.0.0.1 this way).
 
 The split is fixed by a seed (see `split`): held-out pairs for the final comparison, a validation
 slice to watch training with, the rest to train on; no held-out or validation sentence, nor one
-that differs from it only in case, punctuation or spacing, is ever trained on.
+that differs from it only in case, punctuation or spacing, is ever trained on. `load` does it all
+and says, by CSV line, what each pair is for. Turning pairs into token ids is train.py's.
 """
 
 import base64
@@ -132,6 +133,61 @@ def split(pairs, heldout=1000, val_size=200, seed=0):
     train = not_like(val, candidates[n_val:])
     dropped = sorted(set(rest) - set(val) - set(train))
     return Split(held, val, train, dropped)
+
+
+# What fixes the split; train.py --eval-only takes them from the prefix file unless given.
+SPLIT_DEFAULTS = {"rows": DEFAULT_ROWS, "heldout": 1000, "val_size": 200, "seed": 0}
+
+
+def fill_split_settings(args, meta):
+    """
+    The split settings (args.rows, heldout, val_size, seed, data) not given on the command line:
+    from a prefix file's metadata if it has them, else the defaults.
+    """
+    for name, default in SPLIT_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, int(meta[name]) if name in meta else default)
+    if args.data is None and meta.get("data", "kaggle") != "kaggle":
+        args.data = meta["data"]
+        if not Path(args.data).exists():
+            raise UserError(f"the prefix was trained on {args.data}, which is not there: give the data with --data")
+
+
+def few_shot_indices(pairs, candidates, shots, seed):
+    """
+    `shots` real, aligned pairs for the few-shot prompt, as indices among `candidates` (the
+    training side of the split), the same for a given seed; short one-line ones if there are any.
+    """
+    short = [i for i in candidates if len(pairs[i][0]) <= 200 and len(pairs[i][1]) <= 200
+             and "\n" not in pairs[i][0] + pairs[i][1]]
+    pool = short or candidates
+    return random.Random(f"shots-{seed}").sample(pool, min(shots, len(pool)))
+
+
+def load(path, rows, heldout, val_size, seed, shots):
+    """
+    Read the pairs (the Kaggle data if `path` is None) and split them. -> (pairs, split, shot
+    indices, record): `record` says, by CSV line, what each pair is for (train.py writes it to
+    split.json, the comparison to results.json), and identifies the data read.
+    """
+    path = path or fetch_kaggle(rows)
+    pairs, lines, skipped = read_pairs(path, rows)
+    if len(pairs) < 2:
+        raise UserError(f"{path}: found {len(pairs)} usable pairs; training needs more")
+    s = split(pairs, heldout, val_size, seed)
+    for flag, asked, got in (("--heldout", heldout, s.held), ("--val-size", val_size, s.val)):
+        if len(got) < asked:
+            print(f"note: {flag} {asked} is more than a tenth of the {len(pairs)} pairs: {len(got)} are used")
+    few = few_shot_indices(pairs, s.train, shots, seed)
+    record = {"data": str(path), "rows_read": len(pairs), "data_sha256": fingerprint(pairs), "seed": seed,
+              "lines": "the CSV line each pair starts on (the header is line 1)",
+              "heldout": [lines[i] for i in s.held], "validation": [lines[i] for i in s.val],
+              "few_shot": [lines[i] for i in few], "dropped_near_duplicates": [lines[i] for i in s.dropped],
+              "train_pairs": len(s.train)}
+    print(f"data: {len(pairs)} pairs from {path} ({skipped} empty or broken rows skipped): {len(s.held)} held out, "
+          f"{len(s.val)} for validation, {len(s.train)} to train, {len(s.dropped)} dropped as "
+          f"(near-)duplicates of held-out or validation pairs")
+    return pairs, s, few, record
 
 
 # ----------------------------------------------------------------------------- Kaggle download

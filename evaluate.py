@@ -22,29 +22,42 @@ decodes greedily with the same length limit. BLEU is NLTK's, on tokens made by `
 (words and punctuation marks apart).
 
     python train.py --eval-only --prefix runs/prefix/prefix.safetensors [runs/prompt/prefix.safetensors ...]
+
+train.py runs `run` after training; `--eval-only` runs `eval_only`, the comparison alone.
 """
 
 import json
-import random
 import re
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from nltk.translate.bleu_score import SmoothingFunction, corpus_bleu, sentence_bleu
 from tqdm import tqdm
 
+import cli
+import data
+import mini_gpt2
 import plots
 from cli import positive_int
+from methods import translate
 from mini_gpt2 import EOT, UserError, decode, encode
 from mini_gpt2.files import write_bytes
 from mini_gpt2.generate import generate
 from mini_gpt2.tokenizer import ids_containing
-from prefix import encode_sentence, load_prefixes, max_new_tokens_for, translate
+from prefix import encode_sentence, fits, max_new_tokens_for
+from mini_gpt2.load import config_of
+from prefix_file import check_fits, load_prefixes
 
 DIRECTIONS = (("fr", "en"), ("en", "fr"))  # (source, target)
-COLUMN = {"en": 0, "fr": 1}  # where each language sits in an (en, fr) pair
 N_EXAMPLES = 5  # examples per direction in results.md
+
+
+class Pair(NamedTuple):
+    """A held-out pair: its sentences {"en": ..., "fr": ...}, and their tokens as translation reads them."""
+    text: dict
+    ids: dict
 
 
 def add_args(ap):
@@ -86,17 +99,6 @@ def bleu_scores(hypotheses, references):
 
 # ----------------------------------------------------------------------------- the methods compared
 
-def few_shot_indices(pairs, candidates, shots, seed):
-    """
-    `shots` real, aligned pairs for the few-shot prompt, as indices among `candidates` (the
-    training side of the split), the same for a given seed; short one-line ones if there are any.
-    """
-    short = [i for i in candidates if len(pairs[i][0]) <= 200 and len(pairs[i][1]) <= 200
-             and "\n" not in pairs[i][0] + pairs[i][1]]
-    pool = short or candidates
-    return random.Random(f"shots-{seed}").sample(pool, min(shots, len(pool)))
-
-
 def few_shot_prompt(examples, text, source, target):
     """The prompt for one sentence: the examples, then the sentence, each as `xx: ...` lines."""
     return few_shot_head(examples, source, target) + few_shot_tail(text, target)
@@ -135,7 +137,7 @@ class FewShot:
             self.heads[(source, target)] = ids, kv
         return self.heads[(source, target)]
 
-    def __call__(self, texts, source, target, limits):
+    def __call__(self, texts, sources, source, target, limits):
         head, kv = self.head(source, target)
         # BPE never merges across ": " (a word's leading space starts a new piece), so the whole
         # prompt's tokens are exactly the head's tokens followed by the tail's.
@@ -151,19 +153,23 @@ class Prefix:
     def __init__(self, model, learned, names, method="prefix"):
         self.model, self.learned, self.names, self.method = model, learned, names, method
 
-    def __call__(self, texts, source, target, limits):
-        return translate(self.model, self.learned, self.names, texts, [target] * len(texts), limits, self.method)
+    def __call__(self, texts, sources, source, target, limits):
+        return translate(self.model, self.learned, self.names, self.method, sources, [target] * len(sources), limits)
 
 
 # ----------------------------------------------------------------------------- the evaluation
 
-def translate_all(method, texts, source, target, limits, batch_size, bar=None):
-    """Every text through `method`, in batches of similar lengths (shortest first); results in the texts' order."""
+def translate_all(method, texts, sources, source, target, limits, batch_size, bar=None):
+    """
+    Every text (and its tokens, `sources`) through `method`, in batches of similar lengths (shortest
+    first); results in the texts' order.
+    """
     order = sorted(range(len(texts)), key=lambda i: limits[i])
     out = [None] * len(texts)
     for b in range(0, len(order), batch_size):
         rows = order[b:b + batch_size]
-        for i, text in zip(rows, method([texts[i] for i in rows], source, target, [limits[i] for i in rows])):
+        pick = lambda xs: [xs[i] for i in rows]  # noqa: E731
+        for i, text in zip(rows, method(pick(texts), pick(sources), source, target, pick(limits))):
             out[i] = text
         if bar is not None:
             bar.update(len(rows))
@@ -171,19 +177,20 @@ def translate_all(method, texts, source, target, limits, batch_size, bar=None):
 
 
 def evaluate(methods, pairs, batch_size):
-    """Translate the held-out pairs both ways with each method {name: method}. Returns (scores, outputs)."""
+    """Translate the held-out pairs (Pair) both ways with each method {name: method}. Returns (scores, outputs)."""
     scores, outputs = {}, {}
     bar = tqdm(total=2 * len(methods) * len(pairs), desc="evaluating", unit=" sentences")
     for source, target in DIRECTIONS:
-        texts = [p[COLUMN[source]] for p in pairs]
-        limits = [max_new_tokens_for(encode_sentence(t)) for t in texts]  # the same limit for both methods
+        texts, sources = [p.text[source] for p in pairs], [p.ids[source] for p in pairs]
+        limits = [max_new_tokens_for(s) for s in sources]  # the same limit for every method
         for name, method in methods.items():
-            outputs[(name, source, target)] = translate_all(method, texts, source, target, limits, batch_size, bar)
+            outputs[(name, source, target)] = translate_all(method, texts, sources, source, target, limits, batch_size,
+                                                            bar)
     bar.close()
     for name in methods:
         all_h, all_r = [], []
         for source, target in DIRECTIONS:
-            refs = [p[COLUMN[target]] for p in pairs]
+            refs = [p.text[target] for p in pairs]
             hyps = outputs[(name, source, target)]
             scores[f"{name} {source}->{target}"] = bleu_scores(hyps, refs) | {"pairs": len(pairs)}
             all_h, all_r = all_h + hyps, all_r + refs
@@ -202,13 +209,15 @@ def table(scores):
     return "\n".join(lines)
 
 
-def write_reports(out, scores, outputs, examples, prompts, pairs, settings, split):
+def write_reports(out, scores, outputs, examples, prompts, pairs, settings):
     """results.json (everything), results.md (the table, the pictures, examples) and bleu.png."""
     out = Path(out)
     names = list(dict.fromkeys(k[0] for k in outputs))  # the methods, in order
-    samples = {f"{s}->{t}": [{"source": p[COLUMN[s]], "reference": p[COLUMN[t]]} | {n: outputs[(n, s, t)][i] for n in names}
+    samples = {f"{s}->{t}": [{"source": p.text[s], "reference": p.text[t]} | {n: outputs[(n, s, t)][i] for n in names}
                              for i, p in enumerate(pairs)]
                for s, t in DIRECTIONS}
+    settings = dict(settings)
+    split = settings.pop("split")
     results = {"scores": scores, "settings": settings, "few_shot_examples": [{"en": e, "fr": f} for e, f in examples],
                # as the model read it, per direction; each sentence followed as " <sentence>\n<target>:"
                "few_shot_prompts": prompts,
@@ -240,13 +249,20 @@ def read_files(paths):
 
 
 def evaluation_pairs(held_out, max_len, eval_size):
-    """The first `eval_size` held-out pairs that fit --max-len as training examples do (longer ones are left out, as in training)."""
-    fits = [p for p in held_out if len(encode_sentence(p[0])) + len(encode_sentence(p[1])) + 1 <= max_len]
-    if len(fits) < len(held_out):
-        print(f"evaluation: {len(held_out) - len(fits)} held-out pairs longer than --max-len {max_len} left out")
-    if not fits:
+    """
+    The first `eval_size` held-out (en, fr) pairs that fit --max-len as training examples must
+    (prefix.fits; longer ones are left out, as in training), as Pairs.
+    """
+    pairs = []
+    for en, fr in held_out:
+        ids = {"en": encode_sentence(en), "fr": encode_sentence(fr)}
+        if fits(ids["en"], ids["fr"], max_len):
+            pairs.append(Pair({"en": en, "fr": fr}, ids))
+    if len(pairs) < len(held_out):
+        print(f"evaluation: {len(held_out) - len(pairs)} held-out pairs longer than --max-len {max_len} left out")
+    if not pairs:
         raise UserError("no held-out pair to evaluate")
-    return fits[:eval_size]
+    return pairs[:eval_size]
 
 
 def check_few_shot_room(examples, pairs, n_positions, shots):
@@ -254,19 +270,20 @@ def check_few_shot_room(examples, pairs, n_positions, shots):
     shots_ = [{"en": e, "fr": f} for e, f in examples]
     for source, target in DIRECTIONS:
         head = len(encode(few_shot_head(shots_, source, target)))
-        longest = max(len(encode(few_shot_tail(p[COLUMN[source]], target))) + max_new_tokens_for(
-            encode_sentence(p[COLUMN[source]])) for p in pairs)
+        longest = max(len(encode(few_shot_tail(p.text[source], target))) + max_new_tokens_for(p.ids[source])
+                      for p in pairs)
         if head + longest > n_positions:
             raise UserError(f"--shots {shots}: the examples take {head} positions, and with the longest held-out sentence "
                             f"and its translation the {source}->{target} prompt needs {head + longest}, more than GPT-2's "
                             f"{n_positions}: lower --shots")
 
 
-def run(args, model, prefix_files, examples, pairs, split):
+def run(model, prefix_files, examples, pairs, out, batch_size, settings):
     """
-    Evaluate zero-shot and few-shot prompting with `examples`, and each prefix file (read_files;
-    made for this model), on the same held-out pairs (evaluation_pairs): print the table; write
-    results.json, results.md and bleu.png to args.out. `split`: what train.load_data recorded.
+    Evaluate zero-shot and few-shot prompting with `examples` ((en, fr) pairs), and each prefix file
+    (read_files; made for this model), on the same held-out pairs (evaluation_pairs), `batch_size`
+    sentences at a time: print the table; write results.json (with `settings`, whose "split" is
+    data.load's record), results.md and bleu.png to `out`.
     """
     few_shot = FewShot(model, examples)
     methods = {"0-shot": FewShot(model, []), f"{len(examples)}-shot": few_shot}
@@ -276,22 +293,54 @@ def run(args, model, prefix_files, examples, pairs, split):
         methods[row] = Prefix(model, learned, names, meta["method"])
         files.append({"row": row, "path": str(path), "method": meta["method"], "metadata": meta})
     with torch.no_grad():
-        scores, outputs = evaluate(methods, pairs, args.eval_batch_size)
-    settings = {"model": args.model, "files": files, "eval_size": len(pairs), "shots": len(examples),
-                "seed": args.seed, "data": split["data"], "rows": args.rows, "heldout": args.heldout,
-                "heldout_pairs": len(split["heldout"]), "max_len": args.max_len}
+        scores, outputs = evaluate(methods, pairs, batch_size)
+    settings = {"model": settings["model"], "files": files, "eval_size": len(pairs), "shots": len(examples)} | settings
     prompts = {f"{s}->{t}": few_shot.prompt(s, t) for s, t in DIRECTIONS}
-    paths = write_reports(args.out, scores, outputs, examples, prompts, pairs, settings, split)
+    paths = write_reports(out, scores, outputs, examples, prompts, pairs, settings)
     print("\n" + table(scores) + "\n")
     print(f"results: {paths[0]} and {paths[1]}")
     return scores
 
 
-def check_split(meta, args, split):
-    """Warn if the held-out pairs may not be the ones this prefix was kept from. split: what train.load_data recorded."""
-    now = {"rows": str(args.rows), "heldout": str(args.heldout), "seed": str(args.seed)}
+def check_split(meta, rows, heldout, seed, split):
+    """Warn if the held-out pairs may not be the ones this prefix was kept from. split: data.load's record."""
+    now = {"rows": str(rows), "heldout": str(heldout), "seed": str(seed)}
     differ = [f"--{k} {meta[k]}" for k in now if k in meta and meta[k] != now[k]]
     if meta.get("data_sha256", split["data_sha256"]) != split["data_sha256"]:
         differ.insert(0, f"data ({meta.get('data', '?')})")
     if differ:
         print(f"warning: the prefix was trained with other {', '.join(differ)}: its held-out pairs may differ from these")
+
+
+def settings_of(args, record):
+    """What results.json records of train.py's settings, with the split (data.load's record)."""
+    return {"model": args.model, "seed": args.seed, "data": record["data"], "rows": args.rows, "heldout": args.heldout,
+            "heldout_pairs": len(record["heldout"]), "max_len": args.max_len, "split": record}
+
+
+def eval_only(args, out):
+    """
+    train.py --eval-only (`args`: its command line): the comparison alone, on the prefix files given
+    (default: --out's own), with the model and split they were made with unless told otherwise.
+    """
+    paths = [Path(p) for p in args.prefix or [Path(out) / "prefix.safetensors"]]
+    for path in paths:
+        if not path.exists():
+            raise UserError(f"no prefix file at {path}: train one first, or point --prefix at one")
+    files = read_files(paths)
+    meta = files[0][3]
+    args.model = args.model or meta.get("model", cli.DEFAULT_MODEL)
+    data.fill_split_settings(args, meta)  # the first file's split, unless told otherwise
+    config = config_of(args.model)  # a small file: every prefix is checked against it before the model loads
+    for path, _, _, file_meta in files:
+        check_fits(file_meta, config, path)
+    cli.note_if_slow(args.model, args.device)
+    pairs, split, shots, record = data.load(args.data, args.rows, args.heldout, args.val_size, args.seed, args.shots)
+    for _, _, _, file_meta in files:
+        check_split(file_meta, args.rows, args.heldout, args.seed, record)
+    held_out = evaluation_pairs([pairs[i] for i in split.held], args.max_len, args.eval_size)
+    examples = [pairs[i] for i in shots]
+    check_few_shot_room(examples, held_out, config.n_positions, args.shots)
+    model = mini_gpt2.from_pretrained(args.model, device=args.device, dtype=cli.DTYPES[args.dtype])
+    run(model, files, examples, held_out, out, args.eval_batch_size, settings_of(args, record))
+    return 0

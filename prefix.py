@@ -1,6 +1,7 @@
 """
-Prefix-tuning (Li & Liang, 2021): steer a frozen GPT-2 with learned keys and values, and, beside
-it for comparison, prompt tuning: learned vectors in the input embedding space.
+Prefix-tuning (Li & Liang, 2021): steer a frozen GPT-2 with learned keys and values. This file is
+the method and its decoding; prompt.py is the other method, methods.py the table of what the two
+do differently, prefix_file.py the file they are saved in, train.py the training.
 
 A prefix is P "virtual tokens". A real token would put one key and one value per head into every
 layer's KV cache; a virtual token puts learned ones there directly. So a prefix is a tensor
@@ -26,35 +27,29 @@ Attention does not care where in the cache a key sits, only which keys a query m
 they hold. So training can run a whole padded batch at once, with both prefixes placed before the
 tokens and a mask that encodes the rules above (`prefix_hidden`), while decoding builds the cache
 in reading order (`translate_ids`): the tests check that both give the same logits.
-
-The other method (`--method prompt`, as in the experiment this project reproduces) learns P
-vectors n_embd wide per prompt (GPT-2 XL: 1,600 numbers per virtual token) and feeds them in
-where token embeddings would go: [start_french] Bon j our ... [start_english] Hello ... Only the
-first layer sees them as they are; every later layer sees what the layers below made of them, as
-for any token. They have queries, take positions like tokens, and the target prompt's last vector
-predicts the first target word. `METHODS` lists what the two do differently; all the rest (data,
-batches, loss, training, files) is shared.
 """
 
-import json
 import math
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save
 
-from mini_gpt2 import EOT, UserError, decode, encode
-from mini_gpt2.files import os_problem, write_bytes
+from mini_gpt2 import EOT, UserError, encode
 from mini_gpt2.generate import generate, prefill
 
-NAMES = ("[start_french]", "[start_english]")
+NAMES = ("[start_french]", "[start_english]")  # an example's prefixes are indices into this
 LANGUAGES = {"[start_french]": "fr", "[start_english]": "en"}
 INIT_WORDS = {"[start_french]": "French:", "[start_english]": "English:"}  # real words to start from
+
+
+def encode_sentence(text):
+    """A sentence's tokens, with a leading space as words have inside a text; training and decoding agree."""
+    return encode(" " + text.strip())
+
+
+def fits(source, target, max_len):
+    """The one length rule, for training, validation and evaluation: source + target + <|endoftext|> within max_len."""
+    return len(source) + len(target) + 1 <= max_len
 
 
 class Prefixes(nn.Module):
@@ -129,23 +124,17 @@ def as_past(kv_rows):
     return [tuple(layer.unbind(1)) for layer in kv_rows.unbind(1)]
 
 
-def encode_sentence(text):
-    """A sentence's tokens, with a leading space as words have inside a text; training and decoding agree."""
-    return encode(" " + text.strip())
-
-
-# ----------------------------------------------------------------------------- training forward
-
 def prefix_hidden(model, kv, idx, src_len, seq_len, src_prefix, tgt_prefix, grad_checkpoint=False):
     """
-    One forward pass over a right-padded batch of (source, target) sequences, both directions mixed.
+    The training forward: one pass over a right-padded batch of (source, target) sequences, both
+    directions mixed (train.make_batch).
 
     kv:         (n_prefixes, L, 2, nh, P, hd)
     idx:        (B, T) source tokens, then target tokens, then padding
     src_len:    (B,) source length;  seq_len: (B,) source + target length
     src_prefix, tgt_prefix: (B,) which prefix each row starts with / switches to
     returns the hidden state before lm_head (B, T, C), and idx, src_len, seq_len as they are (the
-    prompt method changes them: see prompt_hidden; target_loss takes either)
+    prompt method changes them: see prompt.prompt_hidden; train.target_loss takes either)
 
     Keys in every layer: [every prefix, n_prefixes * P] [the T tokens]. The prefixes are the same
     for every row (expanded views, not copies per row); the mask decides which of them a row sees.
@@ -170,30 +159,6 @@ def prefix_hidden(model, kv, idx, src_len, seq_len, src_prefix, tgt_prefix, grad
     return h, idx, src_len, seq_len
 
 
-def target_loss(model, h, idx, src_len, seq_len):
-    """
-    The summed cross-entropy of the target tokens (and the final <|endoftext|>), nothing else:
-    position t predicts token t + 1 for t from the last source token to the one before the end.
-    A sum, not a mean: the training step divides by all of its target tokens, however they were
-    split into forward passes, so that every target token weighs the same.
-    """
-    t = torch.arange(idx.size(1) - 1, device=idx.device)[None]
-    predicts_target = (t >= (src_len - 1)[:, None]) & (t < (seq_len - 1)[:, None])  # (B, T-1)
-    logits = model.logits(h[:, :-1][predicts_target])  # only those rows, in float32: (N, vocab)
-    return F.cross_entropy(logits, idx[:, 1:][predicts_target], reduction="sum")
-
-
-def make_batch(examples, device):
-    """examples: (source ids, target ids ending in EOT, source prefix index, target prefix index)."""
-    T = max(len(s) + len(t) for s, t, _, _ in examples)
-    idx = torch.full((len(examples), T), EOT, dtype=torch.long)
-    for b, (s, t, _, _) in enumerate(examples):
-        idx[b, :len(s) + len(t)] = torch.tensor(s + t)
-    src_len, tgt_len, src_prefix, tgt_prefix = torch.tensor(
-        [(len(s), len(t), sp, tp) for s, t, sp, tp in examples], device=device).unbind(1)
-    return idx.to(device), src_len, src_len + tgt_len, src_prefix, tgt_prefix
-
-
 # ----------------------------------------------------------------------------- decoding
 
 def max_new_tokens_for(source_ids):
@@ -201,30 +166,16 @@ def max_new_tokens_for(source_ids):
     return 2 * len(source_ids) + 8
 
 
-def check_room(model, sources, limits, taken=0):
-    """A one-line error for an input whose translation (and `taken` positions of prompts) would pass GPT-2's positions."""
-    n_pos = model.config.n_positions
+def check_room(n_positions, sources, limits, taken=0, numbers=None):
+    """
+    A one-line error for an input whose translation (and `taken` positions of prompts) would pass
+    GPT-2's positions. numbers: how to number the inputs in the message (default 1, 2, ...).
+    """
     for i, (s, m) in enumerate(zip(sources, limits)):
-        if taken + len(s) + m > n_pos:
+        if taken + len(s) + m > n_positions:
             prompts = f" and {taken} for the prompts" if taken else ""
-            raise UserError(f"input {i + 1} is {len(s)} tokens; with {m} for the translation{prompts} that passes "
-                            f"GPT-2's {n_pos} positions")
-
-
-@torch.no_grad()
-def translate(model, learned, names, texts, targets, max_new_tokens=None, method="prefix", **sampling):
-    """
-    Translate each text into its target language ("en" or "fr"), all in one batch, with learned
-    prefixes (or prompts: `method`). max_new_tokens: an int, one int per text, or None for twice the
-    input's length plus 8. Returns the translations.
-    """
-    lang = {LANGUAGES[n]: i for i, n in enumerate(names)}
-    sources = [encode_sentence(text) for text in texts]
-    if max_new_tokens is None:
-        max_new_tokens = [max_new_tokens_for(s) for s in sources]
-    out = METHODS[method].translate_ids(model, learned, sources, [lang["fr" if t == "en" else "en"] for t in targets],
-                                        [lang[t] for t in targets], max_new_tokens, **sampling)
-    return [decode(o).strip() for o in out]
+            raise UserError(f"input {numbers[i] if numbers else i + 1} is {len(s)} tokens; with {m} for the "
+                            f"translation{prompts} that passes GPT-2's {n_positions} positions")
 
 
 @torch.no_grad()
@@ -236,7 +187,7 @@ def translate_ids(model, kv, sources, src_prefix, tgt_prefix, max_new_tokens, **
     predicts the first target token. Generation stops at <|endoftext|>.
     """
     limits = [max_new_tokens] * len(sources) if isinstance(max_new_tokens, int) else max_new_tokens
-    check_room(model, sources, limits)
+    check_room(model.config.n_positions, sources, limits)
     kv = kv.to(device=model.wte.weight.device, dtype=model.wte.weight.dtype)
     head = [s[:-1] for s in sources]
     room = kv.size(4) + 1 + max(limits)  # the target prefix, the last source token, the translation
@@ -246,137 +197,3 @@ def translate_ids(model, kv, sources, src_prefix, tgt_prefix, max_new_tokens, **
     keys_valid = torch.cat([keys_valid, keys_valid.new_ones(len(sources), kv.size(4))], dim=1)
     return generate(model, [s[-1:] for s in sources], limits, stop_ids=(EOT,), past_kv=cache,
                     past_valid=keys_valid, past_positions=[len(h) for h in head], **sampling)
-
-
-# ----------------------------------------------------------------------------- the other method: prompts
-
-@torch.no_grad()
-def prompt_from_words(model, names, prefix_len):
-    """Start each prompt from the embeddings of the real word's tokens: the model then reads the word itself."""
-    return torch.stack([model.wte(torch.tensor(init_word_ids(name, prefix_len), device=model.wte.weight.device))
-                        for name in names]).float()
-
-
-@torch.no_grad()
-def prompt_random(model, names, prefix_len, generator=None):
-    """Random prompts, drawn at the scale of the model's token embeddings."""
-    scale = model.wte.weight.float().std()
-    return torch.randn(len(names), prefix_len, model.config.n_embd, generator=generator).to(scale.device) * scale
-
-
-def prompt_hidden(model, prompts, idx, src_len, seq_len, src_prefix, tgt_prefix, grad_checkpoint=False):
-    """
-    The prompt method's training forward over the same batch as prefix_hidden: each row becomes
-
-        [source prompt, P vectors] source [target prompt, P vectors] target, then padding
-
-    with the vectors fed in place of token embeddings, causal attention, and positions counted
-    through the prompts too. prompts: (n_prefixes, P, C). Returns the hidden states (B, 2P + T, C),
-    the tokens in that layout (a dummy at each prompt slot) and the lengths shifted by the prompts,
-    so that target_loss finds the targets: the target prompt's last vector predicts the first.
-    """
-    B, T = idx.shape
-    n, P, C = prompts.shape
-    t = torch.arange(T + 2 * P, device=idx.device)[None]  # (1, T + 2P): the slots of a row
-    s = src_len[:, None]
-    src_slot, tgt_slot = t < P, (t >= P + s) & (t < 2 * P + s)  # (B, T + 2P) where each prompt goes
-    tokens = idx.gather(1, torch.where(t < P + s, t - P, t - 2 * P).clamp(0, T - 1))  # the rest, in order
-    which = torch.where(src_slot, src_prefix[:, None] * P + t, tgt_prefix[:, None] * P + t - P - s)  # a prompt vector
-    is_prompt = src_slot | tgt_slot
-    embeds = model.wte(tokens)
-    embeds[is_prompt] = prompts.reshape(n * P, C)[which[is_prompt]].to(embeds.dtype)
-
-    query, key = t[:, :, None], t[:, None, :]
-    mask = (key <= query) & (key < (seq_len + 2 * P)[:, None, None])  # causal, never padding: (B, T + 2P, T + 2P)
-    h, _ = model.hidden(tokens, None, mask, t[0], grad_checkpoint=grad_checkpoint, embeds=embeds)
-    return h, tokens, src_len + 2 * P, seq_len + 2 * P
-
-
-@torch.no_grad()
-def prompt_translate_ids(model, prompts, sources, src_prefix, tgt_prefix, max_new_tokens, **sampling):
-    """Decoding with prompts: [source prompt] source [target prompt] is the prompt, the vectors fed as they are."""
-    limits = [max_new_tokens] * len(sources) if isinstance(max_new_tokens, int) else max_new_tokens
-    check_room(model, sources, limits, taken=2 * prompts.size(1))
-    vectors = prompts.to(device=model.wte.weight.device, dtype=model.wte.weight.dtype)
-    rows = [[*vectors[sp], *s, *vectors[tp]] for s, sp, tp in zip(sources, src_prefix, tgt_prefix)]
-    return generate(model, rows, limits, stop_ids=(EOT,), **sampling)
-
-
-@dataclass(frozen=True)
-class Method:
-    """What differs between the two ways of learning [start_french] and [start_english]."""
-    init_from_words: Callable  # (model, names, P) -> the learned tensor at its start
-    init_random: Callable      # (model, names, P, generator) -> the same, random
-    hidden: Callable           # the training forward over a batch (see prefix_hidden)
-    translate_ids: Callable    # decoding
-    prefix_len: Callable       # the learned tensor's shape -> P, its virtual tokens per prefix
-    positions: Callable        # P -> how many of GPT-2's positions the learned vectors take in a sequence
-
-
-METHODS = {
-    "prefix": Method(init_from_words, init_random, prefix_hidden, translate_ids, lambda shape: shape[4], lambda P: 0),
-    "prompt": Method(prompt_from_words, prompt_random, prompt_hidden, prompt_translate_ids, lambda shape: shape[1],
-                     lambda P: 2 * P),
-}
-
-
-# ----------------------------------------------------------------------------- files
-
-def save_prefixes(path, learned, names, model_config, method="prefix", **metadata):
-    """One safetensors file for either method: the learned tensor as it is used, and what it was made for."""
-    if not bool(torch.isfinite(learned).all()):
-        raise UserError(f"the prefixes hold NaN or inf values; {path} was not written")
-    meta = {"method": method, "names": json.dumps(list(names)), "n_layer": str(model_config.n_layer),
-            "n_head": str(model_config.n_head), "n_embd": str(model_config.n_embd),
-            "prefix_len": str(METHODS[method].prefix_len(learned.shape)),
-            "model_vocab": str(model_config.vocab_size)}
-    meta.update({k: str(v) for k, v in metadata.items()})
-    write_bytes(path, save({"prefixes": learned.detach().float().cpu().contiguous()}, metadata=meta))
-
-
-def load_prefixes(path, model_config=None):
-    """
-    Read a prefix (or prompt) file -> (tensor, names, metadata), checked: a file that is not whole,
-    not one train.py wrote, or holds NaN/inf is a one-line error. metadata["method"] says which
-    kind it is. With a model config, also check that it fits that model.
-    """
-    fix = "train again, or point --prefix at a prefix.safetensors that train.py wrote"
-    if Path(path).is_dir():
-        raise UserError(f"{path} is a folder, not a prefix file; {fix}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata()
-            if "prefixes" not in f.keys():
-                raise UserError(f"{path} holds no tensor named 'prefixes' ({', '.join(f.keys()) or 'none'}); {fix}")
-            learned = f.get_tensor("prefixes")
-    except SafetensorError as e:
-        raise UserError(f"{path} is not a readable safetensors file ({e}); {fix}") from None
-    except OSError as e:
-        raise UserError(f"{os_problem(e, path, 'reading')}; {fix}") from None
-    try:
-        names = json.loads(meta["names"])
-        L, nh, C, P = (int(meta[k]) for k in ("n_layer", "n_head", "n_embd", "prefix_len"))
-        meta.setdefault("method", "prefix")  # files from before there were two methods
-        if sorted(names) != sorted(NAMES) or C % nh or meta["method"] not in METHODS:
-            raise ValueError
-    except (TypeError, KeyError, ValueError):  # TypeError: no metadata at all
-        raise UserError(f"{path} lacks the metadata train.py writes (method, names, sizes); {fix}") from None
-    want = (len(names), L, 2, nh, P, C // nh) if meta["method"] == "prefix" else (len(names), P, C)
-    if tuple(learned.shape) != want:
-        raise UserError(f"{path}: its tensor has shape {tuple(learned.shape)}, but its metadata says {want} "
-                        f"(--method {meta['method']}); {fix}")
-    if not bool(torch.isfinite(learned).all()):
-        raise UserError(f"{path} holds NaN or inf values (the training diverged); {fix}")
-    if model_config is not None:
-        check_fits(meta, model_config, path)
-    return learned, names, meta
-
-
-def check_fits(meta, model_config, path):
-    """A one-line error if a prefix file's metadata says it was made for another model size."""
-    want = (model_config.n_layer, model_config.n_head, model_config.n_embd)
-    have = (int(meta["n_layer"]), int(meta["n_head"]), int(meta["n_embd"]))
-    if have != want:
-        made_for = meta.get("model", "another model")
-        raise UserError(f"{path} was trained for {made_for} ({have[0]} layers, {have[1]} heads, width {have[2]}), "
-                        f"but this model has {want[0]} layers, {want[1]} heads, width {want[2]}")

@@ -6,7 +6,7 @@ Translate between French and English with the prefixes train.py learned.
     cat sentences.txt | python translate.py --to fr             # one line in, one line out
 
 The language of each input is guessed (--to overrides); the model is the one the prefixes were
-trained for unless --model says otherwise.
+trained for unless --model says otherwise. Every input is checked before the model loads.
 """
 
 import argparse
@@ -20,8 +20,10 @@ import cli
 import mini_gpt2
 from cli import natural_float, positive_int
 from mini_gpt2 import UserError
+from methods import METHODS, translate
 from mini_gpt2.load import config_of
-from prefix import check_fits, load_prefixes, translate
+from prefix import check_room, encode_sentence, max_new_tokens_for
+from prefix_file import check_fits, load_prefixes
 
 DEFAULT_PREFIX = Path("runs/prefix/prefix.safetensors")  # where train.py writes
 
@@ -78,8 +80,14 @@ def main(argv=None):
         raise UserError("nothing to translate: give phrases as arguments or one per line on stdin")
 
     kv, names, meta = load_prefixes(prefix_path)
-    name = args.model or meta.get("model", "gpt2-xl")
-    check_fits(meta, config_of(name), prefix_path)  # before the (large) model loads
+    name = args.model or meta.get("model", cli.DEFAULT_MODEL)
+    config = config_of(name)
+    check_fits(meta, config, prefix_path)  # before the (large) model loads, as are the inputs
+    todo = [i for i, t in enumerate(texts) if t.strip()]  # a blank line in gives a blank line out
+    sources = {i: encode_sentence(texts[i]) for i in todo}
+    limits = {i: args.max_new_tokens or max_new_tokens_for(sources[i]) for i in todo}
+    check_room(config.n_positions, list(sources.values()), list(limits.values()),
+               taken=METHODS[meta["method"]].positions(int(meta["prefix_len"])), numbers=[i + 1 for i in todo])
     cli.note_if_slow(name, args.device)
     model = mini_gpt2.from_pretrained(name, device=args.device, dtype=cli.DTYPES[args.dtype])
     generator = None
@@ -87,17 +95,15 @@ def main(argv=None):
         generator = torch.Generator(model.wte.weight.device).manual_seed(args.seed)
 
     for b in range(0, len(texts), args.batch_size):
-        chunk = texts[b:b + args.batch_size]
-        todo = [i for i, t in enumerate(chunk) if t.strip()]  # a blank line in gives a blank line out
-        targets = [args.to or ("en" if guess_language(chunk[i]) == "fr" else "fr") for i in todo]
-        try:
-            out = translate(model, kv, names, [chunk[i] for i in todo], targets, args.max_new_tokens, meta["method"],
-                            temperature=args.temperature, top_k=args.top_k, generator=generator) if todo else []
-        except UserError as e:  # number the input among all inputs, not within this batch
-            raise UserError(re.sub(r"input (\d+)", lambda m: f"input {b + todo[int(m.group(1)) - 1] + 1}", str(e))) from None
-        lines = [""] * len(chunk)
-        for i, text in zip(todo, out):
-            lines[i] = text.replace("\n", " ")
+        lines = [""] * len(texts[b:b + args.batch_size])
+        rows = [i for i in todo if b <= i < b + args.batch_size]
+        if rows:
+            targets = [args.to or ("en" if guess_language(texts[i]) == "fr" else "fr") for i in rows]
+            out = translate(model, kv, names, meta["method"], [sources[i] for i in rows], targets,
+                            [limits[i] for i in rows], temperature=args.temperature, top_k=args.top_k,
+                            generator=generator)
+            for i, text in zip(rows, out):
+                lines[i - b] = text.replace("\n", " ")
         print("\n".join(lines), flush=True)
     return 0
 

@@ -132,9 +132,11 @@ def evaluation_rows(model, device, n, repeats):
     pairs = sample_pairs(n + 3)
     kv = init_random(model, NAMES, 10, torch.Generator().manual_seed(0))
     texts = [fr for _, fr in pairs[3:]]
-    limits = [max_new_tokens_for(encode_sentence(t)) for t in texts]
+    sources = [encode_sentence(t) for t in texts]
+    limits = [max_new_tokens_for(s) for s in sources]
     methods = {"prefix": evaluate.Prefix(model, kv, NAMES), "3-shot": evaluate.FewShot(model, pairs[:3])}
-    fns = {name: (lambda m=m: evaluate.translate_all(m, texts, "fr", "en", limits, 16)) for name, m in methods.items()}
+    fns = {name: (lambda m=m: evaluate.translate_all(m, texts, sources, "fr", "en", limits, 16))
+           for name, m in methods.items()}
     t = median_times(fns, repeats, device)
     return [("evaluation", f"{name}, {n} sentences fr->en, batches of 16", f"{n / t[name]:.1f} sentences/s", "", "")
             for name in methods]

@@ -25,7 +25,8 @@ import train  # noqa: E402
 from benchmarks.bench_prefix import examples  # noqa: E402
 from benchmarks.common import SIZES, random_checkpoint  # noqa: E402
 from mini_gpt2 import GPTConfig, from_pretrained  # noqa: E402
-from prefix import METHODS, NAMES, Prefixes  # noqa: E402
+from methods import METHODS  # noqa: E402
+from prefix import NAMES, Prefixes  # noqa: E402
 
 
 def distances(model, method, reparam, lr, steps, B, T):
@@ -36,7 +37,7 @@ def distances(model, method, reparam, lr, steps, B, T):
     opt = torch.optim.AdamW(prefixes.parameters(), lr=lr, weight_decay=0.0)
     out = []
     for step in range(steps):
-        train.mean_loss(model, prefixes, examples(B, T, seed=step), method, 10**9, "cpu", backward=True)
+        train.mean_loss(model, prefixes, examples(B, T, seed=step), method, 10**9, backward=True)
         torch.nn.utils.clip_grad_norm_(prefixes.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)

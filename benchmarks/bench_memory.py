@@ -18,7 +18,8 @@ import torch  # noqa: E402
 from benchmarks.bench_prefix import SavedBytes, examples  # noqa: E402
 from benchmarks.common import SIZES  # noqa: E402
 from mini_gpt2.model import GPT, GPTConfig  # noqa: E402
-from prefix import make_batch, prefix_hidden, target_loss  # noqa: E402
+from prefix import prefix_hidden  # noqa: E402
+from train import make_batch, target_loss  # noqa: E402
 
 
 def saved_bytes(n_layer, width, B, T, P, dtype, grad_checkpoint):

@@ -67,7 +67,8 @@ def few_shot_speed(model, n, batch_size, repeats, device):
     pairs = sample_pairs(n + 3)
     few = evaluate.FewShot(model, pairs[:3])
     texts = [fr for _, fr in pairs[3:]]
-    limits = [max_new_tokens_for(encode_sentence(t)) for t in texts]
+    sources = [encode_sentence(t) for t in texts]
+    limits = [max_new_tokens_for(s) for s in sources]
     out = {}
 
     def plain():
@@ -75,7 +76,7 @@ def few_shot_speed(model, n, batch_size, repeats, device):
 
     def shared():
         few.heads.clear()  # the examples' keys/values are computed anew on every run
-        out["shared"] = evaluate.translate_all(few, texts, "fr", "en", limits, batch_size)
+        out["shared"] = evaluate.translate_all(few, texts, sources, "fr", "en", limits, batch_size)
 
     times = median_times({"plain": plain, "shared": shared}, repeats, device)
     return n / times["plain"], n / times["shared"], out["plain"] == out["shared"]

@@ -28,7 +28,8 @@ import mini_gpt2  # noqa: E402
 import train  # noqa: E402
 from benchmarks.common import median_times, parser, peak_memory, random_checkpoint, setup  # noqa: E402
 from mini_gpt2 import EOT  # noqa: E402
-from prefix import METHODS, NAMES, Prefixes  # noqa: E402
+from methods import METHODS  # noqa: E402
+from prefix import NAMES, Prefixes  # noqa: E402
 
 
 class SavedBytes:
@@ -69,7 +70,7 @@ def examples(B, T, seed=0):
     """B training examples of T tokens: half source, half target (ending in <|endoftext|>), both directions."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, EOT, (B, T), generator=g).tolist()
-    return [(row[:T // 2], row[T // 2:-1] + [EOT], b % 2, 1 - b % 2) for b, row in enumerate(ids)]
+    return [train.Example(row[:T // 2], row[T // 2:-1] + [EOT], b % 2, 1 - b % 2) for b, row in enumerate(ids)]
 
 
 def our_step(model, P, batch, device, max_batch_tokens=10**9, grad_checkpoint=False, method="prefix"):
@@ -78,7 +79,7 @@ def our_step(model, P, batch, device, max_batch_tokens=10**9, grad_checkpoint=Fa
     opt = torch.optim.AdamW(prefixes.parameters(), lr=1e-3)
 
     def step():
-        train.mean_loss(model, prefixes, batch, method, max_batch_tokens, device, backward=True,
+        train.mean_loss(model, prefixes, batch, method, max_batch_tokens, backward=True,
                         grad_checkpoint=grad_checkpoint)
         torch.nn.utils.clip_grad_norm_(prefixes.parameters(), 1.0)
         opt.step()

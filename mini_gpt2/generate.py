@@ -8,6 +8,7 @@ compute alone.
 """
 
 import torch
+import torch.nn.functional as F
 
 from .model import KVCache
 from .tokenizer import EOT
@@ -15,10 +16,9 @@ from .tokenizer import EOT
 
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, *, temperature=0.0, top_k=None, stop_ids=(EOT,),
-             past_kv=None, past_valid=None, past_positions=None, generator=None):
+             past_kv=None, past_valid=None, past_positions=None, generator=None, embeds=None):
     """
-    prompts:        list of token-id lists, lengths may differ; an entry may also be a vector (C,)
-                    that goes in as it is, in place of a token's embedding (a learned prompt)
+    prompts:        list of token-id lists, lengths may differ
     max_new_tokens: int, or one int per prompt
     temperature:    0 for greedy; else sample from softmax(logits / temperature), over the top_k if given
     stop_ids:       a row ends when it produces one of these (it is not returned)
@@ -26,6 +26,8 @@ def generate(model, prompts, max_new_tokens, *, temperature=0.0, top_k=None, sto
                     per layer (k, v) each (B, nh, P, hd), or a KVCache with room for the rest; which
                     of its P entries are real (B, P) bool; how many positions they used (B,) ints,
                     where the prompt's positions start
+    embeds:         None, or per prompt a (len(prompt), C) tensor fed in place of its tokens'
+                    embeddings (learned prompt vectors among words, say); its ids then only count
     returns one list of new token ids per prompt
     """
     B, n_pos = len(prompts), model.config.n_positions
@@ -37,9 +39,9 @@ def generate(model, prompts, max_new_tokens, *, temperature=0.0, top_k=None, sto
         if s + len(p) + m > n_pos:
             raise ValueError(f"{s + len(p)} prompt positions + {m} new tokens is more than GPT-2's {n_pos} positions")
 
-    h, cache, keys_valid, next_pos = prefill(model, prompts, past_kv, past_valid, past_positions, max(limits))
-    head = model.lm_head.weight.float()  # float32 logits (see GPT.logits); converted once, not per step
-    logits = model.logits(h[:, -1], head)  # (B, vocab): only the last position predicts
+    h, cache, keys_valid, next_pos = prefill(model, prompts, past_kv, past_valid, past_positions, max(limits), embeds)
+    head = model.lm_head.weight.float()  # float32 logits, as GPT.logits computes them, with wte converted once
+    logits = F.linear(h[:, -1].float(), head)  # (B, vocab): only the last position predicts
     device = logits.device
     out = [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool, device=device)
@@ -63,7 +65,7 @@ def generate(model, prompts, max_new_tokens, *, temperature=0.0, top_k=None, sto
             keys_valid = torch.cat([keys_valid, torch.ones(B, 1, dtype=torch.bool, device=device)], dim=1)
             mask = keys_valid[:, None, :]
         h, cache = model.hidden(tok[:, None], cache, mask, next_pos[:, None])
-        logits = model.logits(h[:, -1], head)
+        logits = F.linear(h[:, -1].float(), head)
         next_pos = next_pos + 1
     return out
 
@@ -81,10 +83,11 @@ def _pick(logits, temperature, top_k, generator):
     return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)[:, 0]
 
 
-def prefill(model, prompts, past_kv=None, past_valid=None, past_positions=None, room=0):
+def prefill(model, prompts, past_kv=None, past_valid=None, past_positions=None, room=0, embeds=None):
     """
     Run left-padded prompts through the model at once, after an optional cache (see generate),
     into a KVCache per layer with `room` entries to spare. Query t sees the real keys up to itself.
+    embeds: as in generate.
     Returns the hidden states (B, T, C) (None if every prompt is empty), the caches, which of
     their keys are real (B, S), and each row's next position (B,).
     """
@@ -99,17 +102,13 @@ def prefill(model, prompts, past_kv=None, past_valid=None, past_positions=None, 
         past_kv = caches
     idx = torch.zeros(B, T, dtype=torch.long, device=device)
     valid = torch.zeros(B, T, dtype=torch.bool, device=device)  # which entries are real tokens
-    vectors = []  # (row, position, vector) of the entries that are vectors, not token ids
+    vectors = None if embeds is None else torch.zeros(B, T, c.n_embd, device=device, dtype=dtype)
     for b, p in enumerate(prompts):
         if p:
-            idx[b, T - len(p):] = torch.tensor([0 if torch.is_tensor(x) else x for x in p], device=device)
+            idx[b, T - len(p):] = torch.tensor(p, device=device)
             valid[b, T - len(p):] = True
-            vectors += [(b, T - len(p) + i, x) for i, x in enumerate(p) if torch.is_tensor(x)]
-    embeds = None
-    if vectors:
-        embeds = model.wte(idx)
-        rows, positions, xs = zip(*vectors)
-        embeds[list(rows), list(positions)] = torch.stack(xs).to(device=device, dtype=dtype)
+            if vectors is not None:
+                vectors[b, T - len(p):] = embeds[b]
     start = torch.tensor([0] * B if past_positions is None else list(past_positions), device=device)
     pos = start[:, None] + (valid.cumsum(1) - 1).clamp(min=0)  # pads get a dummy position, unused
     if past_valid is None:
@@ -119,5 +118,5 @@ def prefill(model, prompts, past_kv=None, past_valid=None, past_positions=None, 
         return None, past_kv, keys_valid, start
     S = keys_valid.size(1)
     causal = torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=S - T)
-    h, cache = model.hidden(idx, past_kv, keys_valid[:, None, :] & causal, pos, embeds=embeds)
+    h, cache = model.hidden(idx, past_kv, keys_valid[:, None, :] & causal, pos, embeds=vectors)
     return h, cache, keys_valid, start + valid.sum(1)

@@ -224,13 +224,13 @@ class GPT(nn.Module):
             present.append(kv)
         return self.ln_f(x), present
 
-    def logits(self, h, head=None):
+    def logits(self, h):
         """
         lm_head in float32, on the hidden states given (B..., C) -> (B..., vocab_size). GPT-2's
         logits are tens in magnitude, where bfloat16 steps by 0.25: rounded to it, they would blur
-        the loss and flip near-ties in decoding. `head`: wte already in float32, to convert it once.
+        the loss and flip near-ties in decoding.
         """
-        return F.linear(h.float(), self.lm_head.weight.float() if head is None else head)
+        return F.linear(h.float(), self.lm_head.weight.float())
 
     def forward(self, idx, past_kv=None, attn_mask=None, position_ids=None):
         """Logits (B, T, vocab_size) for every position, in float32."""

@@ -1,3 +1,5 @@
+"""The data path: the CSV reader, the streamed Kaggle download (from a server on 127.0.0.1), the split and its near-duplicates."""
+
 import csv
 import io
 import random

@@ -1,3 +1,5 @@
+"""Downloads from a hub-like server on 127.0.0.1: resumed, verified, one line when they fail, the token kept to the hub."""
+
 import os
 import socket
 

@@ -22,9 +22,11 @@ from safetensors.torch import save_file
 import cli
 import mini_gpt2
 import prefix
+import prefix_file
 import train
 import translate
 from mini_gpt2 import UserError, files
+from run import RUN_FILES
 from tests.conftest import ROOT, fail_in_step, make_checkpoint, one_line_error, run, train_args
 from tests.http_server import Hub
 
@@ -128,7 +130,7 @@ def test_damaged_checkpoint_on_resume(run_copy, tiny_ckpt, csv_file, call, damag
 
 def write_prefix(path, model_config, kv=None, **meta):
     kv = torch.zeros(2, 2, 2, 5, 3, 16) if kv is None else kv
-    prefix.save_prefixes(path, kv, prefix.NAMES, model_config, **meta)
+    prefix_file.save_prefixes(path, kv, prefix.NAMES, model_config, **meta)
     return path
 
 
@@ -145,7 +147,8 @@ def tiny_config(tiny_ckpt):
 def test_bad_prefix_file_is_refused_in_one_line(tiny_ckpt, tiny_config, tmp_path, call, damage, problem):
     path = tmp_path / "p.safetensors"
     good = write_prefix(tmp_path / "good.safetensors", tiny_config, model=str(tiny_ckpt[0])).read_bytes()
-    meta = {"names": json.dumps(prefix.NAMES), "n_layer": "2", "n_head": "5", "n_embd": "80", "prefix_len": "3"}
+    meta = {"method": "prefix", "names": json.dumps(prefix.NAMES), "n_layer": "2", "n_head": "5", "n_embd": "80",
+            "prefix_len": "3"}
     if damage == "truncated":
         path.write_bytes(good[:len(good) - 100])
     elif damage == "random":
@@ -351,7 +354,7 @@ def test_overwrite_replaces_every_file_of_the_earlier_run_once_the_new_one_start
     out = tmp_path / "run"
     validation_losses(monkeypatch, [5.0, 4.0, 1.0, 3.0])  # steps 0, 2, 4, 6: the best is not the last
     assert call(train.main, *train_args(tiny_ckpt[0], csv_file, out)).returncode == 0
-    assert [name for name in train.RUN_FILES if not (out / name).exists()] == []  # every file a run writes
+    assert [name for name in RUN_FILES if not (out / name).exists()] == []  # every file a run writes
     before = snapshot(out)
     for cannot_start in (["--model", tmp_path / "no-such-model"], ["--data", tmp_path / "no-such.csv"]):
         line = one_line_error(call(train.main, *train_args(tiny_ckpt[0], csv_file, out, "--overwrite", *cannot_start)))
@@ -417,7 +420,7 @@ def test_ctrl_c_in_the_last_validation_stops_there_and_resume_finishes_the_run(t
     for name in ("prefix.safetensors", "prefix-last.safetensors"):  # as if never stopped
         assert (out / name).exists() == (straight / name).exists()
         if (out / name).exists():
-            (a, _, meta_a), (b, _, meta_b) = prefix.load_prefixes(out / name), prefix.load_prefixes(straight / name)
+            (a, _, meta_a), (b, _, meta_b) = prefix_file.load_prefixes(out / name), prefix_file.load_prefixes(straight / name)
             assert torch.equal(a, b) and meta_a == meta_b
     val = [[(row["step"], row["val_loss"]) for row in csv.DictReader(open(d / "log.csv")) if row["val_loss"]]
            for d in (straight, out)]
@@ -475,7 +478,7 @@ def test_sigterm_in_the_comparison_says_the_training_is_kept(tiny_ckpt, csv_file
 def test_two_runs_in_one_folder_do_not_both_proceed(tiny_ckpt, csv_file, tmp_path):
     out = tmp_path / "run"
     args = train.parse_args(train_args(tiny_ckpt[0], csv_file, out))
-    with train.run_folder(out, args):  # this process holds --out, as a running training would
+    with train.Run(out, vars(args)):  # this process holds --out, as a running training would
         line = one_line_error(run("train.py", *train_args(tiny_ckpt[0], csv_file, out, "--no-eval")))
         assert f"another run (process {os.getpid()}) is using {out}" in line
     assert not (out / "checkpoint.pt").exists()
@@ -541,7 +544,7 @@ def test_prefixes_that_became_nan_are_never_checkpointed(tiny_ckpt, csv_file, tm
     assert "the prefixes hold NaN or inf values at step 3" in line and f"{out / 'checkpoint.pt'} holds step 2" in line
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert state["step"] == 2 and all(torch.isfinite(v).all() for v in state["prefixes"].values())
-    assert int(prefix.load_prefixes(out / "prefix.safetensors")[2]["step"]) <= 2
+    assert int(prefix_file.load_prefixes(out / "prefix.safetensors")[2]["step"]) <= 2
 
 
 def test_nan_in_the_first_step_advice_works(tiny_ckpt, csv_file, tmp_path, call, monkeypatch):
@@ -696,7 +699,7 @@ def test_what_was_cut_to_fit_is_said_and_recorded(tiny_ckpt, csv_file, tmp_path,
     assert "note: --val-size 50 is more than a tenth of the 36 pairs: 3 are used" in r.stdout
     assert "note: --warmup 10 is longer than --steps 6: the learning rate rises to 0.03 at the last step and never " \
            "reaches the peak 0.05" in r.stdout
-    meta = prefix.load_prefixes(out / "prefix.safetensors")[2]
+    meta = prefix_file.load_prefixes(out / "prefix.safetensors")[2]
     assert (meta["heldout"], meta["heldout_pairs"], meta["val_size"], meta["val_pairs"]) == ("4", "3", "50", "3")
     settings = json.loads((out / "results.json").read_text())["settings"]
     assert (settings["heldout"], settings["heldout_pairs"]) == (4, 3)

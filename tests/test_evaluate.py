@@ -1,3 +1,5 @@
+"""The comparison's scores: each BLEU by hand and against sacreBLEU and NLTK, the few-shot prompt, --eval-only end to end."""
+
 import json
 import math
 
@@ -6,7 +8,9 @@ import torch
 
 import data
 import evaluate
+import methods
 import prefix
+import prefix_file
 from mini_gpt2 import from_pretrained
 from tests.conftest import PAIRS, run
 
@@ -40,8 +44,8 @@ def test_few_shot_prompt_layout():
 def test_few_shot_examples_are_aligned_training_pairs_never_held_out():
     pairs = [(f"English {i % 40}", f"Français {i % 40}") for i in range(400)]  # with duplicates
     split = data.split(pairs, heldout=30, val_size=10, seed=3)
-    shots = evaluate.few_shot_indices(pairs, split.train, 3, seed=3)
-    assert shots == evaluate.few_shot_indices(pairs, split.train, 3, seed=3) and len(shots) == 3
+    shots = data.few_shot_indices(pairs, split.train, 3, seed=3)
+    assert shots == data.few_shot_indices(pairs, split.train, 3, seed=3) and len(shots) == 3
     assert set(shots) <= set(split.train)
     assert all(pairs[i][0].split()[1] == pairs[i][1].split()[1] for i in shots)  # each example's two sides match
 
@@ -51,8 +55,8 @@ def test_eval_only_end_to_end_with_both_methods(tiny_ckpt, csv_file, tmp_path):
     g = torch.Generator().manual_seed(0)
     files = {"prefix": tmp_path / "A.safetensors", "prompt": tmp_path / "B.safetensors"}
     for method, path in files.items():
-        learned = prefix.METHODS[method].init_random(model, prefix.NAMES, 3, g)
-        prefix.save_prefixes(path, learned, prefix.NAMES, model.config, method, model=str(tiny_ckpt[0]),
+        learned = methods.METHODS[method].init_random(model, prefix.NAMES, 3, g)
+        prefix_file.save_prefixes(path, learned, prefix.NAMES, model.config, method, model=str(tiny_ckpt[0]),
                              data=str(csv_file), rows=200000, heldout=8, seed=0)
     r = run("train.py", "--eval-only", "--prefix", files["prefix"], files["prompt"], "--data", csv_file, "--heldout", 8,
             "--eval-size", 3, "--out", tmp_path / "out")
@@ -152,10 +156,10 @@ def test_both_directions_is_the_corpus_bleu_of_all_their_sentences_together():
     answers = {"en": HYPOTHESES[:4], "fr": ["Bonjour! Je suis Sully.", "Merci beaucoup.", "Où est la gare?", "J'aime le pain."]}
 
     class Fixed:
-        def __call__(self, texts, source, target, limits):
-            return [answers[target][[p[evaluate.COLUMN[source]] for p in pairs].index(t)] for t in texts]
+        def __call__(self, texts, sources, source, target, limits):
+            return [answers[target][[p[{"en": 0, "fr": 1}[source]] for p in pairs].index(t)] for t in texts]
 
-    scores, _ = evaluate.evaluate({"fixed": Fixed()}, pairs, 2)
+    scores, _ = evaluate.evaluate({"fixed": Fixed()}, evaluate.evaluation_pairs(pairs, 128, 4), 2)
     refs = {"en": [en for en, _ in pairs], "fr": [fr for _, fr in pairs]}
     for target, source in (("en", "fr"), ("fr", "en")):
         assert scores[f"fixed {source}->{target}"] == evaluate.bleu_scores(answers[target], refs[target]) | {"pairs": 4}

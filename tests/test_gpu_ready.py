@@ -13,11 +13,13 @@ import pytest
 import torch
 
 import evaluate
-import prefix
+import prompt
 import train
 from mini_gpt2 import encode, from_pretrained, generate
-from prefix import NAMES, Prefixes, init_random, make_batch, prefix_hidden, translate
-from tests.conftest import fail_in_step, one_line_error, run, train_args
+from methods import translate
+from prefix import NAMES, Prefixes, encode_sentence, init_random, prefix_hidden
+from train import Example, make_batch
+from tests.conftest import one_line_error, run, train_args
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +46,7 @@ def some_examples(n=12):
 def gradient(model, learned, examples, max_batch_tokens, method="prefix", reparam=False):
     torch.manual_seed(0)  # the MLP of --reparam starts random: the same each time
     prefixes = Prefixes(learned, reparam=reparam)
-    loss = train.mean_loss(model, prefixes, examples, method, max_batch_tokens, "cpu", backward=True)
+    loss = train.mean_loss(model, prefixes, examples, method, max_batch_tokens, backward=True)
     return loss, torch.cat([p.grad.flatten() for p in prefixes.parameters()])
 
 
@@ -62,14 +64,14 @@ def test_typical_steps_take_one_or_two_passes():
     """32 sequences of 40 to 100 tokens (both sides with <|endoftext|>) at the default budget."""
     args = train.parse_args(["--no-eval"])
     for length in (40, 64, 96):
-        examples = [([1] * (length // 2), [2] * (length - length // 2), 0, 1)] * args.batch_size
+        examples = [Example([1] * (length // 2), [2] * (length - length // 2), 0, 1)] * args.batch_size
         assert len(train.micro_batches(examples, args.max_batch_tokens)) <= 2
 
 
 @pytest.mark.parametrize("method,reparam", [("prefix", False), ("prefix", True), ("prompt", False)])
 def test_packing_gives_the_gradient_of_one_pass(models, kv, method, reparam):
     model, examples = models[torch.float32], some_examples()
-    learned = kv if method == "prefix" else prefix.prompt_random(model, NAMES, 4, torch.Generator().manual_seed(0))
+    learned = kv if method == "prefix" else prompt.prompt_random(model, NAMES, 4, torch.Generator().manual_seed(0))
     one_loss, one = gradient(model, learned, examples, 10**6, method, reparam)
     loss, packed = gradient(model, learned, examples, 40, method, reparam)
     assert len(train.micro_batches(examples, 40)) >= 4
@@ -111,7 +113,8 @@ def test_bfloat16_generation_and_translation_run(models, kv):
     model = models[torch.bfloat16]
     out = generate(model, [encode(" The cat"), encode(" Bonjour, je")], 5, stop_ids=())
     assert [len(o) for o in out] == [5, 5]
-    texts = translate(model, kv, NAMES, ["Bonjour!", "Hello there."], ["en", "fr"], max_new_tokens=4)
+    texts = translate(model, kv, NAMES, "prefix", [encode_sentence("Bonjour!"), encode_sentence("Hello there.")],
+                      ["en", "fr"], [4, 4])
     assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
 
 
@@ -135,7 +138,7 @@ def test_shared_few_shot_cache_gives_the_plain_prompts_tokens(models, csv_file):
     few = evaluate.FewShot(model, shots)
     texts = ["Où est la gare ?", "Il pleut aujourd'hui, et il fait froid.", "'s 42 « oui »", "Bonjour"]
     limits = [12, 12, 12, 12]
-    shared = few(texts, "fr", "en", limits)
+    shared = few(texts, [encode_sentence(t) for t in texts], "fr", "en", limits)
     plain = [encode(evaluate.few_shot_prompt(few.examples, t, "fr", "en")) for t in texts]
     expected = [evaluate.decode(o).strip() for o in generate(model, plain, limits, stop_ids=few.stop)]
     assert shared == expected
@@ -156,20 +159,28 @@ def test_evaluation_puts_results_back_in_order(models, kv, monkeypatch):
              ("Short.", "Court."), ("Medium length here.", "Longueur moyenne ici.")]
     seen = []
 
-    def spy(self, texts, source, target, limits):
+    def spy(self, texts, sources, source, target, limits):
         seen.append(list(limits))
         return [f"[{t}]" for t in texts]
 
     monkeypatch.setattr(evaluate.Prefix, "__call__", spy)
     monkeypatch.setattr(evaluate.FewShot, "__call__", spy)
     methods = {"prefix": evaluate.Prefix(model, kv, NAMES), "1-shot": evaluate.FewShot(model, pairs[:1])}
-    scores, outputs = evaluate.evaluate(methods, pairs, 2)
+    scores, outputs = evaluate.evaluate(methods, evaluate.evaluation_pairs(pairs, 128, 3), 2)
     assert outputs[("prefix", "fr", "en")] == [f"[{fr}]" for _, fr in pairs]  # back in the data's order
     assert all(batch == sorted(batch) for batch in seen) and seen[0][0] == min(seen[0] + seen[1])
 
 
 def test_out_of_memory_is_one_line_and_keeps_the_last_step(tiny_ckpt, csv_file, tmp_path, call, monkeypatch):
-    fail_in_step(monkeypatch, 3, torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    real, calls = train.target_loss, {"n": 0}
+
+    def target_loss(*args):  # the third training pass (step 3) runs out of memory, where it would: in the forward
+        calls["n"] += torch.is_grad_enabled()
+        if calls["n"] == 3 and torch.is_grad_enabled():
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(*args)
+
+    monkeypatch.setattr(train, "target_loss", target_loss)
     out = tmp_path / "run"
     line = one_line_error(call(train.main, *train_args(tiny_ckpt[0], csv_file, out, "--no-eval", "--save-every", 100)))
     assert re.search(r"out of GPU memory in a forward pass of \d+ x \d+ = \d+ tokens; "
@@ -217,11 +228,11 @@ def test_bench_gpu_runs_tiny_on_the_cpu(tmp_path):
 
 def test_the_prompt_methods_passes_count_its_2p_positions_in_the_budget(models, monkeypatch):
     model, examples = models[torch.float32], some_examples()
-    prompts = prefix.prompt_random(model, NAMES, 8, torch.Generator().manual_seed(0))  # 2P = 16 positions a row
+    prompts = prompt.prompt_random(model, NAMES, 8, torch.Generator().manual_seed(0))  # 2P = 16 positions a row
     shapes, real = [], model.hidden
     monkeypatch.setattr(model, "hidden", lambda idx, *a, **k: shapes.append(tuple(idx.shape)) or real(idx, *a, **k))
     budget = 120
     with torch.no_grad():
-        train.mean_loss(model, Prefixes(prompts), examples, "prompt", budget, "cpu")
+        train.mean_loss(model, Prefixes(prompts), examples, "prompt", budget)
     assert len(shapes) > 1 and all(rows * length <= budget or rows == 1 for rows, length in shapes), shapes
     assert sum(rows for rows, _ in shapes) == len(examples)

@@ -15,7 +15,8 @@ import evaluate
 import train
 import translate
 from mini_gpt2 import EOT, decode, encode, from_pretrained, generate
-from prefix import METHODS, load_prefixes
+from methods import METHODS
+from prefix_file import load_prefixes
 from tests import reference
 from tests.conftest import train_args
 
@@ -116,7 +117,7 @@ def test_few_shot_answers_stop_at_the_end_of_their_line(tiny_ckpt):
     free = generate(model, prompts, [12, 12], stop_ids=())  # the answers if nothing ended them
     q = max(map(len, prompts)) + 1  # the longer prompt's second answer token predicts the end of the line
     for newline in (198, 628):  # "\n" and "\n\n"
-        got = evaluate.FewShot(forced(tiny_ckpt, q, newline), examples)(texts, "fr", "en", [12, 12])
+        got = evaluate.FewShot(forced(tiny_ckpt, q, newline), examples)(texts, [None, None], "fr", "en", [12, 12])
         for prompt, g, f in zip(prompts, got, free):
             assert g == decode(f[:q - len(prompt) + 1]).strip(), (g, f)
         assert "\n" not in "".join(got) and got[0] != got[1]

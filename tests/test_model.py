@@ -1,3 +1,5 @@
+"""mini_gpt2 held to transformers' GPT-2 on random weights in the official file format: logits, loading, decoding, sampling."""
+
 import pytest
 import torch
 

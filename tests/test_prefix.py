@@ -1,11 +1,16 @@
+"""The prefix method: its training forward against decoding through the cache and against transformers, the loss, the file."""
+
 import inspect
 
 import pytest
 import torch
 
 from mini_gpt2 import EOT, UserError, encode, from_pretrained
-from prefix import (NAMES, Prefixes, as_past, init_from_words, init_random, load_prefixes, make_batch,
-                    prefix_hidden, save_prefixes, target_loss, translate, translate_ids)
+from methods import translate
+from prefix import (NAMES, Prefixes, as_past, encode_sentence, init_from_words, init_random, max_new_tokens_for,
+                    prefix_hidden, translate_ids)
+from prefix_file import check_fits, load_prefixes, save_prefixes
+from train import Example, make_batch, target_loss
 from tests.conftest import make_checkpoint
 
 
@@ -23,7 +28,7 @@ def kv(model):
 
 def examples():
     fr, en = encode(" Bonjour! Je m'appelle Sully."), encode(" Hello! My name is Sully.")
-    return [(fr, en + [EOT], 0, 1), (en[:3], fr + [EOT], 1, 0), (fr[:1], en[:2] + [EOT], 0, 1)]
+    return [Example(fr, en + [EOT], 0, 1), Example(en[:3], fr + [EOT], 1, 0), Example(fr[:1], en[:2] + [EOT], 0, 1)]
 
 
 def test_prefix_shape_is_per_layer_keys_and_values(model, kv):
@@ -73,14 +78,14 @@ def test_greedy_translation_follows_the_training_forward(model, kv):
     out = translate_ids(model, kv, sources, src, tgt, max_new_tokens=6)
     assert all(len(o) > 0 for o in out)
     for s, si, ti, gen in zip(sources, src, tgt, out):
-        batch = make_batch([(s, gen, si, ti)], "cpu")
+        batch = make_batch([Example(s, gen, si, ti)], "cpu")
         with torch.no_grad():
             logits = model.logits(prefix_hidden(model, kv, *batch)[0])[0]
         assert logits[len(s) - 1:len(s) - 1 + len(gen)].argmax(-1).tolist() == gen
 
 
 def test_translate_gives_text(model, kv):
-    out = translate(model, kv, NAMES, ["Bonjour!", "Hello"], ["en", "fr"], max_new_tokens=4)
+    out = translate(model, kv, NAMES, "prefix", [encode_sentence("Bonjour!"), encode_sentence("Hello")], ["en", "fr"], [4, 4])
     assert len(out) == 2 and all(isinstance(t, str) for t in out)
 
 
@@ -143,14 +148,16 @@ def test_activation_checkpointing_gives_the_same_gradients(model, kv):
 def test_save_load_round_trip_and_size_check(tmp_path, model, kv):
     path = tmp_path / "p.safetensors"
     save_prefixes(path, kv, NAMES, model.config, model="tiny")
-    kv2, names, meta = load_prefixes(path, model.config)
+    kv2, names, meta = load_prefixes(path)
+    check_fits(meta, model.config, path)
     assert torch.equal(kv2, kv) and names == list(NAMES) and meta["model"] == "tiny" and meta["prefix_len"] == "4"
     other = make_checkpoint(tmp_path / "other", n_layer=3, n_head=4, n_embd=64)
     with pytest.raises(UserError, match=r"trained for tiny \(2 layers, 5 heads, width 80\), but this model has 3 layers"):
-        load_prefixes(path, from_pretrained(tmp_path / "other").config)
+        check_fits(load_prefixes(path)[2], from_pretrained(tmp_path / "other").config, path)
     del other
 
 
 def test_translate_refuses_inputs_past_the_context(model, kv):
     with pytest.raises(UserError, match="input 2 is .* tokens"):
-        translate(model, kv, NAMES, ["Bonjour", "mot " * 400], ["en", "en"])  # 400 tokens + 808 new > 1024
+        sources = [encode_sentence("Bonjour"), encode_sentence("mot " * 400)]
+        translate(model, kv, NAMES, "prefix", sources, ["en", "en"], [max_new_tokens_for(s) for s in sources])  # 400 + 808 > 1024

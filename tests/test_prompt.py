@@ -8,9 +8,11 @@ import torch
 
 import train
 from mini_gpt2 import EOT, encode, from_pretrained, generate
-from prefix import (METHODS, NAMES, Prefixes, init_from_words, init_word_ids, load_prefixes, make_batch,
-                    prompt_from_words, prompt_hidden, prompt_random, prompt_translate_ids, save_prefixes, target_loss,
-                    translate)
+from methods import METHODS, translate
+from prefix import NAMES, Prefixes, encode_sentence, init_from_words, init_word_ids
+from prefix_file import check_fits, load_prefixes, save_prefixes
+from prompt import prompt_from_words, prompt_hidden, prompt_random, prompt_translate_ids
+from train import Example, make_batch, target_loss
 from tests.conftest import one_line_error, train_args
 from tests.test_prefix import examples, train_on_examples
 
@@ -80,8 +82,8 @@ def test_a_prompt_from_words_reads_exactly_as_the_words(model):
         embeds = torch.cat([learned[0], model.wte(torch.tensor(text))])[None]
         as_prompt = model.logits(model.hidden(tokens, embeds=embeds)[0])
     assert torch.equal(as_prompt, as_text)
-    rows = [[*learned[0], *text]]
-    assert generate(model, rows, 6, stop_ids=()) == generate(model, [words + text], 6, stop_ids=())
+    embeds = [torch.cat([learned[0], model.wte(torch.tensor(text))])]
+    assert generate(model, [[0] * P + text], 6, stop_ids=(), embeds=embeds) == generate(model, [words + text], 6, stop_ids=())
 
 
 def test_a_prefix_from_words_holds_the_words_keys_and_values(tiny_ckpt, model):
@@ -109,7 +111,7 @@ def test_prompt_decoding_follows_the_training_forward(model, prompts):
     out = prompt_translate_ids(model, prompts, sources, src, tgt, max_new_tokens=6)
     P = prompts.size(1)
     for s, si, ti, gen in zip(sources, src, tgt, out):
-        batch = make_batch([(s, gen + [EOT], si, ti)], "cpu")
+        batch = make_batch([Example(s, gen + [EOT], si, ti)], "cpu")
         with torch.no_grad():
             logits = model.logits(prompt_hidden(model, prompts, *batch)[0])[0]
         first = 2 * P + len(s) - 1
@@ -119,9 +121,10 @@ def test_prompt_decoding_follows_the_training_forward(model, prompts):
 def test_one_file_format_for_both(tmp_path, model, prompts):
     path = tmp_path / "p.safetensors"
     save_prefixes(path, prompts, NAMES, model.config, "prompt", model="tiny")
-    learned, names, meta = load_prefixes(path, model.config)
+    learned, names, meta = load_prefixes(path)
+    check_fits(meta, model.config, path)
     assert torch.equal(learned, prompts) and meta["method"] == "prompt" and meta["prefix_len"] == "4"
-    assert len(translate(model, learned, names, ["Bonjour"], ["en"], 3, meta["method"])) == 1
+    assert len(translate(model, learned, names, meta["method"], [encode_sentence("Bonjour")], ["en"], [3])) == 1
     kv = init_from_words(model, NAMES, 4)
     save_prefixes(path, kv, NAMES, model.config, "prefix")
     assert load_prefixes(path)[2]["method"] == "prefix"

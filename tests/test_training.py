@@ -15,7 +15,9 @@ import torch.nn.functional as F
 import data
 import train
 from mini_gpt2 import decode, from_pretrained
-from prefix import load_prefixes, make_batch, prefix_hidden
+from prefix import prefix_hidden
+from prefix_file import load_prefixes
+from train import Example, make_batch
 from tests.conftest import ROOT, fail_in_step, train_args
 
 
@@ -47,7 +49,7 @@ def test_validation_loss_is_the_teacher_forced_loss_on_the_slice(tiny_ckpt, csv_
     total, n = 0.0, 0
     with torch.no_grad():  # one example at a time, by hand: the sum of its target tokens' cross-entropies
         for src, tgt, sp, tp in examples:
-            batch = make_batch([(src, tgt, sp, tp)], "cpu")
+            batch = make_batch([Example(src, tgt, sp, tp)], "cpu")
             logits = model.logits(prefix_hidden(model, kv, *batch)[0])[0]
             total += F.cross_entropy(logits[len(src) - 1:len(src) + len(tgt) - 1], torch.tensor(tgt), reduction="sum").item()
             n += len(tgt)
@@ -214,7 +216,7 @@ def test_a_huge_gradient_is_clipped_before_the_step(tiny_ckpt, csv_file, tmp_pat
 
 
 def test_each_epoch_is_the_data_in_a_new_order():
-    examples = [([i], [i, 50256], 0, 1) for i in range(50)]
+    examples = [Example([i], [i, 50256], 0, 1) for i in range(50)]
     batches = train.Batches(examples, 8, seed=0)
     n = 7  # steps per epoch: 50 examples in batches of 8
     epochs = [[tuple(ex[0][0] for ex in batches[k]) for k in range(e * n, (e + 1) * n)] for e in range(3)]
