@@ -156,11 +156,18 @@ def fill_split_settings(args, meta):
 def few_shot_indices(pairs, candidates, shots, seed):
     """
     `shots` real, aligned pairs for the few-shot prompt, as indices among `candidates` (the
-    training side of the split), the same for a given seed; short one-line ones if there are any.
+    training side of the split), the same for a given seed; no two alike (see `normalise`), and
+    short one-line ones if there are any.
     """
-    short = [i for i in candidates if len(pairs[i][0]) <= 200 and len(pairs[i][1]) <= 200
+    seen, distinct = set(), []
+    for i in candidates:
+        key = (normalise(pairs[i][0]), normalise(pairs[i][1]))
+        if key not in seen:
+            seen.add(key)
+            distinct.append(i)
+    short = [i for i in distinct if len(pairs[i][0]) <= 200 and len(pairs[i][1]) <= 200
              and "\n" not in pairs[i][0] + pairs[i][1]]
-    pool = short or candidates
+    pool = short or distinct
     return random.Random(f"shots-{seed}").sample(pool, min(shots, len(pool)))
 
 

@@ -14,7 +14,8 @@ class Hub:
     `sha_override` publishes a wrong sha256; `cdn` (another server's URL) sends those redirects there.
     Every request is logged as (method, path, Range, Authorization). `pages` maps other paths
     straight to bodies (200), counting the bytes sent; `redirects` maps paths to a URL (302).
-    `headers` replaces or adds headers of the answers to /resolve/ (e.g. a bad X-Linked-Size).
+    `headers` replaces or adds headers of the answers to /resolve/ (e.g. a bad X-Linked-Size);
+    `ignore_range` answers every request with the whole file, as some servers do.
     `hold[path] = n` sends only the first n bytes of that page, then waits for the client to hang up
     before sending the rest: `hung_up` is set if the client closed the connection there, `sent_all`
     if it kept listening and got the whole body. What happened does not depend on socket buffers.
@@ -23,6 +24,7 @@ class Hub:
     def __init__(self):
         self.files, self.small, self.log, self.pages, self.redirects, self.headers = {}, set(), [], {}, {}, {}
         self.cdn = ""
+        self.ignore_range = False
         self.drop_next = 0
         self.sha_override = None
         self.bytes_sent = 0
@@ -74,7 +76,7 @@ class Hub:
             def send(self, data, body, hold=None):
                 start = 0
                 r = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
-                if r:
+                if r and not hub.ignore_range:
                     start = int(r.group(1))
                     self.send_response(206)
                     self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")

@@ -1,10 +1,12 @@
 """train.py and translate.py as a user runs them, on a tiny random checkpoint and a small CSV."""
 
 import csv
+import json
 
 import pytest
 import torch
 
+import data
 import prefix
 import prefix_file
 import train
@@ -18,6 +20,11 @@ def test_train_then_translate(tiny_ckpt, csv_file, tmp_path):
     assert r.returncode == 0, r.stderr
     assert f"prefixes: {out / 'prefix.safetensors'}" in r.stdout
     assert "| 3-shot | both | 4 |" in r.stdout and (out / "results.json").exists()  # then the comparison
+    held = json.loads((out / "split.json").read_text())["heldout"]
+    pairs, lines, _ = data.read_pairs(csv_file)
+    held_texts = {text for line in held for text in pairs[lines.index(line)]}
+    translations = json.loads((out / "results.json").read_text())["translations"]
+    assert all(row["source"] in held_texts for rows in translations.values() for row in rows)  # held out, not trained on
     kv, names, meta = load_prefixes(out / "prefix.safetensors")
     assert kv.shape == (2, 2, 2, 5, 3, 16) and meta["model"] == str(tiny_ckpt[0])
     log = list(csv.DictReader(open(out / "log.csv")))

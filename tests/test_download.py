@@ -124,3 +124,11 @@ def test_an_empty_answer_is_one_line(hub, tmp_path):
         hub_download(REPO, "config.json")
     assert "\n" not in str(e.value) and "does not exist" not in str(e.value)
     assert not list((tmp_path / "cache" / "openai-community--gpt2").glob("config.json*"))
+
+
+def test_a_server_that_ignores_range_gives_a_whole_file_anyway(hub):
+    """Cut off half-way, then answered with the whole file again (200, not 206): it starts over instead of appending."""
+    hub.drop_next, hub.ignore_range = 1, True
+    path = hub_download(REPO, "model.safetensors")
+    assert [e[2] is not None for e in hub.log if e[0] == "GET" and e[1].startswith("/cdn/")] == [False, True]
+    assert path.read_bytes() == hub.files["model.safetensors"]

@@ -88,6 +88,13 @@ def test_eval_only_end_to_end_with_both_methods(tiny_ckpt, csv_file, tmp_path):
 
     md = (tmp_path / "out" / "results.md").read_text()
     assert "| method | direction | pairs | corpus BLEU" in md and "- source:" in md and "  - prompt:" in md
+    for key, s in results["scores"].items():  # the table shows each figure in its own column
+        method, direction = key.rsplit(" ", 1)
+        row = (f"| {method} | {direction} | {s['pairs']} | {s['corpus']:.2f} | {s['sentence_smoothed']:.2f} | "
+               f"{s['sentence_whitespace']:.2f} |")
+        assert row in md and row in r.stdout
+    at = {fr: en for en, fr in pairs} | {en: fr for en, fr in pairs}
+    assert all(row["reference"] == at[row["source"]] for rows_ in results["translations"].values() for row in rows_)
 
     r = run("train.py", "--eval-only", "--prefix", files["prefix"], "--data", csv_file, "--heldout", 6,
             "--eval-size", 2, "--out", tmp_path / "out2")
@@ -166,3 +173,12 @@ def test_both_directions_is_the_corpus_bleu_of_all_their_sentences_together():
     both = evaluate.bleu_scores(answers["en"] + answers["fr"], refs["en"] + refs["fr"])
     assert scores["fixed both"] == both | {"pairs": 8}
     assert len({scores[f"fixed {d}"]["corpus"] for d in ("fr->en", "en->fr", "both")}) == 3  # all three differ
+
+
+def test_held_out_pairs_longer_than_training_allowed_are_not_evaluated(capsys):
+    held = [("Thank you.", "Merci."), ("word " * 40, "mot " * 40), ("Good night.", "Bonne nuit.")]
+    pairs = evaluate.evaluation_pairs(held, 64, 10)  # 41 + 41 + <|endoftext|> tokens do not fit 64
+    assert [p.text["en"] for p in pairs] == ["Thank you.", "Good night."]
+    assert pairs[0].ids == {"en": prefix.encode_sentence("Thank you."), "fr": prefix.encode_sentence("Merci.")}
+    assert "1 held-out pairs longer than --max-len 64 left out" in capsys.readouterr().out
+    assert len(evaluate.evaluation_pairs(held, 64, 1)) == 1  # and --eval-size of them

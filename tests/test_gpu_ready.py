@@ -155,8 +155,10 @@ def test_few_shot_prompt_tokens_split_at_the_head(text):
 
 def test_evaluation_puts_results_back_in_order(models, kv, monkeypatch):
     model = models[torch.float32]
-    pairs = [("A rather long English sentence with many words in it.", "Une phrase française plutôt longue."),
-             ("Short.", "Court."), ("Medium length here.", "Longueur moyenne ici.")]
+    # in length order: 3, 1, 0, 2 (batches [3, 1], [0, 2]): neither the data's order nor its reverse
+    pairs = [("Medium length here, yes.", "Longueur moyenne ici, oui."), ("Short one.", "Court un."),
+             ("A rather long English sentence with many words in it.", "Une phrase française plutôt longue et pleine."),
+             ("Hi.", "Oh.")]
     seen = []
 
     def spy(self, texts, sources, source, target, limits):
@@ -166,7 +168,7 @@ def test_evaluation_puts_results_back_in_order(models, kv, monkeypatch):
     monkeypatch.setattr(evaluate.Prefix, "__call__", spy)
     monkeypatch.setattr(evaluate.FewShot, "__call__", spy)
     methods = {"prefix": evaluate.Prefix(model, kv, NAMES), "1-shot": evaluate.FewShot(model, pairs[:1])}
-    scores, outputs = evaluate.evaluate(methods, evaluate.evaluation_pairs(pairs, 128, 3), 2)
+    scores, outputs = evaluate.evaluate(methods, evaluate.evaluation_pairs(pairs, 128, 4), 2)
     assert outputs[("prefix", "fr", "en")] == [f"[{fr}]" for _, fr in pairs]  # back in the data's order
     assert all(batch == sorted(batch) for batch in seen) and seen[0][0] == min(seen[0] + seen[1])
 

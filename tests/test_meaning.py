@@ -23,13 +23,19 @@ from tests.conftest import train_args
 DIRECTIONS = (("fr", "en", "[start_french]", "[start_english]"), ("en", "fr", "[start_english]", "[start_french]"))
 
 
+RUNS = {"prefix": [], "prompt": ["--method", "prompt"], "reparam": ["--reparam", "--lr", "0.01"]}
+
+
 @pytest.fixture(scope="module")
 def runs(tiny_ckpt, csv_file, tmp_path_factory):
-    """A short training run of each method, from random prefixes (so that the two differ clearly)."""
+    """
+    A short training run of each method (and of prefixes through the MLP), from random prefixes (so
+    that the two differ clearly), on a split of their own (--seed 5: not the default's).
+    """
     out = {}
-    for method in ("prefix", "prompt"):
-        out[method] = tmp_path_factory.mktemp(method) / "run"
-        args = train_args(tiny_ckpt[0], csv_file, out[method], "--method", method, "--init", "random", "--steps", 2,
+    for name, extra in RUNS.items():
+        out[name] = tmp_path_factory.mktemp(name) / "run"
+        args = train_args(tiny_ckpt[0], csv_file, out[name], *extra, "--init", "random", "--steps", 2, "--seed", 5,
                           "--no-eval")
         assert train.main(args) == 0
     return out
@@ -40,11 +46,13 @@ def rows_by_line(csv_file):
     return dict(zip(lines, pairs))
 
 
-@pytest.mark.parametrize("method", ["prefix", "prompt"])
-def test_the_saved_loss_is_transformers_nll_in_the_documented_layout(runs, tiny_ckpt, csv_file, method):
+@pytest.mark.parametrize("run", list(RUNS))
+def test_the_saved_loss_is_transformers_nll_in_the_documented_layout(runs, tiny_ckpt, csv_file, run):
     """prefix.safetensors' val_loss, from train.py's own examples, is the NLL transformers' GPT-2 gives in that layout."""
-    learned, names, meta = load_prefixes(runs[method] / "prefix.safetensors")
-    record = json.loads((runs[method] / "split.json").read_text())
+    learned, names, meta = load_prefixes(runs[run] / "prefix.safetensors")
+    method = meta["method"]
+    assert int(meta["step"]) == 2  # trained, and better than where it started
+    record = json.loads((runs[run] / "split.json").read_text())
     at = rows_by_line(csv_file)
     total, n = 0.0, 0
     for line in record["validation"]:
@@ -54,7 +62,7 @@ def test_the_saved_loss_is_transformers_nll_in_the_documented_layout(runs, tiny_
             total += reference.target_nll(tiny_ckpt[1], method, learned, names.index(sp), names.index(tp),
                                           reference.sentence(pair[source]), tgt)
             n += len(tgt)
-    assert record["validation"] and meta["method"] == method
+    assert record["validation"] and method == ("prompt" if run == "prompt" else "prefix")
     assert total / n == pytest.approx(float(meta["val_loss"]), abs=1e-4)
 
 
@@ -66,9 +74,13 @@ def test_translate_py_is_transformers_greedy_decoding_in_that_layout(runs, tiny_
         r = call(translate.main, "--prefix", runs[method] / "prefix.safetensors", "--to", target, "--max-new-tokens", 6,
                  *texts[source])
         assert r.returncode == 0, r.stderr
-        want = [decode(reference.greedy(tiny_ckpt[1], method, learned, names.index(sp), names.index(tp),
-                                        reference.sentence(t), 6)).strip().replace("\n", " ") for t in texts[source]]
-        assert r.stdout.split("\n")[:-1] == want
+        got = r.stdout.split("\n")[:-1]
+        assert len(got) == len(texts[source])
+        for text, line in zip(texts[source], got):
+            src, (i, j) = reference.sentence(text), (names.index(sp), names.index(tp))
+            want = reference.greedy(tiny_ckpt[1], method, learned, i, j, src, 6)
+            logits_after = lambda out: reference.LOGITS[method](tiny_ckpt[1], learned, i, j, src, out)[-1]  # noqa: E731
+            assert reference.same_text_up_to_a_tie(want, line, logits_after), (text, line)
 
 
 # ----------------------------------------------------------------------------- stopping
@@ -149,3 +161,33 @@ def test_few_shot_examples_are_aligned_rows_of_the_training_side(runs, csv_file,
             assert lines & set(record["few_shot"]) and not lines & not_trained, (direction, pair)
             seen.setdefault(direction, set()).add((pair["en"], pair["fr"]))
     assert seen["fr->en"] == seen["en->fr"] and len(seen["fr->en"]) == 3  # the same pairs both ways
+    evaluated = {(row["source"], row["reference"]) for rows in results["translations"].values() for row in rows}
+    held = {pair for line in record["heldout"] for pair in (at[line], at[line][::-1])}
+    assert evaluated and evaluated <= {(fr, en) for en, fr in held} | held  # the run's own held-out pairs
+
+
+def test_every_row_of_the_table_is_transformers_greedy_in_its_layout(runs, tiny_ckpt, call):
+    """
+    The comparison's translations, each decoded again on transformers' GPT-2: 0-shot from
+    "fr: <sentence>\nen:", 3-shot from the recorded prompt, the prefix row in its layout; all
+    greedy, to the end of the line (prompting) or <|endoftext|> (prefixes), at most twice the
+    source's tokens plus 8.
+    """
+    out = runs["prefix"]
+    assert call(train.main, "--eval-only", "--out", out, "--eval-size", 2).returncode == 0
+    results = json.loads((out / "results.json").read_text())
+    learned, names, _ = load_prefixes(out / "prefix.safetensors")
+    ref, line_ends = tiny_ckpt[1], lambda t: t == EOT or "\n" in decode([t])
+    for (source, target, sp, tp), direction in zip(DIRECTIONS, ("fr->en", "en->fr")):
+        for row in results["translations"][direction]:
+            limit = 2 * len(reference.sentence(row["source"])) + 8
+            prompts = {"0-shot": f"{source}:", "3-shot": results["few_shot_prompts"][direction]}
+            for name, head in prompts.items():
+                ids = encode(f"{head} {row['source']}\n{target}:")
+                want = reference.greedy_text(ref, ids, limit, line_ends)
+                logits_after = lambda out: ref(input_ids=torch.tensor([ids + out])).logits[0, -1]  # noqa: E731
+                assert reference.same_text_up_to_a_tie(want, row[name], logits_after), (name, row)
+            src, (i, j) = reference.sentence(row["source"]), (names.index(sp), names.index(tp))
+            want = reference.greedy(ref, "prefix", learned, i, j, src, limit)
+            logits_after = lambda out: reference.prefix_logits(ref, learned, i, j, src, out)[-1]  # noqa: E731
+            assert reference.same_text_up_to_a_tie(want, row["prefix"], logits_after), row

@@ -161,3 +161,26 @@ def test_translate_refuses_inputs_past_the_context(model, kv):
     with pytest.raises(UserError, match="input 2 is .* tokens"):
         sources = [encode_sentence("Bonjour"), encode_sentence("mot " * 400)]
         translate(model, kv, NAMES, "prefix", sources, ["en", "en"], [max_new_tokens_for(s) for s in sources])  # 400 + 808 > 1024
+
+
+def test_the_length_rule_counts_both_sentences_and_the_end():
+    from prefix import fits
+
+    assert fits([1] * 50, [2] * 77, 128) and not fits([1] * 50, [2] * 78, 128)  # 50 + 77 + <|endoftext|> = 128
+    import train
+
+    examples, too_long = train.make_examples([("a " * 10, "b " * 10)], 21)
+    assert len(examples) == 2 and too_long == 0 and len(examples[0].source) + len(examples[0].target) == 21
+    assert train.make_examples([("a " * 10, "b " * 10)], 20) == ([], 2)
+
+
+def test_the_reparameterisation_gives_each_virtual_token_its_own_embedding(kv):
+    """The MLP maps virtual token j's embedding to token j's keys/values in every layer, as in the paper."""
+    torch.manual_seed(0)
+    p = Prefixes(kv, reparam=True)
+    torch.nn.init.normal_(p.mlp[2].weight)  # as if trained: the last layer no longer zero
+    before = p().detach()
+    with torch.no_grad():
+        p.embed[1, 2] += 1.0  # prefix 1's virtual token 2
+    changed = (p().detach() - before).abs().sum(dim=(1, 2, 3, 5)) > 0  # (n_prefixes, P)
+    assert changed.tolist() == [[False] * 4, [False, False, True, False]]
