@@ -40,7 +40,7 @@ SAME_RUN = ("model", "data", "rows", "heldout", "val_size", "seed", "batch_size"
             "reparam", "init")
 # ...while these may change on the way (a lower --lr after a diverged loss, say), with a note.
 MAY_CHANGE = ("steps", "lr", "warmup", "save_every", "eval_every", "grad_checkpoint", "device", "dtype",
-              "max_batch_tokens")
+              "max_batch_tokens", "compile")
 # What a run writes to --out; a new run refuses to replace them without --overwrite.
 RUN_FILES = ("checkpoint.pt", "log.csv", "prefix.safetensors", "prefix-last.safetensors", "split.json", "loss.png",
              "results.json", "results.md", "bleu.png")

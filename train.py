@@ -21,6 +21,7 @@ prefix files, what a stopped run says) is run.py's; the methods are methods.py's
 import argparse
 import math
 import random
+from contextlib import nullcontext
 from pathlib import Path
 from typing import NamedTuple
 
@@ -36,7 +37,7 @@ import mini_gpt2
 import plots
 from cli import natural_int, positive_float, positive_int
 from methods import METHODS
-from mini_gpt2 import EOT, UserError
+from mini_gpt2 import EOT, UserError, fast
 from mini_gpt2.load import config_of
 from prefix import NAMES, encode_sentence, fits
 from prefix_file import save_prefixes
@@ -76,6 +77,9 @@ def parse_args(argv=None):
                     help="start from what the model makes of the words 'French:'/'English:' (their keys/values, or "
                     "with --method prompt their embeddings; default) or random")
     ap.add_argument("--grad-checkpoint", action="store_true", help="recompute activations during backward: less memory, more time")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                    help="run the training passes through torch.compile: a minute or two of compiling, then faster steps "
+                    "(default: on a CUDA GPU with Triton, off elsewhere; see README)")
     ap.add_argument("--save-every", type=positive_int, default=250, help="checkpoint every N steps (default 250)")
     ap.add_argument("--eval-every", type=positive_int,
                     help="validation loss every N steps, and at the end (default: with each checkpoint)")
@@ -105,6 +109,7 @@ def parse_args(argv=None):
                  "only diverge (the defaults are 0.05 and below)")
     args.lr = args.lr or DEFAULT_LR["prompt" if args.method == "prompt" else "reparam" if args.reparam else "direct"]
     args.eval_every = args.eval_every or args.save_every
+    args.compile = fast.can_compile(args.device) if args.compile is None else args.compile
     if not args.eval_only:  # --eval-only fills them from the prefix file first
         data.fill_split_settings(args, {})
         args.model = args.model or cli.DEFAULT_MODEL
@@ -183,31 +188,41 @@ class Batches:
         return [self.examples[i] for i in self.order[k % n]]
 
 
-def micro_batches(examples, max_tokens, extra=0):
+def row_size(ex, extra=0, round_to=1):
+    """The positions an example takes in a pass: its tokens, `extra` for prompts, rounded up to a multiple of round_to."""
+    return -(-(len(ex.source) + len(ex.target) + extra) // round_to) * round_to
+
+
+def micro_batches(examples, max_tokens, extra=0, round_to=1):
     """
     A step's examples packed into forward passes of at most `max_tokens` padded tokens (rows x
-    longest row, a row being its tokens plus `extra` positions for prompts), shortest first so
-    that rows of a pass have similar lengths. A longer example than the budget still gets a pass
-    of its own.
+    longest row_size), shortest first so that rows of a pass have similar lengths. A longer
+    example than the budget still gets a pass of its own.
     """
-    rows = sorted(examples, key=lambda ex: len(ex.source) + len(ex.target))
+    rows = sorted(examples, key=lambda ex: row_size(ex, extra, round_to))
     passes, current = [], []
     for ex in rows:
-        if current and (len(current) + 1) * (len(ex.source) + len(ex.target) + extra) > max_tokens:
+        if current and (len(current) + 1) * row_size(ex, extra, round_to) > max_tokens:
             passes.append(current)
             current = []
         current.append(ex)
     return passes + [current]
 
 
-def make_batch(examples, device):
-    """A forward pass's tensors: idx (B, T) right-padded, src_len, seq_len, source and target prefix (B,) each."""
-    T = max(len(ex.source) + len(ex.target) for ex in examples)
-    idx = torch.full((len(examples), T), EOT, dtype=torch.long)
+def make_batch(examples, device, rows=None, length=None):
+    """
+    A forward pass's tensors: idx (B, T) right-padded, src_len, seq_len, source and target prefix
+    (B,) each. rows, length: pad to that many rows (empty ones: nothing to see, nothing to predict)
+    and tokens, so that compiled passes come in few shapes.
+    """
+    T = length or max(len(ex.source) + len(ex.target) for ex in examples)
+    B = rows or len(examples)
+    idx = torch.full((B, T), EOT, dtype=torch.long)
+    lengths = torch.zeros(B, 4, dtype=torch.long)  # source length, target length, source prefix, target prefix
     for b, ex in enumerate(examples):
         idx[b, :len(ex.source) + len(ex.target)] = torch.tensor(ex.source + ex.target)
-    src_len, tgt_len, src_prefix, tgt_prefix = torch.tensor(
-        [(len(ex.source), len(ex.target), ex.source_prefix, ex.target_prefix) for ex in examples], device=device).unbind(1)
+        lengths[b] = torch.tensor([len(ex.source), len(ex.target), ex.source_prefix, ex.target_prefix])
+    src_len, tgt_len, src_prefix, tgt_prefix = lengths.to(device).unbind(1)
     return idx.to(device), src_len, src_len + tgt_len, src_prefix, tgt_prefix
 
 
@@ -226,23 +241,31 @@ def target_loss(model, h, idx, src_len, seq_len):
     return F.cross_entropy(logits, idx[:, 1:][predicts_target], reduction="sum")
 
 
-def mean_loss(model, learned, examples, method, max_batch_tokens, backward=False, grad_checkpoint=False):
+def mean_loss(model, learned, examples, method, max_batch_tokens, backward=False, grad_checkpoint=False, compiled=None):
     """
     The mean loss over all the target tokens of `examples`, in as few forward passes as fit the
     token budget: however they are split, every target token weighs the same. With `backward`,
     the gradient of that mean is accumulated too (an optimizer step's). Returns a tensor: reading
     it would wait for the GPU. The same for every method but the forward pass (METHODS[method].hidden).
+    compiled: a fast.CompiledBlocks to run the passes through, padded to few shapes (fast.ROUND).
     """
     hidden, device = METHODS[method].hidden, model.wte.weight.device
     extra = METHODS[method].positions(METHODS[method].prefix_len(learned.shape))
+    round_to = fast.ROUND if compiled else 1
     n_targets = sum(len(ex.target) for ex in examples)
     total = torch.zeros((), device=device)
-    for micro in micro_batches(examples, max_batch_tokens, extra):
-        idx, src_len, seq_len, sp, tp = make_batch(micro, device)
+    for micro in micro_batches(examples, max_batch_tokens, extra, round_to):
+        if compiled:  # a shape of few: the length rounded up, the rows filled up to the budget (or the step's rows)
+            length = max(row_size(ex, extra, round_to) for ex in micro)
+            rows = max(len(micro), min(max_batch_tokens // length, len(examples)))
+            idx, src_len, seq_len, sp, tp = make_batch(micro, device, rows, length - extra)
+        else:
+            idx, src_len, seq_len, sp, tp = make_batch(micro, device)
         try:
-            loss = target_loss(model, *hidden(model, learned(), idx, src_len, seq_len, sp, tp, grad_checkpoint))
-            if backward:
-                (loss / n_targets).backward()
+            with compiled.on(model, (idx.size(0), idx.size(1) + extra), tqdm.write) if compiled else nullcontext():
+                loss = target_loss(model, *hidden(model, learned(), idx, src_len, seq_len, sp, tp, grad_checkpoint))
+                if backward:
+                    (loss / n_targets).backward()
         except torch.OutOfMemoryError:
             rows, length = idx.size(0), idx.size(1) + extra
             raise UserError(f"out of GPU memory in a forward pass of {rows} x {length} = {rows * length} tokens; try "
@@ -268,6 +291,7 @@ def lr_at(step, lr, warmup, steps):
 
 def train_loop(args, model, learned, optimizer, batches, val_examples, run):
     """Optimizer steps from where the run is (0, or a checkpoint's step) to --steps."""
+    compiled = fast.CompiledBlocks() if args.compile else None
     if run.needs_validation(args.eval_every):  # where training starts from, or one a stop cut short
         run.validated(validation_loss(model, learned, val_examples, args.method, args.max_batch_tokens), learned)
     for step in range(run.step, args.steps):
@@ -276,7 +300,7 @@ def train_loop(args, model, learned, optimizer, batches, val_examples, run):
             group["lr"] = lr
         examples = batches[step]
         loss = mean_loss(model, learned, examples, args.method, args.max_batch_tokens, backward=True,
-                         grad_checkpoint=args.grad_checkpoint)
+                         grad_checkpoint=args.grad_checkpoint, compiled=compiled)
         norm = torch.nn.utils.clip_grad_norm_(learned.parameters(), 1.0)
         loss, norm = torch.stack([loss, norm.float()]).tolist()  # the step's one wait for the GPU
         if not (math.isfinite(loss) and math.isfinite(norm)):

@@ -7,12 +7,14 @@ to be copied to the machine), in bfloat16, one Markdown table printed and writte
 
 Rows:
 - bf16 against fp32 logits (the same weights), and how often greedy decoding picks the same tokens;
-- a training step as train.py takes it (32 sequences at the default --max-batch-tokens, and half
-  and twice that budget), with and without --grad-checkpoint: tokens/s, MFU, peak memory; and
-  PEFT's prefix tuning on the same batch (no checkpointing), with the ratio; at the default, also
-  with the attention written out instead of the fused kernel a GPU runs (model.py);
-- greedy decoding at batch 1 and 16, ours against transformers' generate;
-- evaluation: sentences/s for the prefixes and for 3-shot prompting.
+- a training step as train.py takes it (32 sequences at the default --max-batch-tokens, and twice
+  that budget): eager, compiled (--compile; the seconds its compilation took), and PEFT's prefix
+  tuning on the same batch: tokens/s, MFU, peak memory, ratios; at the default also with
+  --grad-checkpoint, and with the attention written out instead of the fused kernel (model.py);
+- greedy decoding at batch 1 and 16: through CUDA graphs (mini_gpt2/fast.py), without, and
+  transformers' generate, as tokens/s and as a share of what the device's memory bandwidth allows;
+- evaluation: sentences/s for the prefixes and for 3-shot prompting, with and without CUDA graphs,
+  on the same sentences, and how many translations the two give differently.
 
 MFU counts the matrix products of a step: 4 x (12 n_layer n_embd^2) per token (forward, and
 backward into the activations: frozen weights need no gradient of their own), 6 x with
@@ -36,8 +38,9 @@ import evaluate  # noqa: E402
 import mini_gpt2  # noqa: E402
 from benchmarks.bench_model import decoding_speed  # noqa: E402
 from benchmarks.bench_prefix import examples, our_step, peft_step  # noqa: E402
-from benchmarks.common import (median_times, parser, peak_memory, peak_tflops, random_checkpoint,  # noqa: E402
-                               sample_pairs, setup)
+from benchmarks.common import (bandwidth, median_times, parser, peak_memory, peak_tflops,  # noqa: E402
+                               random_checkpoint, sample_pairs, setup)
+from mini_gpt2 import fast  # noqa: E402
 from prefix import NAMES, encode_sentence, init_random, max_new_tokens_for  # noqa: E402
 
 
@@ -73,6 +76,7 @@ def set_fused_attention(model, on):
 
 
 def training_rows(folder, model, device, dtype, seq_len, repeats):
+    """A step at the default budget and at twice it: eager, compiled (--compile) and PEFT, timed in turns."""
     rows, default = [], 32 * seq_len  # train.py's default batch of 32 sequences, one pass
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     peak = peak_tflops(device)
@@ -85,22 +89,27 @@ def training_rows(folder, model, device, dtype, seq_len, repeats):
         mem = f", peak {(extra + weights) / 2**30:.1f} GiB with the weights" if extra is not None else ""
         return tokens, f"{tokens / seconds:,.0f} tokens/s ({flops / 1e12:.3g} TFLOP/s{mfu}{mem})"
 
-    for budget in (default // 2, default, 2 * default):
+    for budget in (default, 2 * default):
         batch = examples(budget // seq_len, seq_len)
         idx = torch.tensor([s + t for s, t, _, _ in batch], device=device)
         setting = f"{len(batch)} x {seq_len} tokens, budget {budget}{' (default)' if budget == default else ''}"
         peft, _ = peft_step(folder, 10, idx, device, dtype)
-        for ckpt in (False, True):
-            ours = our_step(model, 10, batch, device, max_batch_tokens=budget, grad_checkpoint=ckpt)
-            fns = {"ours": ours} if ckpt else {"ours": ours, "peft": peft}
-            times = median_times(fns, repeats, device)
-            tokens, cell = cells(ours, batch, ckpt, times["ours"])
-            if ckpt:
-                rows.append(("prefix training, --grad-checkpoint", setting, cell, "", ""))
-            else:
-                rows.append(("prefix training", setting, cell, f"PEFT {tokens / times['peft']:,.0f} tokens/s",
-                             f"{times['peft'] / times['ours']:.2f}"))
+        compiled = fast.CompiledBlocks()
+        steps = {"eager": our_step(model, 10, batch, device, max_batch_tokens=budget),
+                 "compiled": our_step(model, 10, batch, device, max_batch_tokens=budget, compiled=compiled),
+                 "peft": peft}
+        times = median_times(steps, repeats, device)  # the first (untimed) run of "compiled" compiles it
+        tokens, cell = cells(steps["eager"], batch, False, times["eager"])
+        rows.append(("prefix training", setting, cell, f"PEFT {tokens / times['peft']:,.0f} tokens/s",
+                     f"{times['peft'] / times['eager']:.2f}"))
+        _, cell = cells(steps["compiled"], batch, False, times["compiled"])
+        compile_s = sum(compiled.shapes.values())
+        rows.append(("prefix training, --compile", setting, f"{cell}; compiling took {compile_s:.0f} s",
+                     f"eager {tokens / times['eager']:,.0f} tokens/s", f"{times['eager'] / times['compiled']:.2f}"))
         if budget == default:
+            ckpt = our_step(model, 10, batch, device, max_batch_tokens=budget, grad_checkpoint=True)
+            _, cell = cells(ckpt, batch, True, median_times({"ckpt": ckpt}, repeats, device)["ckpt"])
+            rows.append(("prefix training, --grad-checkpoint", setting, cell, "", ""))
             # What the fused attention kernel buys on this device: the same step, attention written out.
             written = our_step(model, 10, batch, device, max_batch_tokens=budget)
             set_fused_attention(model, False)
@@ -110,36 +119,58 @@ def training_rows(folder, model, device, dtype, seq_len, repeats):
             finally:
                 set_fused_attention(model, True)
             rows.append(("prefix training, attention written out", setting, cell, "", ""))
-        del peft
+        del peft, steps, compiled
         if torch.device(device).type == "cuda":
             torch.cuda.empty_cache()
     return rows
 
 
 def decoding_rows(folder, model, device, dtype, new_tokens, repeats):
+    """Greedy decoding: through CUDA graphs (the default on a GPU), without, and transformers' generate."""
     from transformers import GPT2LMHeadModel
 
     hf = GPT2LMHeadModel.from_pretrained(folder, dtype=dtype).to(device).eval()
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())  # read once a step, whatever the batch
+    bw = bandwidth(device)
     rows, g = [], torch.Generator().manual_seed(0)
     for B in (1, 16):
-        ours, theirs, _ = decoding_speed(model, hf, B, 16, new_tokens, repeats, device, g)
-        rows.append(("greedy decoding", f"batch {B}, {new_tokens} new tokens after 16", f"{ours:,.1f} tokens/s",
-                     f"transformers {theirs:,.1f} tokens/s", f"{ours / theirs:.2f}"))
+        speed, _ = decoding_speed(model, hf, B, 16, new_tokens, repeats, device, g, eager_too=True)
+        share = (lambda v: f" ({v / (B * bw / weights):.0%} of the memory-bandwidth bound)") if bw else (lambda v: "")
+        setting = f"batch {B}, {new_tokens} new tokens after 16"
+        rows.append(("greedy decoding", setting, f"{speed['ours']:,.1f} tokens/s{share(speed['ours'])}",
+                     f"transformers {speed['hf']:,.1f} tokens/s", f"{speed['ours'] / speed['hf']:.2f}"))
+        rows.append(("greedy decoding, no CUDA graph", setting, f"{speed['eager']:,.1f} tokens/s{share(speed['eager'])}",
+                     f"graph {speed['ours']:,.1f} tokens/s", f"{speed['eager'] / speed['ours']:.2f}"))
     return rows
 
 
 def evaluation_rows(model, device, n, repeats):
+    """Sentences/s of the comparison's decoding, through CUDA graphs and without, on the same sentences."""
     pairs = sample_pairs(n + 3)
     kv = init_random(model, NAMES, 10, torch.Generator().manual_seed(0))
     texts = [fr for _, fr in pairs[3:]]
     sources = [encode_sentence(t) for t in texts]
     limits = [max_new_tokens_for(s) for s in sources]
     methods = {"prefix": evaluate.Prefix(model, kv, NAMES), "3-shot": evaluate.FewShot(model, pairs[:3])}
-    fns = {name: (lambda m=m: evaluate.translate_all(m, texts, sources, "fr", "en", limits, 16))
-           for name, m in methods.items()}
+    rows, out = [], {}
+
+    def run(name, graphs):
+        def fn():
+            fast.GRAPHS = graphs
+            try:
+                out[(name, graphs)] = evaluate.translate_all(methods[name], texts, sources, "fr", "en", limits, 16)
+            finally:
+                fast.GRAPHS = None
+        return fn
+
+    fns = {(name, graphs): run(name, graphs) for name in methods for graphs in (None, False)}
     t = median_times(fns, repeats, device)
-    return [("evaluation", f"{name}, {n} sentences fr->en, batches of 16", f"{n / t[name]:.1f} sentences/s", "", "")
-            for name in methods]
+    for name in methods:
+        differ = sum(a != b for a, b in zip(out[(name, None)], out[(name, False)]))
+        rows.append(("evaluation", f"{name}, {n} sentences fr->en, batches of 16", f"{n / t[(name, None)]:.1f} sentences/s",
+                     f"no CUDA graph {n / t[(name, False)]:.1f} sentences/s; {differ} of {n} translations differ",
+                     f"{t[(name, False)] / t[(name, None)]:.2f}"))
+    return rows
 
 
 def main():
@@ -148,7 +179,10 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--eval-sentences", type=int, help="default 64 (16 for --size tiny)")
     ap.add_argument("--out", default="bench_gpu.md", help="where the table is written too (default bench_gpu.md)")
+    ap.add_argument("--compile-backend", default=fast.BACKEND,
+                    help=f"torch.compile's backend for the --compile rows (default {fast.BACKEND}; the tests use aot_eager)")
     args = ap.parse_args()
+    fast.BACKEND = args.compile_backend
     t0 = time.time()
     device, size, dtype = setup(args)
     tiny = size == "tiny"

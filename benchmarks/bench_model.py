@@ -1,7 +1,8 @@
 """
 mini_gpt2 against transformers' GPT-2 on the same random weights: load time, greedy decoding speed
-at batch 1 and 16, and the 3-shot evaluation against the way it was first written. Prints figures
-and ratios; asserts nothing.
+at batch 1 and 16 (and against the step-by-step decoding the static shapes of fast.py replaced),
+and the 3-shot evaluation against the way it was first written. Prints figures and ratios;
+asserts nothing.
 
     python benchmarks/bench_model.py                       # gpt2 shape on CPU (2 threads), float32
     python benchmarks/bench_model.py --dtype bfloat16      # the same in bfloat16
@@ -24,20 +25,30 @@ import torch  # noqa: E402
 
 import evaluate  # noqa: E402
 import mini_gpt2  # noqa: E402
+from mini_gpt2 import fast  # noqa: E402
+from tests.reference import generate_step_by_step  # noqa: E402
 from benchmarks.common import best_time, median_times, parser, random_checkpoint, sample_pairs, setup  # noqa: E402
 from prefix import encode_sentence, max_new_tokens_for  # noqa: E402
 
 
-def decoding_speed(ours, hf, B, prompt_len, new_tokens, repeats, device, generator):
+def decoding_speed(ours, hf, B, prompt_len, new_tokens, repeats, device, generator, eager_too=False):
     """
     Greedy decoding of B random prompts, mini_gpt2 against transformers' generate on the same
-    weights: (ours tokens/s, transformers tokens/s, the fraction of tokens that are the same).
+    weights: ({"ours": tokens/s, "hf": tokens/s, and with eager_too "eager": ours without CUDA
+    graphs}, the fraction of our tokens that are transformers'). All timed in turns.
     """
     prompts = torch.randint(0, 50256, (B, prompt_len), generator=generator)
     out = {}
 
     def run_ours():
         out["ours"] = mini_gpt2.generate(ours, prompts.tolist(), new_tokens, stop_ids=())
+
+    def run_eager():
+        fast.GRAPHS = False
+        try:
+            out["eager"] = mini_gpt2.generate(ours, prompts.tolist(), new_tokens, stop_ids=())
+        finally:
+            fast.GRAPHS = None
 
     def run_hf():
         with torch.no_grad():
@@ -46,10 +57,11 @@ def decoding_speed(ours, hf, B, prompt_len, new_tokens, repeats, device, generat
                             eos_token_id=None, pad_token_id=0)
         out["hf"] = y[:, prompt_len:].tolist()
 
-    times = median_times({"ours": run_ours, "hf": run_hf}, repeats, device)
+    fns = {"ours": run_ours, "hf": run_hf} | ({"eager": run_eager} if eager_too else {})
+    times = median_times(fns, repeats, device)
     n = B * new_tokens
     same = sum(a == b for r, q in zip(out["ours"], out["hf"]) for a, b in zip(r, q)) / n
-    return n / times["ours"], n / times["hf"], same
+    return {name: n / t for name, t in times.items()}, same
 
 
 def plain_few_shot(model, few, texts, source, target, limits, batch_size):
@@ -115,9 +127,17 @@ def main():
         print("|---:|---:|---:|---:|---:|")
         g = torch.Generator().manual_seed(0)
         for B in args.batch_sizes:
-            ours_speed, hf_speed, same = decoding_speed(ours, hf, B, args.prompt_len, args.new_tokens, args.repeats,
-                                                        device, g)
-            print(f"| {B} | {ours_speed:.1f} | {hf_speed:.1f} | {ours_speed / hf_speed:.2f} | {same:.0%} |", flush=True)
+            speed, same = decoding_speed(ours, hf, B, args.prompt_len, args.new_tokens, args.repeats, device, g)
+            print(f"| {B} | {speed['ours']:.1f} | {speed['hf']:.1f} | {speed['ours'] / speed['hf']:.2f} | {same:.0%} |",
+                  flush=True)
+
+        for B in args.batch_sizes:  # the static shapes (fast.decode) against the loop they replaced, on the same prompts
+            prompts = torch.randint(0, 50256, (B, args.prompt_len), generator=g).tolist()
+            t = median_times({"static": lambda: mini_gpt2.generate(ours, prompts, args.new_tokens, stop_ids=()),
+                              "step": lambda: generate_step_by_step(ours, prompts, args.new_tokens, stop_ids=())},
+                             args.repeats, device)
+            print(f"batch {B}: static-shape decoding {B * args.new_tokens / t['static']:.1f} tokens/s, the step-by-step "
+                  f"loop it replaced (tests/reference.py) {B * args.new_tokens / t['step']:.1f}, x{t['step'] / t['static']:.2f}")
 
         plain, shared, same = few_shot_speed(ours, args.eval_sentences, 16, args.repeats, device)
         print(f"\n3-shot evaluation, {args.eval_sentences} sentences fr->en, batches of 16: plain prompts "

@@ -26,6 +26,7 @@ import torch  # noqa: E402
 
 import mini_gpt2  # noqa: E402
 import train  # noqa: E402
+from mini_gpt2 import fast  # noqa: E402
 from benchmarks.common import median_times, parser, peak_memory, random_checkpoint, setup  # noqa: E402
 from mini_gpt2 import EOT  # noqa: E402
 from methods import METHODS  # noqa: E402
@@ -73,14 +74,14 @@ def examples(B, T, seed=0):
     return [train.Example(row[:T // 2], row[T // 2:-1] + [EOT], b % 2, 1 - b % 2) for b, row in enumerate(ids)]
 
 
-def our_step(model, P, batch, device, max_batch_tokens=10**9, grad_checkpoint=False, method="prefix"):
-    """One optimizer step as train.py takes it, with either method."""
+def our_step(model, P, batch, device, max_batch_tokens=10**9, grad_checkpoint=False, method="prefix", compiled=None):
+    """One optimizer step as train.py takes it, with either method (compiled: a fast.CompiledBlocks, as --compile)."""
     prefixes = Prefixes(METHODS[method].init_random(model, NAMES, P, torch.Generator().manual_seed(0))).to(device)
     opt = torch.optim.AdamW(prefixes.parameters(), lr=1e-3)
 
     def step():
         train.mean_loss(model, prefixes, batch, method, max_batch_tokens, backward=True,
-                        grad_checkpoint=grad_checkpoint)
+                        grad_checkpoint=grad_checkpoint, compiled=compiled)
         torch.nn.utils.clip_grad_norm_(prefixes.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -108,11 +109,14 @@ def peft_step(folder, P, idx, device, dtype):
     return step, list(hf.parameters())
 
 
-def compare(folder, model, B, T, P, device, dtype, repeats, methods):
-    """{name: (seconds, bytes)} for ours (each method) and PEFT in one cell."""
+def compare(folder, model, B, T, P, device, dtype, repeats, methods, compiled=False):
+    """{name: (seconds, bytes)} for ours (each method, and compiled if asked: "<method> compiled") and PEFT in one cell."""
     batch = examples(B, T)
     idx = torch.tensor([s + t for s, t, _, _ in batch], device=device)
     steps = {m: our_step(model, P, batch, device, method=m) for m in methods}
+    if compiled:  # as train.py --compile: the first, untimed run of each compiles it
+        steps |= {f"{m} compiled": our_step(model, P, batch, device, method=m, compiled=fast.CompiledBlocks())
+                  for m in methods}
     steps["PEFT"], peft_weights = peft_step(folder, P, idx, device, dtype)
     times = median_times(steps, repeats, device)
     return {name: (times[name], memory(step, device, peft_weights if name == "PEFT" else list(model.parameters())))
@@ -126,6 +130,7 @@ def main():
     ap.add_argument("--prefix-lens", type=int, nargs="+", default=[16])
     ap.add_argument("--methods", nargs="+", choices=list(METHODS), default=["prefix"],
                     help="ours: keys/values in every layer (prefix, default), input-embedding prompts (prompt)")
+    ap.add_argument("--compile", action="store_true", help="also each method's step compiled, as train.py --compile")
     args = ap.parse_args()
     device, size, dtype = setup(args)
     print(f"{size}, random weights, {dtype}, median of {args.repeats} (all timed in turns)")
@@ -138,9 +143,9 @@ def main():
         for B in args.batch_sizes:
             for T in args.seq_lens:
                 for P in args.prefix_lens:
-                    r = compare(folder, model, B, T, P, device, dtype, args.repeats, args.methods)
+                    r = compare(folder, model, B, T, P, device, dtype, args.repeats, args.methods, args.compile)
                     (s_peft, m_peft) = r["PEFT"]
-                    for m in args.methods:
+                    for m in [name for name in r if name != "PEFT"]:
                         s_ours, m_ours = r[m]
                         print(f"| {B} | {T} | {P} | {m} | {B * T / s_ours:.0f} | {B * T / s_peft:.0f} | "
                               f"{s_peft / s_ours:.2f} | {m_ours / 2**20:.1f} | {m_peft / 2**20:.1f} | "

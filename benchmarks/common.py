@@ -18,6 +18,12 @@ PEAK_BF16_TFLOPS = {"H100 PCIe": 756, "H100 NVL": 835, "H100": 989, "H200": 989,
                     "L4": 121, "A10": 125, "RTX 4090": 165}
 
 
+# Memory bandwidth (bytes/s) from the data sheets: decoding at batch B reads every weight once per
+# step, so B x bandwidth / (bytes of the weights) tokens/s is what the memory allows at most.
+BANDWIDTH = {"H100 PCIe": 2.0e12, "H100 NVL": 3.9e12, "H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12,
+             "L40S": 0.864e12, "L4": 0.3e12, "A10": 0.6e12, "RTX 4090": 1.008e12}
+
+
 # Sentences to translate in the evaluation benchmarks, of assorted lengths.
 SAMPLE_PAIRS = [
     ("Thank you.", "Merci."), ("Good night.", "Bonne nuit."), ("The cat sleeps on the chair.", "Le chat dort sur la chaise."),
@@ -111,6 +117,14 @@ def peak_tflops(device):
         return None
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+
+
+def bandwidth(device):
+    """The device's memory bandwidth in bytes/s, from its name; None if unknown (or a CPU)."""
+    if torch.device(device).type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in BANDWIDTH.items() if k in name), None)
 
 
 def parser(doc):

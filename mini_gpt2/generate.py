@@ -4,12 +4,13 @@ only the newest token and reads everything earlier from the cache.
 
 Prompts of different lengths share a batch by left-padding: the pads sit before the prompt, are
 masked out as keys, and do not count as positions, so each row computes exactly what it would
-compute alone.
+compute alone. The steps after the prompt run with static shapes (fast.decode), which is what
+lets a GPU replay each one as a single CUDA graph.
 """
 
 import torch
-import torch.nn.functional as F
 
+from .fast import decode
 from .model import KVCache
 from .tokenizer import EOT
 
@@ -40,47 +41,7 @@ def generate(model, prompts, max_new_tokens, *, temperature=0.0, top_k=None, sto
             raise ValueError(f"{s + len(p)} prompt positions + {m} new tokens is more than GPT-2's {n_pos} positions")
 
     h, cache, keys_valid, next_pos = prefill(model, prompts, past_kv, past_valid, past_positions, max(limits), embeds)
-    head = model.lm_head.weight.float()  # float32 logits, as GPT.logits computes them, with wte converted once
-    logits = F.linear(h[:, -1].float(), head)  # (B, vocab): only the last position predicts
-    device = logits.device
-    out = [[] for _ in range(B)]
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    stop = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
-    limit = torch.tensor(limits, device=device)
-    all_valid = bool(keys_valid.all())
-    for step in range(max(limits)):
-        tok = _pick(logits, temperature, top_k, generator)  # (B,)
-        done |= torch.isin(tok, stop) | (limit <= step)
-        tok = tok.masked_fill(done, EOT)  # finished rows keep running on a harmless token
-        new = tok.tolist()
-        finished = done.tolist()
-        for b in range(B):
-            if not finished[b]:
-                out[b].append(new[b])
-        if all(finished) or step == max(limits) - 1:
-            break
-        # One step: feed the new tokens, attend to everything cached that is real.
-        mask = None
-        if not all_valid:
-            keys_valid = torch.cat([keys_valid, torch.ones(B, 1, dtype=torch.bool, device=device)], dim=1)
-            mask = keys_valid[:, None, :]
-        h, cache = model.hidden(tok[:, None], cache, mask, next_pos[:, None])
-        logits = F.linear(h[:, -1].float(), head)
-        next_pos = next_pos + 1
-    return out
-
-
-def _pick(logits, temperature, top_k, generator):
-    if not temperature:
-        return logits.argmax(-1)
-    # In float64 (a temperature such as 1e-320 is 0 in float32), shifted so that the largest is 0:
-    # divided by a tiny temperature the others go to -inf (greedy, in effect), never to +inf or NaN.
-    logits = logits.double()
-    logits = (logits - logits.max(-1, keepdim=True).values) / temperature
-    if top_k:
-        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)[:, 0]
+    return decode(model, h[:, -1], cache, keys_valid, next_pos, limits, stop_ids, temperature, top_k, generator)
 
 
 def prefill(model, prompts, past_kv=None, past_valid=None, past_positions=None, room=0, embeds=None):

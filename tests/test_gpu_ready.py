@@ -220,10 +220,12 @@ def test_bench_gpu_runs_tiny_on_the_cpu(tmp_path):
     # As little as runs every row once, on one thread (two spin-waiting threads on two busy cores crawl),
     # with no deadline: a slow machine takes longer, that is all.
     r = run("benchmarks/bench_gpu.py", "--size", "tiny", "--device", "cpu", "--out", tmp_path / "bench.md", "--threads", 1,
-            "--repeats", 1, "--new-tokens", 4, "--eval-sentences", 2, "--seq-len", 8, timeout=None)
+            "--repeats", 1, "--new-tokens", 4, "--eval-sentences", 2, "--seq-len", 8, "--compile-backend", "aot_eager",
+            timeout=None)
     assert r.returncode == 0, r.stderr[-3000:]
     table = (tmp_path / "bench.md").read_text()
-    for row in ("bf16 vs fp32 logits", "prefix training", "PEFT", "decoding", "evaluation"):
+    for row in ("bf16 vs fp32 logits", "prefix training", "PEFT", "prefix training, --compile", "compiling took",
+                "greedy decoding", "no CUDA graph", "evaluation", "translations differ"):
         assert row in table, table
     assert table in r.stdout
 

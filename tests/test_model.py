@@ -162,7 +162,7 @@ def test_tokenizer_round_trips_french():
 
 def test_sampling_follows_the_temperature_and_top_k():
     """The frequencies of 20,000 seeded draws are softmax(logits / T), over the top k if given."""
-    from mini_gpt2.generate import _pick
+    from mini_gpt2.fast import pick
 
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
     g = torch.Generator().manual_seed(0)
@@ -174,7 +174,7 @@ def test_sampling_follows_the_temperature_and_top_k():
         return p / p.sum()
 
     for T, k in ((1.0, None), (0.5, None), (2.0, None), (0.7, 3)):
-        draws = _pick(logits.repeat(20_000, 1), T, k, g)
+        draws = pick(logits.repeat(20_000, 1), T, k, g)
         seen = torch.bincount(draws, minlength=6).double() / len(draws)
         assert (seen - expected(T, k)).abs().max() < 0.015, (T, k, seen)
         assert (expected(T, k) - expected(1.0, None)).abs().max() > 0.05 or (T, k) == (1.0, None)  # the test can tell

@@ -1,0 +1,188 @@
+"""
+Speed, in one place: what it takes to run close to what a GPU can do, kept out of the files that
+explain the model. Two tricks, each checked against the plain code by the tests.
+
+1. Compiled training passes (train.py --compile; `compiled_blocks`). A transformer block is
+   dozens of small operations (LayerNorm, the attention's reshapes, GELU, residual adds), each a
+   kernel launch that reads and writes whole activations. torch.compile traces a block once and
+   emits a few fused kernels instead. It compiles once per input shape, which takes seconds to a
+   minute, so the training passes come in few shapes (train.py rounds lengths up to a multiple of
+   ROUND and fills the rows to its token budget), and all the blocks share one compiled function
+   (their weights are its inputs): a shape compiles once, not once per layer.
+
+2. Decoding with static shapes (`decode`, under every mini_gpt2.generate). A decoding step feeds
+   one token per row; it is bound by launching ~20 kernels per layer, not by arithmetic. With a
+   cache of fixed capacity, a mask over all of it and the write position held in a tensor, every
+   step has the same shapes and touches the same memory, so on CUDA the whole step is captured
+   once as a CUDA graph and replayed per token: one launch instead of a thousand. The loop also
+   asks the GPU only every CHECK_EVERY steps whether every row has finished, never per token.
+   On the CPU the same code runs, without the graph.
+"""
+
+import importlib.util
+import time
+import warnings
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+
+from .model import Block, KVCache
+from .tokenizer import EOT
+
+ROUND = 16  # compiled training passes: lengths rounded up to a multiple of this (a handful of shapes)
+BACKEND = "inductor"  # torch.compile's; the tests use a lighter one
+CHECK_EVERY = 8  # decoding: steps between looks at whether every row has finished (each look waits for the GPU)
+GRAPHS = None  # decoding through CUDA graphs: None on CUDA; False never (the benchmarks compare the two)
+
+
+# ----------------------------------------------------------------------------- 1. compiled training passes
+
+def can_compile(device):
+    """torch.compile with its default backend needs a CUDA GPU here and Triton (not on Windows, say)."""
+    return torch.device(device).type == "cuda" and importlib.util.find_spec("triton") is not None
+
+
+class CompiledBlocks:
+    """
+    One torch.compile'd Block.forward for all of a model's blocks, and a note of each shape it
+    compiled for and how long that took (the first pass of a shape is its compilation).
+    """
+
+    def __init__(self, backend=None):
+        # Every shape is a compilation of its own (dynamic=False): faster kernels, and the passes come in few shapes.
+        self.forward = torch.compile(Block.forward, backend=backend or BACKEND, dynamic=False)
+        self.shapes = {}  # (rows, length) -> seconds its first pass took
+        for name in ("recompile_limit", "cache_size_limit"):  # torch's cap on recompilations, renamed in 2.6
+            if hasattr(torch._dynamo.config, name):
+                setattr(torch._dynamo.config, name, 64)
+
+    @contextmanager
+    def on(self, model, shape, say=print):
+        """Run `model`'s blocks compiled inside; say so, with the seconds, the first time a pass has this shape."""
+        first, t0 = shape not in self.shapes, time.time()
+        for block in model.h:
+            block.forward = self.forward.__get__(block)  # the block's own forward, compiled
+        try:
+            yield
+        finally:
+            for block in model.h:
+                del block.forward  # back to the class's plain forward (decoding, validation)
+        if first:
+            self.shapes[shape] = time.time() - t0
+            say(f"compiled the training pass for {shape[0]} x {shape[1]} tokens in {self.shapes[shape]:.1f} s")
+
+
+# ----------------------------------------------------------------------------- 2. decoding with static shapes
+
+class StaticKVCache(KVCache):
+    """A layer's KVCache that writes at the position held in `at` (a tensor) and returns its whole capacity."""
+
+    def __init__(self, cache, at):
+        self.k, self.v, self.len, self.at = cache.k, cache.v, cache.len, at
+
+    def update(self, k, v):
+        self.k.index_copy_(2, self.at, k)
+        self.v.index_copy_(2, self.at, v)
+        return self.k, self.v
+
+
+def pick(logits, temperature, top_k, generator):
+    """The next token of each row (B,): the most likely, or drawn from softmax(logits / temperature) over the top_k."""
+    if not temperature:
+        return logits.argmax(-1)
+    # In float64 (a temperature such as 1e-320 is 0 in float32), shifted so that the largest is 0:
+    # divided by a tiny temperature the others go to -inf (greedy, in effect), never to +inf or NaN.
+    logits = logits.double()
+    logits = (logits - logits.max(-1, keepdim=True).values) / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)[:, 0]
+
+
+@torch.no_grad()
+def decode(model, h, cache, keys_valid, next_pos, limits, stop_ids, temperature=0.0, top_k=None, generator=None):
+    """
+    The tokens after a prefill (mini_gpt2.generate): h (B, C) the last position's hidden state,
+    cache a KVCache per layer with room for max(limits) more entries, keys_valid (B, S) which of
+    its entries are real, next_pos (B,) each row's next position. Returns one list of new token
+    ids per row.
+    """
+    B, device, steps = h.size(0), h.device, max(limits)
+    head = model.lm_head.weight.float()  # float32 logits, as GPT.logits computes them, with wte converted once
+    logits = F.linear(h.float(), head)  # (B, vocab)
+
+    # The buffers every step reads and writes in place: the same memory, the same shapes.
+    at = torch.tensor([cache[0].len], device=device)  # where this step's keys/values go
+    static = [StaticKVCache(c, at) for c in cache]
+    for c in cache:  # attention now reads the whole capacity: masking cannot cancel a NaN left in unused memory
+        c.k[:, :, c.len:].zero_()
+        c.v[:, :, c.len:].zero_()
+    valid = torch.zeros(B, cache[0].k.size(2), dtype=torch.bool, device=device)  # (B, capacity)
+    valid[:, :keys_valid.size(1)] = keys_valid
+    tok, pos = torch.zeros(B, 1, dtype=torch.long, device=device), next_pos[:, None].clone()
+
+    def step():  # one new token per row, attending to every real entry of the cache
+        out, _ = model.hidden(tok, static, valid[:, None, :], pos)
+        return F.linear(out[:, -1].float(), head)
+
+    graph, use_graph = None, device.type == "cuda" and GRAPHS is not False
+    stop = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
+    limit = torch.tensor(limits, device=device)
+    new = torch.zeros(B, steps, dtype=torch.long, device=device)  # what each step picked
+    alive = torch.zeros(B, steps, dtype=torch.bool, device=device)  # whether that row still counted it
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    rng = generator or default_generator(device)
+    states = []  # the generator before each draw: once every row has finished, later draws are undone (below)
+    for t in range(steps):
+        if temperature:
+            states.append(rng.get_state())
+        new[:, t] = pick(logits, temperature, top_k, generator)
+        done |= torch.isin(new[:, t], stop) | (limit <= t)
+        alive[:, t] = ~done
+        if t == steps - 1 or ((t + 1) % CHECK_EVERY == 0 and bool(done.all())):
+            break
+        tok.copy_(new[:, t:t + 1].masked_fill(done[:, None], EOT))  # finished rows run on a harmless token
+        valid.index_fill_(1, at, True)  # the new token sees itself
+        if not use_graph:
+            logits = step()
+        elif graph is None:
+            try:
+                graph, logits = _capture(step)
+            except RuntimeError as e:  # a GPU or driver that cannot capture this: on without graphs, as on a CPU
+                warnings.warn(f"decoding without CUDA graphs ({str(e).splitlines()[0]})")
+                use_graph, logits = False, step()
+        else:
+            graph.replay()  # computes the captured step anew: `logits` is its output, filled in place
+        at += 1
+        pos += 1
+
+    # Draws after the step at which every row had finished are undone, so that the generator ends
+    # where a loop that looked every step would have left it (the next call draws the same).
+    all_done = (~alive).all(0).nonzero()
+    if states and len(all_done) and int(all_done[0]) + 1 < len(states):
+        rng.set_state(states[int(all_done[0]) + 1])
+    lengths, picked = alive.sum(1).tolist(), new.tolist()  # the loop's one read of the tokens
+    return [row[:n] for row, n in zip(picked, lengths)]
+
+
+def default_generator(device):
+    """The generator torch draws from on `device` when given none."""
+    if device.type == "cuda":
+        return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+    return torch.default_generator
+
+
+def _capture(step):
+    """Run `step` once on a side stream (CUDA graphs want that warm-up), then capture it; -> (graph, its output)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()  # writes the same keys/values the captured step will
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    graph.replay()
+    return graph, out

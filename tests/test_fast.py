@@ -1,0 +1,190 @@
+"""
+mini_gpt2/fast.py held to the plain code: decoding with static shapes gives the tokens of the
+step-by-step decoding it replaced (tests/reference.py), and compiled training passes give the
+eager losses and gradients, compiling once per shape.
+"""
+
+import pytest
+import torch
+
+import evaluate
+import prefix
+import prompt
+import train
+from methods import METHODS
+from mini_gpt2 import encode, fast, from_pretrained, generate
+from prefix import NAMES, Prefixes, encode_sentence
+from tests import reference
+from tests.conftest import train_args
+from tests.test_gpu_ready import some_examples
+
+
+@pytest.fixture(scope="module")
+def model(tiny_ckpt):
+    return from_pretrained(tiny_ckpt[0], device="cpu").requires_grad_(False)
+
+
+PROMPTS = [encode(" The cat sat on"), encode(" Bonjour, je m'appelle Sully et"), encode(" 42")]  # a left-padded batch
+
+
+def both(module, monkeypatch, fn):
+    """fn() with decoding as it is, then with the step-by-step reference in its place (module.generate)."""
+    ours = fn()
+    monkeypatch.setattr(module, "generate", reference.generate_step_by_step)
+    theirs = fn()
+    monkeypatch.undo()
+    return ours, theirs
+
+
+def test_greedy_and_sampled_tokens_are_the_step_by_step_ones(model, monkeypatch):
+    free = generate(model, PROMPTS, 20, stop_ids=())
+    stops = (free[0][5], free[2][11])  # rows end at different steps, between two looks and on one
+    for kwargs in ({}, {"temperature": 1.3}, {"temperature": 0.8, "top_k": 40}):
+        for stop_ids in ((), stops):
+            g = torch.Generator().manual_seed(7)
+            # twice with one generator: the second call must start where the reference's would
+            fn = lambda: [generate(model, PROMPTS, [20, 9, 20], stop_ids=stop_ids, generator=g, **kwargs)  # noqa: E731
+                          for _ in range(2)]
+            g.manual_seed(7)
+            ours = fn()
+            g.manual_seed(7)
+            theirs = [reference.generate_step_by_step(model, PROMPTS, [20, 9, 20], stop_ids=stop_ids, generator=g,
+                                                      **kwargs) for _ in range(2)]
+            assert ours == theirs, (kwargs, stop_ids)
+    assert ours[0] != ours[1]  # the second call drew other tokens: the generator went on
+
+
+def test_the_generator_ends_where_the_step_by_step_decoding_left_it(model):
+    """Every row stops early, between two looks: the draws made after that are undone, so what follows draws the same."""
+    free = generate(model, PROMPTS, 20, stop_ids=())
+    stops = (free[0][2], free[1][3], free[2][1])
+    results = []
+    for decode in (generate, reference.generate_step_by_step):
+        g = torch.Generator().manual_seed(5)
+        first = decode(model, PROMPTS, 20, stop_ids=stops, temperature=1.0, top_k=1, generator=g)  # draws, greedily
+        results.append((first, decode(model, PROMPTS, 12, stop_ids=(), temperature=1.5, generator=g)))
+    assert results[0] == results[1] and max(map(len, results[0][0])) < fast.CHECK_EVERY
+
+
+def test_prefix_and_prompt_translation_are_the_step_by_step_ones(model, monkeypatch):
+    sources = [encode_sentence(t) for t in ("Bonjour! Je m'appelle Sully.", "Merci", "Where is the station, please?")]
+    g = torch.Generator()
+    for method, module in (("prefix", prefix), ("prompt", prompt)):
+        learned = METHODS[method].init_random(model, NAMES, 4, torch.Generator().manual_seed(0))
+        for kwargs in ({}, {"temperature": 1.0, "generator": g}):
+            def fn():
+                g.manual_seed(3)
+                return METHODS[method].translate_ids(model, learned, sources, [0, 0, 1], [1, 1, 0], [9, 4, 12], **kwargs)
+            ours, theirs = both(module, monkeypatch, fn)
+            assert ours == theirs and any(ours), (method, kwargs)
+
+
+def test_zero_and_few_shot_with_the_examples_cache_are_the_step_by_step_ones(model, monkeypatch):
+    texts = ["Où est la gare ?", "Il pleut aujourd'hui, et il fait froid.", "Bonjour"]
+    for examples in ([], [("Thank you.", "Merci."), ("The cat sleeps.", "Le chat dort.")]):
+        few = evaluate.FewShot(model, examples)
+        ours, theirs = both(evaluate, monkeypatch, lambda: few(texts, None, "fr", "en", [10, 6, 10]))
+        assert ours == theirs and any(ours)
+
+
+def test_bfloat16_decoding_picks_by_float32_logits(tiny_ckpt):
+    """bfloat16 weights, but the logits that choose each token are float32 (rounded to bfloat16, near-ties would flip)."""
+    model = from_pretrained(tiny_ckpt[0], device="cpu", dtype=torch.bfloat16)
+    prompts = [encode(t) for t in (" The cat", " Bonjour, je", " 42 is", " Où est la gare", " We are late")]
+    assert generate(model, prompts, 24, stop_ids=()) == reference.generate_step_by_step(model, prompts, 24, stop_ids=())
+
+
+def test_decoding_looks_at_the_gpu_only_every_few_steps(model, monkeypatch):
+    """Each read of a tensor's value waits for the GPU: 32 more tokens may add 32 / CHECK_EVERY of them, not 32."""
+    reads = []
+    for name in ("__bool__", "__int__", "item", "tolist"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, real=real: reads.append(1) or real(self, *a))
+
+    def count(n):
+        reads.clear()
+        generate(model, PROMPTS, n, stop_ids=())
+        return len(reads)
+
+    assert count(8 + 32 * fast.CHECK_EVERY // 8) - count(8) == 32 // fast.CHECK_EVERY
+
+
+# ----------------------------------------------------------------------------- compiled training passes
+
+class Counting:
+    """A torch.compile backend that counts its compilations and runs them through aot_eager (no code generation)."""
+
+    def __init__(self):
+        self.compilations = 0
+
+    def __call__(self, gm, example_inputs):
+        from torch._dynamo.backends.common import aot_autograd  # noqa: F401  (aot_eager's machinery)
+        from torch._dynamo.backends.registry import lookup_backend
+
+        self.compilations += 1
+        return lookup_backend("aot_eager")(gm, example_inputs)
+
+
+@pytest.mark.parametrize("method,reparam", [("prefix", False), ("prefix", True), ("prompt", False)])
+def test_compiled_passes_give_the_eager_loss_and_gradients(model, method, reparam):
+    examples = some_examples()
+    learned = METHODS[method].init_random(model, NAMES, 4, torch.Generator().manual_seed(0))
+    grads = []
+    for compiled in (None, fast.CompiledBlocks(Counting())):
+        torch.manual_seed(0)
+        p = Prefixes(learned, reparam=reparam)
+        loss = train.mean_loss(model, p, examples, method, 200, backward=True, compiled=compiled)
+        grads.append((loss, torch.cat([q.grad.flatten() for q in p.parameters()])))
+    (loss, g), (loss_c, g_c) = grads
+    assert torch.allclose(loss, loss_c, atol=1e-5) and torch.allclose(g, g_c, atol=1e-6, rtol=1e-4)
+
+
+def test_compiled_passes_with_activation_checkpointing(model):
+    examples = some_examples(6)
+    learned = METHODS["prefix"].init_random(model, NAMES, 4, torch.Generator().manual_seed(0))
+    grads = []
+    for compiled in (None, fast.CompiledBlocks(Counting())):
+        p = Prefixes(learned)
+        train.mean_loss(model, p, examples, "prefix", 200, backward=True, grad_checkpoint=True, compiled=compiled)
+        grads.append(p.prefix.grad)
+    assert torch.allclose(grads[0], grads[1], atol=1e-6, rtol=1e-4)
+
+
+def test_a_compiled_run_compiles_once_per_shape_and_resumes_eager(tiny_ckpt, tmp_path, call, monkeypatch):
+    """
+    Pairs of many lengths, 24 steps: a handful of shapes, each compiled in the step that first meets
+    it (twice at most: the first block's input needs no gradient, the others' do) and said once;
+    no compilation in any other step.
+    """
+    import csv
+
+    words = "the cat sat on a mat and then it ran to see the dog who was very happy about it".split()
+    path = tmp_path / "pairs.csv"
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows([("en", "fr")] + [(" ".join(words[:3 + i % 17]) + f" {i}.",
+                                                   " ".join(words[:2 + (i * 7) % 17][::-1]) + f" {i}.") for i in range(80)])
+    counting, steps, real = Counting(), [], train.mean_loss
+    monkeypatch.setattr(fast, "BACKEND", counting)
+
+    def spy(*args, compiled=None, backward=False, **kwargs):
+        before = counting.compilations, len(compiled.shapes) if compiled else 0
+        loss = real(*args, compiled=compiled, backward=backward, **kwargs)
+        if backward and compiled:  # a compiled training step: (compilations, new shapes) during it
+            steps.append((counting.compilations - before[0], len(compiled.shapes) - before[1]))
+        return loss
+
+    monkeypatch.setattr(train, "mean_loss", spy)
+    out = tmp_path / "run"
+    args = train_args(tiny_ckpt[0], path, out, "--no-eval", "--steps", 24, "--save-every", 12, "--max-batch-tokens", 160,
+                      "--heldout", 8, "--compile")
+    r = call(train.main, *args)
+    assert r.returncode == 0, r.stderr
+    said = [line for line in r.stdout.splitlines() if line.startswith("compiled the training pass for")]
+    shapes = {tuple(int(x) for x in line.split(" for ")[1].split(" tokens")[0].split(" x ")) for line in said}
+    assert len(said) == len(shapes) == sum(new for _, new in steps) and len(steps) == 24
+    assert all(compilations <= 2 * new for compilations, new in steps), steps  # none without a new shape
+    assert 2 <= len(shapes) <= 128 // fast.ROUND + 1 and all(length % fast.ROUND == 0 for _, length in shapes)
+    # the rows fill the budget, or the step's 4 sequences
+    assert all(rows == max(1, min(160 // length, 4)) for rows, length in shapes) and steps[-1] == (0, 0)
+    r = call(train.main, *args[:-1], "--resume", "--steps", 26, "--no-compile")  # and on, eager
+    assert r.returncode == 0 and "note: resuming with --compile False (the run so far used True)" in r.stdout, r.stderr
