@@ -118,7 +118,6 @@ class Counting:
         self.compilations = 0
 
     def __call__(self, gm, example_inputs):
-        from torch._dynamo.backends.common import aot_autograd  # noqa: F401  (aot_eager's machinery)
         from torch._dynamo.backends.registry import lookup_backend
 
         self.compilations += 1
