@@ -42,15 +42,13 @@ import mini_gpt2
 import plots
 from cli import positive_int
 from methods import translate
-from mini_gpt2 import EOT, UserError, decode, encode
+from mini_gpt2 import UserError, encode
 from mini_gpt2.files import write_bytes
-from mini_gpt2.generate import generate
-from mini_gpt2.tokenizer import ids_containing
 from prefix import encode_sentence, fits, max_new_tokens_for
+from prompting import DIRECTIONS, FewShot, few_shot_head, few_shot_tail
 from mini_gpt2.load import config_of
 from prefix_file import check_fits, load_prefixes
 
-DIRECTIONS = (("fr", "en"), ("en", "fr"))  # (source, target)
 N_EXAMPLES = 5  # examples per direction in results.md
 
 
@@ -98,54 +96,6 @@ def bleu_scores(hypotheses, references):
 
 
 # ----------------------------------------------------------------------------- the methods compared
-
-def few_shot_prompt(examples, text, source, target):
-    """The prompt for one sentence: the examples, then the sentence, each as `xx: ...` lines."""
-    return few_shot_head(examples, source, target) + few_shot_tail(text, target)
-
-
-def few_shot_head(examples, source, target):
-    """The part of the prompt that is the same for every sentence: the examples, then `xx:`."""
-    return "".join(f"{source}: {ex[source]}\n{target}: {ex[target]}\n\n" for ex in examples) + f"{source}:"
-
-
-def few_shot_tail(text, target):
-    return f" {text}\n{target}:"
-
-
-class FewShot:
-    """
-    Few-shot prompting. The examples open every prompt of a direction, so they run through the
-    model once per direction and their keys/values are reused as a cache before each sentence:
-    the door prefix-tuning walks through, with keys/values of real tokens.
-    """
-
-    def __init__(self, model, examples):
-        self.model = model
-        self.examples = [{"en": en, "fr": fr} for en, fr in examples]
-        self.stop = ids_containing("\n") + [EOT]  # the answer ends with its line
-        self.heads = {}  # (source, target) -> (token ids, per layer (k, v) each (1, nh, S, hd))
-
-    def prompt(self, source, target):
-        """The text every prompt of a direction starts with: the examples, then `xx:`."""
-        return few_shot_head(self.examples, source, target)
-
-    def head(self, source, target):
-        if (source, target) not in self.heads:
-            ids = encode(self.prompt(source, target))
-            _, kv = self.model.hidden(torch.tensor([ids], device=self.model.wte.weight.device))
-            self.heads[(source, target)] = ids, kv
-        return self.heads[(source, target)]
-
-    def __call__(self, texts, sources, source, target, limits):
-        head, kv = self.head(source, target)
-        # BPE never merges across ": " (a word's leading space starts a new piece), so the whole
-        # prompt's tokens are exactly the head's tokens followed by the tail's.
-        tails = [encode(few_shot_tail(t, target)) for t in texts]
-        past = [(k.expand(len(texts), -1, -1, -1), v.expand(len(texts), -1, -1, -1)) for k, v in kv]
-        out = generate(self.model, tails, limits, stop_ids=self.stop, past_kv=past, past_positions=[len(head)] * len(texts))
-        return [decode(o).strip() for o in out]
-
 
 class Prefix:
     """Translation with a prefix file of either method."""

@@ -35,6 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import evaluate  # noqa: E402
+import prompting  # noqa: E402
 import mini_gpt2  # noqa: E402
 from benchmarks.bench_model import decoding_speed  # noqa: E402
 from benchmarks.bench_prefix import examples, our_step, peft_step  # noqa: E402
@@ -151,7 +152,7 @@ def evaluation_rows(model, device, n, repeats):
     texts = [fr for _, fr in pairs[3:]]
     sources = [encode_sentence(t) for t in texts]
     limits = [max_new_tokens_for(s) for s in sources]
-    methods = {"prefix": evaluate.Prefix(model, kv, NAMES), "3-shot": evaluate.FewShot(model, pairs[:3])}
+    methods = {"prefix": evaluate.Prefix(model, kv, NAMES), "3-shot": prompting.FewShot(model, pairs[:3])}
     rows, out = [], {}
 
     def run(name, graphs):

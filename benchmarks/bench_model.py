@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import evaluate  # noqa: E402
+import prompting  # noqa: E402
 import mini_gpt2  # noqa: E402
 from mini_gpt2 import fast  # noqa: E402
 from tests.reference import generate_step_by_step  # noqa: E402
@@ -68,7 +69,7 @@ def plain_few_shot(model, few, texts, source, target, limits, batch_size):
     """3-shot translation with each sentence's whole prompt, batches in the data's order."""
     out = []
     for b in range(0, len(texts), batch_size):
-        prompts = [mini_gpt2.encode(evaluate.few_shot_prompt(few.examples, t, source, target)) for t in texts[b:b + batch_size]]
+        prompts = [mini_gpt2.encode(prompting.few_shot_prompt(few.examples, t, source, target)) for t in texts[b:b + batch_size]]
         out += [mini_gpt2.decode(o).strip() for o in mini_gpt2.generate(model, prompts, limits[b:b + batch_size],
                                                                          stop_ids=few.stop)]
     return out
@@ -77,7 +78,7 @@ def plain_few_shot(model, few, texts, source, target, limits, batch_size):
 def few_shot_speed(model, n, batch_size, repeats, device):
     """Sentences per second of 3-shot French->English, plain and as evaluate.py runs it, and whether they agree."""
     pairs = sample_pairs(n + 3)
-    few = evaluate.FewShot(model, pairs[:3])
+    few = prompting.FewShot(model, pairs[:3])
     texts = [fr for _, fr in pairs[3:]]
     sources = [encode_sentence(t) for t in texts]
     limits = [max_new_tokens_for(s) for s in sources]

@@ -8,6 +8,7 @@ import torch
 
 import data
 import evaluate
+import prompting
 import methods
 import prefix
 import prefix_file
@@ -35,9 +36,9 @@ def test_bleu_tokens_split_punctuation():
 
 def test_few_shot_prompt_layout():
     shots = [{"en": "Thank you.", "fr": "Merci."}, {"en": "Good night.", "fr": "Bonne nuit."}]
-    assert evaluate.few_shot_prompt(shots, "Le chat dort.", "fr", "en") == (
+    assert prompting.few_shot_prompt(shots, "Le chat dort.", "fr", "en") == (
         "fr: Merci.\nen: Thank you.\n\nfr: Bonne nuit.\nen: Good night.\n\nfr: Le chat dort.\nen:")
-    assert evaluate.few_shot_prompt(shots[:1], "The cat sleeps.", "en", "fr") == (
+    assert prompting.few_shot_prompt(shots[:1], "The cat sleeps.", "en", "fr") == (
         "en: Thank you.\nfr: Merci.\n\nen: The cat sleeps.\nfr:")
 
 
@@ -102,7 +103,7 @@ def test_eval_only_end_to_end_with_both_methods(tiny_ckpt, csv_file, tmp_path):
 
 
 def test_zero_shot_is_the_prompt_with_no_examples():
-    assert evaluate.few_shot_prompt([], "Le chat dort.", "fr", "en") == "fr: Le chat dort.\nen:"
+    assert prompting.few_shot_prompt([], "Le chat dort.", "fr", "en") == "fr: Le chat dort.\nen:"
 
 
 # ----------------------------------------------------------------------------- each BLEU, by hand and independently

@@ -7,7 +7,7 @@ eager losses and gradients, compiling once per shape.
 import pytest
 import torch
 
-import evaluate
+import prompting
 import prefix
 import prompt
 import train
@@ -82,8 +82,8 @@ def test_prefix_and_prompt_translation_are_the_step_by_step_ones(model, monkeypa
 def test_zero_and_few_shot_with_the_examples_cache_are_the_step_by_step_ones(model, monkeypatch):
     texts = ["Où est la gare ?", "Il pleut aujourd'hui, et il fait froid.", "Bonjour"]
     for examples in ([], [("Thank you.", "Merci."), ("The cat sleeps.", "Le chat dort.")]):
-        few = evaluate.FewShot(model, examples)
-        ours, theirs = both(evaluate, monkeypatch, lambda: few(texts, None, "fr", "en", [10, 6, 10]))
+        few = prompting.FewShot(model, examples)
+        ours, theirs = both(prompting, monkeypatch, lambda: few(texts, None, "fr", "en", [10, 6, 10]))
         assert ours == theirs and any(ours)
 
 

@@ -13,9 +13,10 @@ import pytest
 import torch
 
 import evaluate
+import prompting
 import prompt
 import train
-from mini_gpt2 import encode, from_pretrained, generate
+from mini_gpt2 import decode, encode, from_pretrained, generate
 from methods import translate
 from prefix import NAMES, Prefixes, encode_sentence, init_random, prefix_hidden
 from train import Example, make_batch
@@ -135,12 +136,12 @@ def test_train_and_translate_in_bfloat16(tiny_ckpt, csv_file, tmp_path, call):
 def test_shared_few_shot_cache_gives_the_plain_prompts_tokens(models, csv_file):
     model = models[torch.float32]
     shots = [("Thank you.", "Merci."), ("The cat sleeps.", "Le chat dort."), ("Good night.", "Bonne nuit.")]
-    few = evaluate.FewShot(model, shots)
+    few = prompting.FewShot(model, shots)
     texts = ["Où est la gare ?", "Il pleut aujourd'hui, et il fait froid.", "'s 42 « oui »", "Bonjour"]
     limits = [12, 12, 12, 12]
     shared = few(texts, [encode_sentence(t) for t in texts], "fr", "en", limits)
-    plain = [encode(evaluate.few_shot_prompt(few.examples, t, "fr", "en")) for t in texts]
-    expected = [evaluate.decode(o).strip() for o in generate(model, plain, limits, stop_ids=few.stop)]
+    plain = [encode(prompting.few_shot_prompt(few.examples, t, "fr", "en")) for t in texts]
+    expected = [decode(o).strip() for o in generate(model, plain, limits, stop_ids=few.stop)]
     assert shared == expected
     assert any(shared)  # something was generated to compare
 
@@ -148,8 +149,8 @@ def test_shared_few_shot_cache_gives_the_plain_prompts_tokens(models, csv_file):
 @pytest.mark.parametrize("text", ["Le chat dort.", "'s", "« Oui »", "42 ans", "  espaces", "é", "\t(tab)", "-x"])
 def test_few_shot_prompt_tokens_split_at_the_head(text):
     examples = [{"en": "Thank you.", "fr": "Merci."}]
-    head = evaluate.few_shot_head(examples, "fr", "en")
-    tail = evaluate.few_shot_tail(text, "en")
+    head = prompting.few_shot_head(examples, "fr", "en")
+    tail = prompting.few_shot_tail(text, "en")
     assert encode(head) + encode(tail) == encode(head + tail)
 
 
@@ -166,8 +167,8 @@ def test_evaluation_puts_results_back_in_order(models, kv, monkeypatch):
         return [f"[{t}]" for t in texts]
 
     monkeypatch.setattr(evaluate.Prefix, "__call__", spy)
-    monkeypatch.setattr(evaluate.FewShot, "__call__", spy)
-    methods = {"prefix": evaluate.Prefix(model, kv, NAMES), "1-shot": evaluate.FewShot(model, pairs[:1])}
+    monkeypatch.setattr(prompting.FewShot, "__call__", spy)
+    methods = {"prefix": evaluate.Prefix(model, kv, NAMES), "1-shot": prompting.FewShot(model, pairs[:1])}
     scores, outputs = evaluate.evaluate(methods, evaluate.evaluation_pairs(pairs, 128, 4), 2)
     assert outputs[("prefix", "fr", "en")] == [f"[{fr}]" for _, fr in pairs]  # back in the data's order
     assert all(batch == sorted(batch) for batch in seen) and seen[0][0] == min(seen[0] + seen[1])

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import data
-import evaluate
+import prompting
 import train
 import translate
 from mini_gpt2 import EOT, decode, encode, from_pretrained, generate
@@ -124,12 +124,12 @@ def test_few_shot_answers_stop_at_the_end_of_their_line(tiny_ckpt):
     examples = [("Thank you.", "Merci."), ("The cat sleeps.", "Le chat dort.")]
     texts = ["Où est la gare ?", "Il pleut aujourd'hui, et il fait froid."]
     model = from_pretrained(tiny_ckpt[0], device="cpu")
-    few = evaluate.FewShot(model, examples)
-    prompts = [encode(evaluate.few_shot_prompt(few.examples, t, "fr", "en")) for t in texts]
+    few = prompting.FewShot(model, examples)
+    prompts = [encode(prompting.few_shot_prompt(few.examples, t, "fr", "en")) for t in texts]
     free = generate(model, prompts, [12, 12], stop_ids=())  # the answers if nothing ended them
     q = max(map(len, prompts)) + 1  # the longer prompt's second answer token predicts the end of the line
     for newline in (198, 628):  # "\n" and "\n\n"
-        got = evaluate.FewShot(forced(tiny_ckpt, q, newline), examples)(texts, [None, None], "fr", "en", [12, 12])
+        got = prompting.FewShot(forced(tiny_ckpt, q, newline), examples)(texts, [None, None], "fr", "en", [12, 12])
         for prompt, g, f in zip(prompts, got, free):
             assert g == decode(f[:q - len(prompt) + 1]).strip(), (g, f)
         assert "\n" not in "".join(got) and got[0] != got[1]
