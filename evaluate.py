@@ -29,9 +29,11 @@ train.py runs `run` after training; `--eval-only` runs `eval_only`, the comparis
 import json
 import re
 import warnings
+from collections import Counter
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from nltk.translate.bleu_score import SmoothingFunction, corpus_bleu, sentence_bleu
 from tqdm import tqdm
@@ -41,7 +43,7 @@ import data
 import mini_gpt2
 import plots
 from cli import positive_int
-from methods import translate
+from methods import METHODS, best_file_in
 from mini_gpt2 import UserError, encode
 from mini_gpt2.files import write_bytes
 from prefix import encode_sentence, fits, max_new_tokens_for
@@ -60,9 +62,10 @@ class Pair(NamedTuple):
 
 def add_args(ap):
     g = ap.add_argument_group("evaluation (prefix files against zero- and few-shot prompting)")
-    g.add_argument("--eval-only", action="store_true", help="skip training; evaluate the prefix files given by --prefix")
-    g.add_argument("--prefix", nargs="+", help="prefix (or prompt) files for --eval-only, each a row of the table "
-                   "(default: --out/prefix.safetensors)")
+    g.add_argument("--eval-only", action="store_true", help="skip training; evaluate the files given by --prefix")
+    g.add_argument("--prefix", nargs="+", help="for --eval-only: files of any --method (prefix.safetensors, "
+                   "lora.safetensors), fine-tuned model folders, or training runs' --out folders, each a row of the "
+                   "table (default: --out's own)")
     g.add_argument("--eval-size", type=positive_int, default=500, help="held-out pairs to evaluate, each both ways (default 500)")
     g.add_argument("--shots", type=positive_int, default=3, help="examples in the few-shot prompt (default 3)")
     g.add_argument("--eval-batch-size", type=positive_int, default=16, help="sentences decoded together (default 16)")
@@ -95,16 +98,70 @@ def bleu_scores(hypotheses, references):
     return {k: 100 * v for k, v in scores.items()}
 
 
-# ----------------------------------------------------------------------------- the methods compared
+def mt_scores(hypotheses, references):
+    """
+    What machine-translation papers report (Post, 2018): sacreBLEU's corpus BLEU and chrF++, with
+    its defaults (its own 13a tokens, not ours), in percent; {} if sacrebleu is not installed.
+    """
+    try:
+        import sacrebleu
+    except ImportError:
+        return {}
+    return {"sacrebleu": sacrebleu.BLEU().corpus_score(hypotheses, [references]).score,
+            "chrf++": sacrebleu.CHRF(word_order=2).corpus_score(hypotheses, [references]).score}
 
-class Prefix:
-    """Translation with a prefix file of either method."""
 
-    def __init__(self, model, learned, names, method="prefix"):
-        self.model, self.learned, self.names, self.method = model, learned, names, method
+def mt_signatures():
+    """sacreBLEU's signatures of the two scores (what they were computed with), or None without it."""
+    try:
+        import sacrebleu
+    except ImportError:
+        return None
+    metrics = {"sacrebleu": sacrebleu.BLEU(), "chrf++": sacrebleu.CHRF(word_order=2)}
+    for m in metrics.values():
+        m.corpus_score(["x"], [["x"]])  # a signature says how many references there were: one, as here
+    return {name: str(m.get_signature()) for name, m in metrics.items()}
 
-    def __call__(self, texts, sources, source, target, limits):
-        return translate(self.model, self.learned, self.names, self.method, sources, [target] * len(sources), limits)
+
+def bleu_stats(hypotheses, references):
+    """
+    Each sentence's counts for corpus BLEU on bleu_tokens, as NLTK's corpus_bleu takes them:
+    (N, 10) = matched and counted n-grams for n = 1..4 (counted at least 1, as NLTK does), then
+    the hypothesis' and the reference's length. Corpus BLEU is a function of their sums.
+    """
+    rows = []
+    for h, r in zip(hypotheses, references):
+        h, r = bleu_tokens(h), bleu_tokens(r)
+        row = []
+        for n in (1, 2, 3, 4):
+            hc, rc = Counter(zip(*[h[i:] for i in range(n)])), Counter(zip(*[r[i:] for i in range(n)]))
+            row.append(sum(min(c, rc[g]) for g, c in hc.items()))
+            row.append(max(1, sum(hc.values())))
+        rows.append(row[0::2] + row[1::2] + [len(h), len(r)])
+    return np.array(rows, dtype=np.float64)
+
+
+def bleu_from_stats(sums):
+    """Corpus BLEU in percent from summed bleu_stats (..., 10): 0 if some n-gram order matched nothing."""
+    matched, counted, c, r = sums[..., :4], sums[..., 4:8], sums[..., 8], sums[..., 9]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = np.exp(np.log(matched / counted).mean(-1))
+        brevity = np.where(c > r, 1.0, np.exp(1 - r / np.maximum(c, 1e-9)))
+    return 100 * np.where((matched > 0).all(-1) & (c > 0), brevity * precision, 0.0)
+
+
+def paired_bootstrap(hyps, baseline, references, seed, resamples=1000):
+    """
+    Corpus BLEU of `hyps` minus that of `baseline` on the same references, and its 95% interval
+    (Koehn, 2004): the sentences resampled with replacement `resamples` times, both systems on
+    each sample, the 2.5th and 97.5th percentiles of the differences. Seeded: the same each run.
+    """
+    a, b = bleu_stats(hyps, references), bleu_stats(baseline, references)
+    picks = np.random.default_rng(seed).integers(0, len(references), size=(resamples, len(references)))
+    differences = bleu_from_stats(a[picks].sum(1)) - bleu_from_stats(b[picks].sum(1))
+    low, high = np.percentile(differences, [2.5, 97.5])
+    return {"delta": float(bleu_from_stats(a.sum(0)) - bleu_from_stats(b.sum(0))), "delta_low": float(low),
+            "delta_high": float(high)}
 
 
 # ----------------------------------------------------------------------------- the evaluation
@@ -126,8 +183,12 @@ def translate_all(method, texts, sources, source, target, limits, batch_size, ba
     return out
 
 
-def evaluate(methods, pairs, batch_size):
-    """Translate the held-out pairs (Pair) both ways with each method {name: method}. Returns (scores, outputs)."""
+def evaluate(methods, pairs, batch_size, baseline=None, seed=0):
+    """
+    Translate the held-out pairs (Pair) both ways with each method {name: method}; score each
+    direction and both together, and every other method against `baseline` (a name among them:
+    paired_bootstrap with `seed`). Returns (scores, outputs).
+    """
     scores, outputs = {}, {}
     bar = tqdm(total=2 * len(methods) * len(pairs), desc="evaluating", unit=" sentences")
     for source, target in DIRECTIONS:
@@ -138,28 +199,50 @@ def evaluate(methods, pairs, batch_size):
                                                             bar)
     bar.close()
     for name in methods:
-        all_h, all_r = [], []
-        for source, target in DIRECTIONS:
-            refs = [p.text[target] for p in pairs]
-            hyps = outputs[(name, source, target)]
-            scores[f"{name} {source}->{target}"] = bleu_scores(hyps, refs) | {"pairs": len(pairs)}
-            all_h, all_r = all_h + hyps, all_r + refs
-        scores[f"{name} both"] = bleu_scores(all_h, all_r) | {"pairs": 2 * len(pairs)}
+        for direction in [f"{s}->{t}" for s, t in DIRECTIONS] + ["both"]:
+            picked = [(s, t) for s, t in DIRECTIONS if direction in (f"{s}->{t}", "both")]
+            refs = [p.text[t] for s, t in picked for p in pairs]
+            hyps = [h for s, t in picked for h in outputs[(name, s, t)]]
+            row = scores[f"{name} {direction}"] = bleu_scores(hyps, refs) | mt_scores(hyps, refs) | {"pairs": len(refs)}
+            if baseline and name != baseline:
+                row |= paired_bootstrap(hyps, [h for s, t in picked for h in outputs[(baseline, s, t)]], refs, seed)
     return scores, outputs
 
 
-def table(scores):
-    """A Markdown table: method x direction."""
-    lines = ["| method | direction | pairs | corpus BLEU | mean sentence BLEU (smoothed) | mean sentence BLEU (whitespace, unsmoothed) |",
-             "|---|---|---:|---:|---:|---:|"]
+def table(scores, about=None, baseline="3-shot"):
+    """
+    A Markdown table: method x direction, every score, and per method (`about` {row: {...}}) what
+    it learned, its file's size and its training run's speed and peak memory.
+    """
+    lines = ["| method | direction | pairs | corpus BLEU | mean sentence BLEU (smoothed) | mean sentence BLEU (whitespace, "
+             f"unsmoothed) | sacreBLEU | chrF++ | corpus BLEU - {baseline} [95% CI] | trainable parameters | file | "
+             "training tokens/s | training peak memory |", "|---|---|---:|" + "---:|" * 10]
+    f = lambda s, k: f"{s[k]:.2f}" if k in s else "-"  # noqa: E731
     for key, s in scores.items():
         method, direction = key.rsplit(" ", 1)
+        delta = f"{s['delta']:+.2f} [{s['delta_low']:+.2f}, {s['delta_high']:+.2f}]" if "delta" in s else "-"
+        a = (about or {}).get(method, {})
         lines.append(f"| {method} | {direction} | {s['pairs']} | {s['corpus']:.2f} | {s['sentence_smoothed']:.2f} | "
-                     f"{s['sentence_whitespace']:.2f} |")
+                     f"{s['sentence_whitespace']:.2f} | {f(s, 'sacrebleu')} | {f(s, 'chrf++')} | {delta} | "
+                     f"{a.get('trainable_params', '-')} | {a.get('file_size', '-')} | {a.get('tokens_per_s', '-')} | "
+                     f"{a.get('peak_memory', '-')} |")
+    if "sacrebleu" not in next(iter(scores.values())):
+        lines.append("\nsacreBLEU and chrF++: not computed, sacrebleu is not installed (pip install sacrebleu)")
     return "\n".join(lines)
 
 
-def write_reports(out, scores, outputs, examples, prompts, pairs, settings):
+def about_file(path, meta):
+    """What the table says of a file's method: how many numbers it learned, the file's size, the run's speed and memory."""
+    path = Path(path)
+    size = sum(p.stat().st_size for p in path.iterdir() if p.is_file()) if path.is_dir() else path.stat().st_size
+    peak = meta.get("peak_memory_gib")
+    return {"trainable_params": f"{int(meta['trainable_params']):,}" if meta.get("trainable_params") else "-",
+            "file_size": f"{size / 2**20:,.1f} MiB" if size >= 2**20 else f"{size / 2**10:,.0f} KiB",
+            "tokens_per_s": f"{int(meta['tokens_per_s']):,}" if meta.get("tokens_per_s") else "-",
+            "peak_memory": f"{peak} GiB" if peak else "-"}
+
+
+def write_reports(out, scores, outputs, examples, prompts, pairs, settings, about):
     """results.json (everything), results.md (the table, the pictures, examples) and bleu.png."""
     out = Path(out)
     names = list(dict.fromkeys(k[0] for k in outputs))  # the methods, in order
@@ -172,14 +255,19 @@ def write_reports(out, scores, outputs, examples, prompts, pairs, settings):
                # as the model read it, per direction; each sentence followed as " <sentence>\n<target>:"
                "few_shot_prompts": prompts,
                "tokenisation": "BLEU on words and single punctuation marks (regex \\w+|[^\\w\\s]), case kept; "
-                               "sentence_whitespace: str.split()",
+                               "sentence_whitespace: str.split(); sacrebleu and chrf++: sacreBLEU's own",
+               "sacrebleu_signatures": mt_signatures(), "about": about,
+               "delta": f"corpus BLEU minus the baseline's on the same sentences, with the 95% interval of 1000 paired "
+                        f"bootstrap resamples (seed {settings['seed']})",
                "split": split, "translations": samples}
     write_bytes(out / "results.json", json.dumps(results, ensure_ascii=False, indent=2).encode())
 
     md = [f"# {' against '.join(names)}", "",
           f"Model `{settings['model']}`, {settings['eval_size']} held-out pairs each way, greedy decoding, at most "
-          f"twice the source length plus 8 tokens. BLEU in percent (NLTK; words and punctuation marks as tokens).",
-          "", table(scores), ""]
+          f"twice the source length plus 8 tokens. BLEU in percent (NLTK; words and punctuation marks as tokens), "
+          f"sacreBLEU and chrF++ with sacreBLEU's own tokens ({(mt_signatures() or {}).get('sacrebleu', 'not installed')})"
+          f"; the difference from the baseline with its 95% paired-bootstrap interval (1000 resamples).",
+          "", table(scores, about, f"{settings['shots']}-shot"), ""]
     pictures = [(plots.bleu_png(scores, out / "bleu.png"), "BLEU by method and direction")]
     pictures += [(out / "loss.png" if (out / "loss.png").exists() else None, "training and validation loss")]
     md += [f"![{what}]({path.name})\n" for path, what in pictures if path]
@@ -194,8 +282,11 @@ def write_reports(out, scores, outputs, examples, prompts, pairs, settings):
 
 
 def read_files(paths):
-    """Each prefix (or prompt) file, read and checked once: [(path, tensor, names, metadata)]."""
-    return [(Path(path), *load_prefixes(path)) for path in paths]
+    """
+    Each file (or fine-tuned model folder), read and checked once: [(path, learned, names,
+    metadata)] (prefix_file.load_prefixes). A training run's --out stands for its best file.
+    """
+    return [(Path(path), *load_prefixes(path)) for path in map(best_file_in, paths)]
 
 
 def evaluation_pairs(held_out, max_len, eval_size):
@@ -236,18 +327,20 @@ def run(model, prefix_files, examples, pairs, out, batch_size, settings):
     data.load's record), results.md and bleu.png to `out`.
     """
     few_shot = FewShot(model, examples)
-    methods = {"0-shot": FewShot(model, []), f"{len(examples)}-shot": few_shot}
-    files = []
+    baseline = f"{len(examples)}-shot"
+    methods = {"0-shot": FewShot(model, []), baseline: few_shot}
+    files, about = [], {"0-shot": {"trainable_params": "0"}, baseline: {"trainable_params": "0"}}
     for path, learned, names, meta in prefix_files:
         row = meta["method"] if meta["method"] not in methods else f"{meta['method']} ({path})"
-        methods[row] = Prefix(model, learned, names, meta["method"])
+        methods[row] = METHODS[meta["method"]].translator(model, learned, names)
         files.append({"row": row, "path": str(path), "method": meta["method"], "metadata": meta})
+        about[row] = about_file(path, meta)
     with torch.no_grad():
-        scores, outputs = evaluate(methods, pairs, batch_size)
+        scores, outputs = evaluate(methods, pairs, batch_size, baseline, settings["seed"])
     settings = {"model": settings["model"], "files": files, "eval_size": len(pairs), "shots": len(examples)} | settings
     prompts = {f"{s}->{t}": few_shot.prompt(s, t) for s, t in DIRECTIONS}
-    paths = write_reports(out, scores, outputs, examples, prompts, pairs, settings)
-    print("\n" + table(scores) + "\n")
+    paths = write_reports(out, scores, outputs, examples, prompts, pairs, settings, about)
+    print("\n" + table(scores, about, baseline) + "\n")
     print(f"results: {paths[0]} and {paths[1]}")
     return scores
 
@@ -273,8 +366,10 @@ def eval_only(args, out):
     train.py --eval-only (`args`: its command line): the comparison alone, on the prefix files given
     (default: --out's own), with the model and split they were made with unless told otherwise.
     """
-    paths = [Path(p) for p in args.prefix or [Path(out) / "prefix.safetensors"]]
+    paths = [best_file_in(p) for p in args.prefix or [out]]
     for path in paths:
+        if path == Path(out) and not args.prefix:
+            path = path / "prefix.safetensors"  # nothing learned there
         if not path.exists():
             raise UserError(f"no prefix file at {path}: train one first, or point --prefix at one")
     files = read_files(paths)

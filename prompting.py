@@ -47,6 +47,20 @@ def zero_shot_ids(text, source, target):
 ZERO_SHOT_TOKENS = max(len(zero_shot_ids("", s, t)) for s, t in DIRECTIONS)
 
 
+def causal_hidden(model, idx, src_len, seq_len, grad_checkpoint=False):
+    """
+    The training forward of the methods without learned tokens (lora.py, finetune.py): a
+    right-padded batch of zero-shot prompts, each followed by its target; plain causal attention
+    that never sees padding; positions 0, 1, 2, ... Returns what prefix.prefix_hidden does:
+    the hidden states (B, T, C), and idx, src_len, seq_len as they are.
+    """
+    t = torch.arange(idx.size(1), device=idx.device)
+    query, key = t[None, :, None], t[None, None, :]
+    mask = (key <= query) & (key < seq_len[:, None, None])  # (B, T, T)
+    h, _ = model.hidden(idx, None, mask, t, grad_checkpoint=grad_checkpoint)
+    return h, idx, src_len, seq_len
+
+
 class FewShot:
     """
     Few-shot prompting. The examples open every prompt of a direction, so they run through the

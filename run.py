@@ -9,8 +9,9 @@ files, and says in one line what a stopped run kept. What it writes:
                              losses so far, the settings, the sha256 of the data
     log.csv                  a row per step: loss, lr, tokens, seconds, and val_loss where it was validated
                              (a row of its own for a validation no step row carries: step 0, or one a stop cut short)
-    prefix.safetensors       the learned numbers with the lowest validation loss so far
-    prefix-last.safetensors  those of the last step, if they are not the best
+    prefix.safetensors       the learned numbers with the lowest validation loss so far (lora.safetensors for
+                             --method lora; for finetune, model/, a model folder in the hub's layout)
+    prefix-last.safetensors  those of the last step, if they are not the best (lora-last.safetensors, model-last/)
     split.json               which pairs did what (data.load's record)
 
 Resume rules: the settings that fix the data order and the shapes (SAME_RUN) and the data itself
@@ -24,6 +25,7 @@ import io
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -42,8 +44,9 @@ SAME_RUN = ("model", "data", "rows", "heldout", "val_size", "seed", "batch_size"
 MAY_CHANGE = ("steps", "lr", "warmup", "save_every", "eval_every", "grad_checkpoint", "device", "dtype",
               "max_batch_tokens", "compile")
 # What a run writes to --out; a new run refuses to replace them without --overwrite.
-RUN_FILES = ("checkpoint.pt", "log.csv", "prefix.safetensors", "prefix-last.safetensors", "split.json", "loss.png",
-             "results.json", "results.md", "bleu.png")
+RUN_FILES = ("checkpoint.pt", "log.csv", "prefix.safetensors", "prefix-last.safetensors", "lora.safetensors",
+             "lora-last.safetensors", "model", "model-last", "split.json", "loss.png", "results.json", "results.md",
+             "bleu.png")
 LOG_HEADER = ["step", "loss", "lr", "tokens", "seconds", "val_loss"]
 
 
@@ -173,17 +176,19 @@ class Run:
 
     # ------------------------------------------------------------------------- the run
 
-    def start(self, record, save_learned):
+    def start(self, record, save_learned, files):
         """
         The run starts: only now does --overwrite replace the earlier run's files (until here, a
         failed start leaves them as they were). split.json gets `record`; log.csv is opened, keeping
-        on resume exactly the rows up to the checkpoint's step. save_learned(path, **metadata) writes
-        a prefix file of the learned numbers as they are.
+        on resume exactly the rows up to the checkpoint's step. save_learned(path, learned, **metadata)
+        writes the file of the learned numbers as they are; `files` are the best one's name and the
+        last one's (the method's: METHODS[...].files).
         """
         for name in self.replaced:
-            (self.out / name).unlink(missing_ok=True)
+            shutil.rmtree(self.out / name) if (self.out / name).is_dir() else (self.out / name).unlink(missing_ok=True)
         write_bytes(self.out / "split.json", json.dumps(record, indent=1).encode())
         self.data_sha256, self.save_learned = record["data_sha256"], save_learned
+        self.best_path, self.last_path = self.out / files[0], self.out / files[1]
         rows = self._log_rows() if self.step else []
         with atomic_write(self.log_path, "w") as f:
             csv.writer(f).writerows([LOG_HEADER] + rows)
@@ -213,6 +218,10 @@ class Run:
     def seconds(self):
         return self.seconds_before + time.time() - self.t0
 
+    def tokens_per_s(self):
+        """Training speed since this process started training ("" before its first step)."""
+        return f"{self.tokens_seen / (time.time() - self.t0):.0f}" if self.tokens_seen else ""
+
     def _write(self, row):
         try:
             csv.writer(self.log).writerow(row)
@@ -241,13 +250,14 @@ class Run:
         if not validating:
             self._flush_row()
         val = f", val {self.history[-1][1]:.3f}" if self.history else ""
-        self.bar.set_postfix_str(f"loss {loss:.3f}{val}, {self.tokens_seen / (time.time() - self.t0):.0f} tokens/s")
+        self.bar.set_postfix_str(f"loss {loss:.3f}{val}, {self.tokens_per_s()} tokens/s")
         self.bar.update(1)
 
     def validated(self, val_loss, learned):
         """The validation loss of this step: logged, and a better one than any before goes to prefix.safetensors."""
         if math.isfinite(val_loss) and all(val_loss < best for _, best in self.history):
-            self.save_learned(self.out / "prefix.safetensors", learned, step=self.step, val_loss=f"{val_loss:.4f}")
+            self.save_learned(self.best_path, learned, step=self.step, val_loss=f"{val_loss:.4f}",
+                              tokens_per_s=self.tokens_per_s())
         self.history.append((self.step, val_loss))
         if self.row is None:  # no step row to carry it
             self.row = [self.step, "", "", 0, f"{self.seconds():.1f}"]
@@ -318,14 +328,15 @@ class Run:
         self.bar.close()
         best_step, best = min(self.history, key=lambda sv: (sv[1], sv[0]))
         last_step, last = self.history[-1]
-        best_path, last_path = self.out / "prefix.safetensors", self.out / "prefix-last.safetensors"
+        best_path, last_path = self.best_path, self.last_path
+        what = {"prefix.safetensors": "prefixes", "lora.safetensors": "LoRA"}.get(best_path.name, "fine-tuned model")
         if best_step != last_step:
-            self.save_learned(last_path, learned, step=last_step, val_loss=f"{last:.4f}")
-            print(f"prefixes: {best_path} is the best (step {best_step}, validation loss {best:.4f}); "
+            self.save_learned(last_path, learned, step=last_step, val_loss=f"{last:.4f}", tokens_per_s=self.tokens_per_s())
+            print(f"{what}: {best_path} is the best (step {best_step}, validation loss {best:.4f}); "
                   f"{last_path} is the last (step {last_step}, validation loss {last:.4f})")
-        else:
-            last_path.unlink(missing_ok=True)  # from an earlier end of this run, if it was resumed for more steps
-            print(f"prefixes: {best_path}, the last and the best (step {best_step}, validation loss {best:.4f})")
+        else:  # one from an earlier end of this run, if it was resumed for more steps, goes
+            shutil.rmtree(last_path) if last_path.is_dir() else last_path.unlink(missing_ok=True)
+            print(f"{what}: {best_path}, the last and the best (step {best_step}, validation loss {best:.4f})")
         if len(self.history) >= 2 and last < self.history[-2][1]:
             print(f"note: the validation loss was still falling at the end ({self.history[-2][1]:.4f} at step "
                   f"{self.history[-2][0]}, {last:.4f} at step {last_step}): more --steps may help")

@@ -32,7 +32,6 @@ from tqdm import tqdm
 import cli
 import data
 import evaluate
-import methods
 import mini_gpt2
 import plots
 from cli import natural_int, positive_float, positive_int
@@ -40,11 +39,10 @@ from methods import METHODS
 from mini_gpt2 import EOT, UserError, fast
 from mini_gpt2.load import config_of
 from prefix import NAMES, encode_sentence, fits
-from prefix_file import save_prefixes
 from run import LossNotFinite, Run
 
 # The default peak learning rate of each parameterisation (why: README, "Learning rates").
-DEFAULT_LR = {"direct": 1e-2, "reparam": 5e-5, "prompt": 3e-2}
+DEFAULT_LR = {"direct": 1e-2, "reparam": 5e-5, "prompt": 3e-2, "lora": 2e-4, "finetune": 5e-5}
 MAX_LR = 10.0  # AdamW moves each number by about the rate per step: more than this is a typo
 
 
@@ -64,12 +62,14 @@ def parse_args(argv=None):
                     help="padded tokens per forward pass: a step's sequences are packed into as few passes as fit "
                     "(default 3072: GPT-2 XL in bfloat16 then needs about 11 GiB of GPU memory; see README)")
     ap.add_argument("--lr", type=positive_float, help=f"peak learning rate (default {DEFAULT_LR['direct']:g}; "
-                    f"{DEFAULT_LR['reparam']:g} with --reparam; {DEFAULT_LR['prompt']:g} with --method prompt)")
+                    f"{DEFAULT_LR['reparam']:g} with --reparam; {DEFAULT_LR['prompt']:g}, {DEFAULT_LR['lora']:g} and "
+                    f"{DEFAULT_LR['finetune']:g} with --method prompt, lora and finetune)")
     ap.add_argument("--warmup", type=natural_int, default=100,
                     help="linear warm-up steps, then linear decay to 0 (default 100)")
     ap.add_argument("--method", choices=list(METHODS), default="prefix",
                     help="prefix: learned keys/values in every layer (Li & Liang; default); prompt: learned input "
-                    "embeddings, which take positions like tokens (the reference experiment's method)")
+                    "embeddings, which take positions like tokens (the reference experiment's method); lora: low-rank "
+                    "updates of the attention's query and value weights (Hu et al.); finetune: every weight")
     ap.add_argument("--prefix-len", type=positive_int, default=10, help="virtual tokens per prefix (default 10)")
     ap.add_argument("--max-len", type=positive_int, default=128, help="skip pairs longer than this many tokens (default 128)")
     ap.add_argument("--reparam", action="store_true", help="train through the paper's MLP reparameterisation")
@@ -103,11 +103,11 @@ def parse_args(argv=None):
     if args.heldout == 0 and not args.no_eval:
         ap.error("--heldout 0 leaves nothing to evaluate: hold some pairs out, or add --no-eval")
     if args.reparam and args.method != "prefix":
-        ap.error("--reparam trains --method prefix through an MLP; it does not apply to --method prompt")
+        ap.error(f"--reparam trains --method prefix through an MLP; it does not apply to --method {args.method}")
     if args.lr is not None and args.lr > MAX_LR:
         ap.error(f"--lr {args.lr:g}: AdamW moves every number by about the rate per step, so rates above {MAX_LR:g} "
                  "only diverge (the defaults are 0.05 and below)")
-    args.lr = args.lr or DEFAULT_LR["prompt" if args.method == "prompt" else "reparam" if args.reparam else "direct"]
+    args.lr = args.lr or DEFAULT_LR[args.method if args.method != "prefix" else "reparam" if args.reparam else "direct"]
     args.eval_every = args.eval_every or args.save_every
     args.compile = fast.can_compile(args.device) if args.compile is None else args.compile
     if not args.eval_only:  # --eval-only fills them from the prefix file first
@@ -141,14 +141,20 @@ class Example(NamedTuple):
     target_prefix: int
 
 
-def make_examples(pairs, max_len):
-    """Each (en, fr) pair both ways, if it fits max_len (prefix.fits). Returns the examples and how many did not fit."""
+def make_examples(pairs, max_len, method="prefix"):
+    """
+    Each (en, fr) pair both ways, if its sentences fit max_len (prefix.fits). The source is what the
+    method reads a translation after: the sentence's own tokens, or the zero-shot prompt around
+    them (METHODS[method].source). Returns the examples and how many did not fit.
+    """
     fr, en = NAMES.index("[start_french]"), NAMES.index("[start_english]")
+    source = METHODS[method].source
     examples, too_long = [], 0
     for en_text, fr_text in tqdm(pairs, desc="tokenizing", unit=" pairs", leave=False):
         en_ids, fr_ids = encode_sentence(en_text), encode_sentence(fr_text)
         if fits(en_ids, fr_ids, max_len):  # both ways, or neither: the rule counts both sentences
-            examples += [Example(fr_ids, en_ids + [EOT], fr, en), Example(en_ids, fr_ids + [EOT], en, fr)]
+            examples += [Example(source(fr_text, "fr", "en"), en_ids + [EOT], fr, en),
+                         Example(source(en_text, "en", "fr"), fr_ids + [EOT], en, fr)]
         else:
             too_long += 2
     return examples, too_long
@@ -250,7 +256,7 @@ def mean_loss(model, learned, examples, method, max_batch_tokens, backward=False
     compiled: a fast.CompiledBlocks to run the passes through, padded to few shapes (fast.ROUND).
     """
     hidden, device = METHODS[method].hidden, model.wte.weight.device
-    extra = METHODS[method].positions(METHODS[method].prefix_len(learned.shape))
+    extra = METHODS[method].slots(learned)
     round_to = fast.ROUND if compiled else 1
     n_targets = sum(len(ex.target) for ex in examples)
     total = torch.zeros((), device=device)
@@ -317,30 +323,37 @@ def train_loop(args, model, learned, optimizer, batches, val_examples, run):
             run.checkpoint(learned, optimizer)
 
 
-def train(args, run):
-    state = run.resume() if args.resume else None
-    config = config_of(args.model)  # a small file: checked before the large ones load
-    check_lengths(args, config.n_positions)
+def load_examples(args, run, state, n_positions):
+    """The pairs, split, and made into training and validation examples; the held-out pairs to compare on."""
     pairs, split, shots, record = data.load(args.data, args.rows, args.heldout, args.val_size, args.seed, args.shots)
     if state:
         run.check_data(record)
     if not split.train:
         raise UserError("no pair is left to train on: every pair is held out, for validation, or a (near-)duplicate "
                         "of a held-out or validation pair")
-    examples, too_long = make_examples([pairs[i] for i in split.train], args.max_len)
-    val_examples, _ = make_examples([pairs[i] for i in split.val], args.max_len)
+    examples, too_long = make_examples([pairs[i] for i in split.train], args.max_len, args.method)
+    val_examples, _ = make_examples([pairs[i] for i in split.val], args.max_len, args.method)
     if not examples or not val_examples:
         raise UserError(f"every {'training' if not examples else 'validation'} pair is longer than --max-len "
                         f"{args.max_len} tokens")
     held_out = evaluate.evaluation_pairs([pairs[i] for i in split.held], args.max_len, args.eval_size)
     if not args.no_eval:
-        evaluate.check_few_shot_room([pairs[i] for i in shots], held_out, config.n_positions, args.shots)
+        evaluate.check_few_shot_room([pairs[i] for i in shots], held_out, n_positions, args.shots)
     print(f"training examples: {len(examples)} (both directions; {too_long} longer than {args.max_len} tokens skipped); "
           f"validation examples: {len(val_examples)}")
+    return split, record, examples, val_examples, held_out, [pairs[i] for i in shots]
+
+
+def train(args, run):
+    state = run.resume() if args.resume else None
+    config = config_of(args.model)  # a small file: checked before the large ones load
+    check_lengths(args, config.n_positions)
+    split, record, examples, val_examples, held_out, shots = load_examples(args, run, state, config.n_positions)
 
     model = mini_gpt2.from_pretrained(args.model, device=args.device, dtype=cli.DTYPES[args.dtype])
-    model.requires_grad_(False)  # GPT-2 stays frozen: only the prefixes learn
-    learned = methods.start(model, args.method, args.prefix_len, args.init, args.reparam, args.seed)
+    model.requires_grad_(False)  # GPT-2 stays frozen (but with --method finetune): only what is learned learns
+    method = METHODS[args.method]
+    learned = method.start(model, args.prefix_len, args.init, args.reparam, args.seed)
     optimizer = torch.optim.AdamW(learned.parameters(), lr=args.lr, weight_decay=0.0)
     if state:
         try:
@@ -350,17 +363,22 @@ def train(args, run):
             raise UserError(f"{run.checkpoint_path} does not fit these settings ({str(e).splitlines()[0]}); "
                             "start a new run with --overwrite, or use another --out") from None
         print(f"resuming at step {state['step']} of {args.steps}")
-    how = "input-embedding prompts" if args.method == "prompt" else "prefixes, through the MLP" if args.reparam else "prefixes"
-    print(f"model {args.model} on {args.device} in {args.dtype}, frozen; training "
-          f"{sum(p.numel() for p in learned.parameters()):,} parameters: {how}, {args.prefix_len} virtual tokens each, "
-          f"peak learning rate {args.lr:g}")
+    n_learned = sum(p.numel() for p in learned.parameters())
+    print(f"model {args.model} on {args.device} in {args.dtype}{', frozen' if method.frozen else ''}; training "
+          f"{n_learned:,} parameters: {method.what.format(P=args.prefix_len)}"
+          f"{', through the MLP' if args.reparam else ''}, peak learning rate {args.lr:g}")
 
     meta = {"model": args.model, "steps": args.steps, "lr": args.lr, "batch": args.batch_size, "reparam": args.reparam,
             "init": args.init, "data": str(Path(args.data).resolve()) if args.data else "kaggle", "rows": args.rows,
             "heldout": args.heldout, "val_size": args.val_size, "seed": args.seed, "data_sha256": record["data_sha256"],
-            "heldout_pairs": len(split.held), "val_pairs": len(split.val)}  # what a prefix file records of its run
-    run.start(record, lambda path, learned, **more: save_prefixes(path, learned.fold(), NAMES, model.config,
-                                                                  args.method, **meta, **more))
+            "heldout_pairs": len(split.held), "val_pairs": len(split.val), "trainable_params": n_learned}
+
+    def save_learned(path, learned, **more):  # what a file records of its run, and of the run's speed and memory
+        peak = torch.cuda.max_memory_allocated(args.device) if torch.device(args.device).type == "cuda" else None
+        method.save(path, learned, model.config, **meta, **more,
+                    **({"peak_memory_gib": f"{peak / 2**30:.2f}"} if peak is not None else {}))
+
+    run.start(record, save_learned, method.files)
     try:
         train_loop(args, model, learned, optimizer, Batches(examples, args.batch_size, args.seed), val_examples, run)
     except BaseException as e:  # Ctrl-C, a signal, a crash, out of memory, a loss that is not finite
@@ -370,9 +388,12 @@ def train(args, run):
         print(f"loss curves: {run.out / 'loss.png'}")
     if args.no_eval:
         return 0
+    if not method.frozen:  # the comparison's 0-shot and 3-shot rows are of the model as released
+        del learned, optimizer
+        model = mini_gpt2.from_pretrained(args.model, device=args.device, dtype=cli.DTYPES[args.dtype])
     try:
-        evaluate.run(model, evaluate.read_files([run.out / "prefix.safetensors"]), [pairs[i] for i in shots],
-                     held_out, run.out, args.eval_batch_size, evaluate.settings_of(args, record))
+        evaluate.run(model, evaluate.read_files([run.out / method.files[0]]), shots, held_out, run.out,
+                     args.eval_batch_size, evaluate.settings_of(args, record))
     except KeyboardInterrupt as e:
         return run.stopped_in_comparison(e)
     return 0

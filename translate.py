@@ -15,12 +15,13 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 import cli
 import mini_gpt2
 from cli import natural_float, positive_int
 from mini_gpt2 import UserError
-from methods import METHODS, translate
+from methods import METHODS, best_file_in
 from mini_gpt2.load import config_of
 from prefix import check_room, encode_sentence, max_new_tokens_for
 from prefix_file import check_fits, load_prefixes
@@ -56,9 +57,11 @@ def main(argv=None):
     ap = cli.ArgumentParser(prog="translate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("text", nargs="*", help="phrases to translate (default: one per line from stdin)")
     ap.add_argument("--to", choices=["en", "fr"], help="target language (default: the other one)")
-    ap.add_argument("--prefix", default=str(DEFAULT_PREFIX),
-                    help=f"prefix file, of either --method train.py has (default {DEFAULT_PREFIX})")
-    ap.add_argument("--model", help="model size or checkpoint folder (default: the one the prefix was trained for)")
+    ap.add_argument("--prefix", help=f"the file of what train.py learned, of any --method (prefix.safetensors, "
+                    f"lora.safetensors), or a fine-tuned model folder (default {DEFAULT_PREFIX}, or --model if that is "
+                    "a fine-tuned model)")
+    ap.add_argument("--model", help="model size or checkpoint folder (default: the one the prefix was trained for); a "
+                    "model folder that train.py --method finetune wrote translates by itself")
     ap.add_argument("--max-new-tokens", type=positive_int,
                     help="longest translation in tokens (default: twice the input, plus 8)")
     ap.add_argument("--temperature", type=natural_float, default=0.0, help="0 = greedy (default); higher samples more freely")
@@ -71,7 +74,7 @@ def main(argv=None):
     if args.top_k is not None and args.temperature == 0:
         ap.error("--top-k has no effect with greedy decoding: give --temperature above 0 too")
 
-    prefix_path = Path(args.prefix)
+    prefix_path = best_file_in(args.prefix or (args.model if finetuned(args.model) else DEFAULT_PREFIX))
     if not prefix_path.exists():
         raise UserError(f"no prefix file at {prefix_path}: train one first with `python train.py` "
                         "(or point --prefix at one)")
@@ -79,33 +82,50 @@ def main(argv=None):
     if not texts:
         raise UserError("nothing to translate: give phrases as arguments or one per line on stdin")
 
-    kv, names, meta = load_prefixes(prefix_path)
-    name = args.model or meta.get("model", cli.DEFAULT_MODEL)
+    learned, names, meta = load_prefixes(prefix_path)
+    method = METHODS[meta["method"]]
+    if meta["method"] == "finetune":  # the folder is the model, and translates by itself
+        name, learned = prefix_path, None
+    else:
+        name = args.model or meta.get("model", cli.DEFAULT_MODEL)
     config = config_of(name)
     check_fits(meta, config, prefix_path)  # before the (large) model loads, as are the inputs
     todo = [i for i, t in enumerate(texts) if t.strip()]  # a blank line in gives a blank line out
     sources = {i: encode_sentence(texts[i]) for i in todo}
     limits = {i: args.max_new_tokens or max_new_tokens_for(sources[i]) for i in todo}
     check_room(config.n_positions, list(sources.values()), list(limits.values()),
-               taken=METHODS[meta["method"]].positions(int(meta["prefix_len"])), numbers=[i + 1 for i in todo])
-    cli.note_if_slow(name, args.device)
+               taken=method.positions(int(meta.get("prefix_len", 0))), numbers=[i + 1 for i in todo])
+    cli.note_if_slow(str(name), args.device)
     model = mini_gpt2.from_pretrained(name, device=args.device, dtype=cli.DTYPES[args.dtype])
+    translator = method.translator(model, learned, names)
     generator = None
     if args.seed is not None:
         generator = torch.Generator(model.wte.weight.device).manual_seed(args.seed)
 
     for b in range(0, len(texts), args.batch_size):
         lines = [""] * len(texts[b:b + args.batch_size])
-        rows = [i for i in todo if b <= i < b + args.batch_size]
-        if rows:
-            targets = [args.to or ("en" if guess_language(texts[i]) == "fr" else "fr") for i in rows]
-            out = translate(model, kv, names, meta["method"], [sources[i] for i in rows], targets,
-                            [limits[i] for i in rows], temperature=args.temperature, top_k=args.top_k,
-                            generator=generator)
-            for i, text in zip(rows, out):
-                lines[i - b] = text.replace("\n", " ")
+        targets = {i: args.to or ("en" if guess_language(texts[i]) == "fr" else "fr")
+                   for i in todo if b <= i < b + args.batch_size}
+        for target in ("en", "fr"):  # each direction of the batch as one
+            rows = [i for i, t in targets.items() if t == target]
+            if rows:
+                out = translator([texts[i] for i in rows], [sources[i] for i in rows], "fr" if target == "en" else "en",
+                                 target, [limits[i] for i in rows], temperature=args.temperature, top_k=args.top_k,
+                                 generator=generator)
+                for i, text in zip(rows, out):
+                    lines[i - b] = text.replace("\n", " ")
         print("\n".join(lines), flush=True)
     return 0
+
+
+def finetuned(path):
+    """Whether `path` is a model folder that train.py --method finetune wrote."""
+    weights = Path(path or "") / "model.safetensors"
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            return (f.metadata() or {}).get("method") == "finetune"
+    except (OSError, SafetensorError):
+        return False
 
 
 if __name__ == "__main__":

@@ -38,19 +38,24 @@ import evaluate  # noqa: E402
 import prompting  # noqa: E402
 import mini_gpt2  # noqa: E402
 from benchmarks.bench_model import decoding_speed  # noqa: E402
-from benchmarks.bench_prefix import examples, our_step, peft_step  # noqa: E402
+from benchmarks.bench_prefix import examples, hf_step, our_step, reference  # noqa: E402
 from benchmarks.common import (bandwidth, median_times, parser, peak_memory, peak_tflops,  # noqa: E402
                                random_checkpoint, sample_pairs, setup)
+from methods import METHODS  # noqa: E402
 from mini_gpt2 import fast  # noqa: E402
 from prefix import NAMES, encode_sentence, init_random, max_new_tokens_for  # noqa: E402
 
 
-def step_flops(config, batch, grad_checkpoint):
-    """The matrix-product FLOPs of one training step (attention scores left out: a few percent)."""
+def step_flops(config, batch, grad_checkpoint, weights_learn=False):
+    """
+    The matrix-product FLOPs of one training step (attention scores left out: a few percent): a
+    frozen model's forward and backward into the activations, and, if its weights learn, into them too.
+    """
     tokens = sum(len(s) + len(t) for s, t, _, _ in batch)
     targets = sum(len(t) for _, t, _, _ in batch)
     layers = 12 * config.n_layer * config.n_embd ** 2
-    return (6 if grad_checkpoint else 4) * layers * tokens + 4 * config.n_embd * config.vocab_size * targets
+    per_token = (6 if grad_checkpoint else 4) + (2 if weights_learn else 0)
+    return per_token * layers * tokens + (per_token - 2 * grad_checkpoint) * config.n_embd * config.vocab_size * targets
 
 
 def precision_rows(folder, device, prompts):
@@ -82,9 +87,9 @@ def training_rows(folder, model, device, dtype, seq_len, repeats):
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     peak = peak_tflops(device)
 
-    def cells(step, batch, ckpt, seconds):
+    def cells(step, batch, ckpt, seconds, weights_learn=False):
         tokens = len(batch) * seq_len
-        flops = step_flops(model.config, batch, ckpt) / seconds
+        flops = step_flops(model.config, batch, ckpt, weights_learn) / seconds
         mfu = f", MFU {flops / (peak * 1e12):.0%}" if peak else ""
         extra = peak_memory(step, device)  # beyond what was allocated before: the weights, PEFT's model
         mem = f", peak {(extra + weights) / 2**30:.1f} GiB with the weights" if extra is not None else ""
@@ -94,7 +99,7 @@ def training_rows(folder, model, device, dtype, seq_len, repeats):
         batch = examples(budget // seq_len, seq_len)
         idx = torch.tensor([s + t for s, t, _, _ in batch], device=device)
         setting = f"{len(batch)} x {seq_len} tokens, budget {budget}{' (default)' if budget == default else ''}"
-        peft, _ = peft_step(folder, 10, idx, device, dtype)
+        peft, _ = hf_step(folder, idx, device, dtype, reference("prefix", 10)[1])
         compiled = fast.CompiledBlocks()
         steps = {"eager": our_step(model, 10, batch, device, max_batch_tokens=budget),
                  "compiled": our_step(model, 10, batch, device, max_batch_tokens=budget, compiled=compiled),
@@ -120,7 +125,27 @@ def training_rows(folder, model, device, dtype, seq_len, repeats):
             finally:
                 set_fused_attention(model, True)
             rows.append(("prefix training, attention written out", setting, cell, "", ""))
+            rows += other_methods(folder, model, device, dtype, batch, budget, setting, repeats, cells)
         del peft, steps, compiled
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def other_methods(folder, model, device, dtype, batch, budget, setting, repeats, cells):
+    """LoRA against PEFT's LoRA, and full fine-tuning against transformers', at the default budget."""
+    rows = []
+    idx = torch.tensor([s + t for s, t, _, _ in batch], device=device)
+    for method in ("lora", "finetune"):
+        own = model if method == "lora" else mini_gpt2.from_pretrained(folder, device=device, dtype=dtype)
+        name, adapter = reference(method, 10)
+        steps = {"ours": our_step(own, 10, batch, device, max_batch_tokens=budget, method=method)}
+        steps["ref"], _ = hf_step(folder, idx, device, dtype, adapter)
+        times = median_times(steps, repeats, device)
+        tokens, cell = cells(steps["ours"], batch, False, times["ours"], method == "finetune")
+        _, ref_cell = cells(steps["ref"], batch, False, times["ref"], method == "finetune")
+        rows.append((f"{method} training", setting, cell, f"{name} {ref_cell}", f"{times['ref'] / times['ours']:.2f}"))
+        del steps, own
         if torch.device(device).type == "cuda":
             torch.cuda.empty_cache()
     return rows
@@ -152,7 +177,7 @@ def evaluation_rows(model, device, n, repeats):
     texts = [fr for _, fr in pairs[3:]]
     sources = [encode_sentence(t) for t in texts]
     limits = [max_new_tokens_for(s) for s in sources]
-    methods = {"prefix": evaluate.Prefix(model, kv, NAMES), "3-shot": prompting.FewShot(model, pairs[:3])}
+    methods = {"prefix": METHODS["prefix"].translator(model, kv, NAMES), "3-shot": prompting.FewShot(model, pairs[:3])}
     rows, out = [], {}
 
     def run(name, graphs):

@@ -25,13 +25,13 @@ import train  # noqa: E402
 from benchmarks.bench_prefix import examples  # noqa: E402
 from benchmarks.common import SIZES, random_checkpoint  # noqa: E402
 from mini_gpt2 import GPTConfig, from_pretrained  # noqa: E402
-from methods import METHODS  # noqa: E402
+from methods import TOKENS  # noqa: E402
 from prefix import NAMES, Prefixes  # noqa: E402
 
 
 def distances(model, method, reparam, lr, steps, B, T):
     """RMS distance of the learned tensor from its start after each of `steps` AdamW steps (as train.py takes them)."""
-    init = METHODS[method].init_random(model, NAMES, 10, torch.Generator().manual_seed(0))
+    init = TOKENS[method].random(model, NAMES, 10, torch.Generator().manual_seed(0))
     prefixes = Prefixes(init, reparam=reparam)
     start = prefixes.fold()
     opt = torch.optim.AdamW(prefixes.parameters(), lr=lr, weight_decay=0.0)

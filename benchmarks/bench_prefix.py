@@ -1,11 +1,13 @@
 """
-A prefix-tuning training step, ours against PEFT's PrefixTuningConfig on transformers' GPT-2, with
-the same random weights, batch, sequence length and prefix length, in one process. Prints real
-(non-pad) tokens per second and memory, with ratios; asserts nothing.
+A training step of each method, ours against its reference on transformers' GPT-2 with the same
+random weights, batch, sequence length and prefix length, in one process: prefixes and prompts
+against PEFT's PrefixTuningConfig, LoRA against PEFT's LoraConfig (r = 4, alpha = 32), full
+fine-tuning against a plain fine-tuning step of transformers. Prints real (non-pad) tokens per
+second and memory, with ratios; asserts nothing.
 
     python benchmarks/bench_prefix.py                     # gpt2 shape on CPU, fp32, 2 threads: batch 8 x 64, P = 16
     python benchmarks/bench_prefix.py --batch-sizes 8 32 --seq-lens 32 64 128 256 --prefix-lens 10 64   # a grid
-    python benchmarks/bench_prefix.py --methods prefix prompt   # both of our methods
+    python benchmarks/bench_prefix.py --methods prefix prompt lora finetune   # all of our methods
     python benchmarks/bench_prefix.py --size gpt2-xl      # the default on CUDA, bf16
 
 Ours runs train.py's own step (train.mean_loss with backward, clipping, AdamW): [source prefix] T/2
@@ -29,8 +31,8 @@ import train  # noqa: E402
 from mini_gpt2 import fast  # noqa: E402
 from benchmarks.common import median_times, parser, peak_memory, random_checkpoint, setup  # noqa: E402
 from mini_gpt2 import EOT  # noqa: E402
+import lora  # noqa: E402
 from methods import METHODS  # noqa: E402
-from prefix import NAMES, Prefixes  # noqa: E402
 
 
 class SavedBytes:
@@ -75,52 +77,80 @@ def examples(B, T, seed=0):
 
 
 def our_step(model, P, batch, device, max_batch_tokens=10**9, grad_checkpoint=False, method="prefix", compiled=None):
-    """One optimizer step as train.py takes it, with either method (compiled: a fast.CompiledBlocks, as --compile)."""
-    prefixes = Prefixes(METHODS[method].init_random(model, NAMES, P, torch.Generator().manual_seed(0))).to(device)
-    opt = torch.optim.AdamW(prefixes.parameters(), lr=1e-3)
+    """One optimizer step as train.py takes it, with any method (compiled: a fast.CompiledBlocks, as --compile)."""
+    learned = METHODS[method].start(model, P, "random", False, 0)
+    opt = torch.optim.AdamW(learned.parameters(), lr=1e-3)
 
     def step():
-        train.mean_loss(model, prefixes, batch, method, max_batch_tokens, backward=True,
+        train.mean_loss(model, learned, batch, method, max_batch_tokens, backward=True,
                         grad_checkpoint=grad_checkpoint, compiled=compiled)
-        torch.nn.utils.clip_grad_norm_(prefixes.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(learned.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     return step
 
 
-def peft_step(folder, P, idx, device, dtype):
-    """One optimizer step of PEFT's prefix tuning; returns (step, the base model's weights)."""
-    from peft import PrefixTuningConfig, TaskType, get_peft_model
+def hf_step(folder, idx, device, dtype, adapter=None):
+    """
+    One optimizer step of transformers' GPT-2, loss on every token (its standard causal-LM setup):
+    through PEFT's `adapter` if given (only its numbers learn), else every weight (full fine-tuning).
+    Returns (step, the base model's weights).
+    """
     from transformers import GPT2LMHeadModel
 
     hf = GPT2LMHeadModel.from_pretrained(folder, dtype=dtype).to(device)
-    model = get_peft_model(hf, PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=P))
+    model = hf
+    if adapter is not None:
+        from peft import get_peft_model
+
+        model = get_peft_model(hf, adapter)
     model.eval()  # no dropout, like ours
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    learned = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(learned, lr=1e-3)
     mask = torch.ones_like(idx)
 
     def step():
         model(input_ids=idx, attention_mask=mask, labels=idx).loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        torch.nn.utils.clip_grad_norm_(learned, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     return step, list(hf.parameters())
 
 
+def reference(method, P):
+    """What each of our methods is set against: PEFT's prefix tuning, PEFT's LoRA with LoRA's recipe, or plain fine-tuning."""
+    from peft import LoraConfig, PrefixTuningConfig, TaskType
+
+    if method in ("prefix", "prompt"):
+        return "PEFT prefix", PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=P)
+    if method == "lora":  # PEFT's GPT-2 target is the fused c_attn: q, k and v, where ours changes q and v
+        return "PEFT LoRA", LoraConfig(task_type=TaskType.CAUSAL_LM, r=lora.RANK, lora_alpha=lora.ALPHA, lora_dropout=0.0,
+                                       target_modules=["c_attn"], fan_in_fan_out=True)
+    return "transformers fine-tuning", None
+
+
 def compare(folder, model, B, T, P, device, dtype, repeats, methods, compiled=False):
-    """{name: (seconds, bytes)} for ours (each method, and compiled if asked: "<method> compiled") and PEFT in one cell."""
+    """
+    {name: (seconds, bytes)} for ours (each method, and compiled if asked: "<method> compiled") and
+    each method's reference (reference()) in one cell, all timed in turns.
+    """
     batch = examples(B, T)
     idx = torch.tensor([s + t for s, t, _, _ in batch], device=device)
-    steps = {m: our_step(model, P, batch, device, method=m) for m in methods}
+    models = {m: model if METHODS[m].frozen else mini_gpt2.from_pretrained(folder, device=device, dtype=dtype)
+              for m in methods}  # fine-tuning changes its model: one of its own
+    steps = {m: our_step(models[m], P, batch, device, method=m) for m in methods}
     if compiled:  # as train.py --compile: the first, untimed run of each compiles it
-        steps |= {f"{m} compiled": our_step(model, P, batch, device, method=m, compiled=fast.CompiledBlocks())
+        steps |= {f"{m} compiled": our_step(models[m], P, batch, device, method=m, compiled=fast.CompiledBlocks())
                   for m in methods}
-    steps["PEFT"], peft_weights = peft_step(folder, P, idx, device, dtype)
+    weights = {name: list(models[name.split()[0]].parameters()) for name in steps}
+    for m in methods:
+        name, adapter = reference(m, P)
+        if name not in steps:
+            steps[name], weights[name] = hf_step(folder, idx, device, dtype, adapter)
     times = median_times(steps, repeats, device)
-    return {name: (times[name], memory(step, device, peft_weights if name == "PEFT" else list(model.parameters())))
-            for name, step in steps.items()}
+    return {name: (times[name], memory(step, device, weights[name])) for name, step in steps.items()}
 
 
 def main():
@@ -129,27 +159,28 @@ def main():
     ap.add_argument("--seq-lens", type=int, nargs="+", default=[64], help="real tokens per sequence (default 64)")
     ap.add_argument("--prefix-lens", type=int, nargs="+", default=[16])
     ap.add_argument("--methods", nargs="+", choices=list(METHODS), default=["prefix"],
-                    help="ours: keys/values in every layer (prefix, default), input-embedding prompts (prompt)")
+                    help="ours: prefix (default), prompt, lora, finetune; each against its reference")
     ap.add_argument("--compile", action="store_true", help="also each method's step compiled, as train.py --compile")
     args = ap.parse_args()
     device, size, dtype = setup(args)
     print(f"{size}, random weights, {dtype}, median of {args.repeats} (all timed in turns)")
     folder = random_checkpoint(size, dtype=dtype, device="cuda" if torch.device(device).type == "cuda" else "cpu")
     what = "peak memory beyond weights" if torch.device(device).type == "cuda" else "activations saved for backward"
-    print("\n| batch | T | P | method | tokens/s | PEFT tokens/s | ours / PEFT | MiB | PEFT MiB | memory ours / PEFT |")
-    print("|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|")
+    print("\n| batch | T | P | method | tokens/s | reference | its tokens/s | ours / reference | MiB | its MiB | "
+          "memory ours / reference |")
+    print("|---:|---:|---:|---|---:|---|---:|---:|---:|---:|---:|")
     try:
         model = mini_gpt2.from_pretrained(folder, device=device, dtype=dtype).requires_grad_(False)
         for B in args.batch_sizes:
             for T in args.seq_lens:
                 for P in args.prefix_lens:
                     r = compare(folder, model, B, T, P, device, dtype, args.repeats, args.methods, args.compile)
-                    (s_peft, m_peft) = r["PEFT"]
-                    for m in [name for name in r if name != "PEFT"]:
-                        s_ours, m_ours = r[m]
-                        print(f"| {B} | {T} | {P} | {m} | {B * T / s_ours:.0f} | {B * T / s_peft:.0f} | "
-                              f"{s_peft / s_ours:.2f} | {m_ours / 2**20:.1f} | {m_peft / 2**20:.1f} | "
-                              f"{m_ours / m_peft:.2f} |", flush=True)
+                    for name in [n for n in r if n.split()[0] in METHODS]:
+                        ref = reference(name.split()[0], P)[0]
+                        (s_ours, m_ours), (s_ref, m_ref) = r[name], r[ref]
+                        print(f"| {B} | {T} | {P} | {name} | {B * T / s_ours:.0f} | {ref} | {B * T / s_ref:.0f} | "
+                              f"{s_ref / s_ours:.2f} | {m_ours / 2**20:.1f} | {m_ref / 2**20:.1f} | "
+                              f"{m_ours / m_ref:.2f} |", flush=True)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     print(f"\nmemory: {what}")

@@ -1,5 +1,6 @@
 """
-Load OpenAI's released GPT-2 weights (as the Hugging Face hub stores them) into our model.
+Load OpenAI's released GPT-2 weights (as the Hugging Face hub stores them) into our model, and
+save a model in the same layout (a fine-tuned one, say).
 
 Two things to know about those files:
 - They come in two key layouts: the hub's original files name tensors `h.0.attn.c_attn.weight`
@@ -15,9 +16,10 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
 
 from .download import hub_download, in_cache
-from .files import UserError, os_problem
+from .files import UserError, os_problem, write_bytes
 from .model import CONFIGS, GPT, GPTConfig
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -146,6 +148,29 @@ def from_pretrained(name_or_path, device=None, dtype=None):
     model.load_state_dict(state, strict=False, assign=True)
     model.lm_head.weight = model.wte.weight  # assign=True replaced wte.weight: tie again
     return model.eval()
+
+
+def save_pretrained(folder, state, config, metadata=None):
+    """
+    Write weights (our names, as GPT.named_parameters gives them) as a model folder in the hub's
+    layout, as transformers' save_pretrained would: model.safetensors (the `transformer.` names,
+    Conv1D weights [in, out], lm_head left to the tie) and config.json. Each file is written whole
+    or not at all; `metadata` goes in the safetensors header. Returns the folder.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(os_problem(e, folder, "creating")) from None
+    tensors = {"transformer." + name: (t.t() if name.endswith(CONV1D) else t).detach().cpu().contiguous()
+               for name, t in state.items() if name != "lm_head.weight"}
+    meta = {"format": "pt"} | {k: str(v) for k, v in (metadata or {}).items()}
+    write_bytes(folder / "model.safetensors", save(tensors, metadata=meta))
+    hf = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "activation_function": "gelu_new",
+          "bos_token_id": config.vocab_size - 1, "eos_token_id": config.vocab_size - 1, "n_ctx": config.n_positions}
+    hf |= {f.name: getattr(config, f.name) for f in fields(GPTConfig)}
+    write_bytes(folder / "config.json", json.dumps(hf, indent=2).encode())
+    return folder
 
 
 def _canonical(key):

@@ -161,3 +161,15 @@ def same_text_up_to_a_tie(want_ids, got_text, logits_after):
         return True
     k = max(i for i in range(len(want_ids) + 1) if got_text.startswith(text(want_ids[:i])))
     return near_tie(logits_after(want_ids[:k]))
+
+
+@torch.no_grad()
+def zero_shot_nll(ref, source_text, target_text, source, target):
+    """
+    The summed cross-entropy of a target after the zero-shot prompt, "fr: <source>\\nen:", the
+    layout of the methods without learned tokens (LoRA, fine-tuning): the target is its sentence's
+    tokens (a leading space) and <|endoftext|>.
+    """
+    prompt, tgt = mini_gpt2.encode(f"{source}: {source_text.strip()}\n{target}:"), sentence(target_text) + [EOT]
+    logits = ref(input_ids=torch.tensor([prompt + tgt[:-1]])).logits[0, len(prompt) - 1:]
+    return F.cross_entropy(logits.float(), torch.tensor(tgt), reduction="sum").item()

@@ -354,7 +354,8 @@ def test_overwrite_replaces_every_file_of_the_earlier_run_once_the_new_one_start
     out = tmp_path / "run"
     validation_losses(monkeypatch, [5.0, 4.0, 1.0, 3.0])  # steps 0, 2, 4, 6: the best is not the last
     assert call(train.main, *train_args(tiny_ckpt[0], csv_file, out)).returncode == 0
-    assert [name for name in RUN_FILES if not (out / name).exists()] == []  # every file a run writes
+    others = ("lora.safetensors", "lora-last.safetensors", "model", "model-last")  # the other methods' own
+    assert [name for name in RUN_FILES if not (out / name).exists() and name not in others] == []  # every file it writes
     before = snapshot(out)
     for cannot_start in (["--model", tmp_path / "no-such-model"], ["--data", tmp_path / "no-such.csv"]):
         line = one_line_error(call(train.main, *train_args(tiny_ckpt[0], csv_file, out, "--overwrite", *cannot_start)))
@@ -421,7 +422,8 @@ def test_ctrl_c_in_the_last_validation_stops_there_and_resume_finishes_the_run(t
         assert (out / name).exists() == (straight / name).exists()
         if (out / name).exists():
             (a, _, meta_a), (b, _, meta_b) = prefix_file.load_prefixes(out / name), prefix_file.load_prefixes(straight / name)
-            assert torch.equal(a, b) and meta_a == meta_b
+            speed = lambda meta: {k: v for k, v in meta.items() if k != "tokens_per_s"}  # noqa: E731  (a timing)
+            assert torch.equal(a, b) and speed(meta_a) == speed(meta_b)
     val = [[(row["step"], row["val_loss"]) for row in csv.DictReader(open(d / "log.csv")) if row["val_loss"]]
            for d in (straight, out)]
     assert val[0] == val[1] and val[0][-1][0] == "6"

@@ -11,7 +11,7 @@ import prompting
 import prefix
 import prompt
 import train
-from methods import METHODS
+from methods import TOKENS
 from mini_gpt2 import encode, fast, from_pretrained, generate
 from prefix import NAMES, Prefixes, encode_sentence
 from tests import reference
@@ -70,11 +70,11 @@ def test_prefix_and_prompt_translation_are_the_step_by_step_ones(model, monkeypa
     sources = [encode_sentence(t) for t in ("Bonjour! Je m'appelle Sully.", "Merci", "Where is the station, please?")]
     g = torch.Generator()
     for method, module in (("prefix", prefix), ("prompt", prompt)):
-        learned = METHODS[method].init_random(model, NAMES, 4, torch.Generator().manual_seed(0))
+        learned = TOKENS[method].random(model, NAMES, 4, torch.Generator().manual_seed(0))
         for kwargs in ({}, {"temperature": 1.0, "generator": g}):
             def fn():
                 g.manual_seed(3)
-                return METHODS[method].translate_ids(model, learned, sources, [0, 0, 1], [1, 1, 0], [9, 4, 12], **kwargs)
+                return TOKENS[method].translate_ids(model, learned, sources, [0, 0, 1], [1, 1, 0], [9, 4, 12], **kwargs)
             ours, theirs = both(module, monkeypatch, fn)
             assert ours == theirs and any(ours), (method, kwargs)
 
@@ -127,7 +127,7 @@ class Counting:
 @pytest.mark.parametrize("method,reparam", [("prefix", False), ("prefix", True), ("prompt", False)])
 def test_compiled_passes_give_the_eager_loss_and_gradients(model, method, reparam):
     examples = some_examples()
-    learned = METHODS[method].init_random(model, NAMES, 4, torch.Generator().manual_seed(0))
+    learned = TOKENS[method].random(model, NAMES, 4, torch.Generator().manual_seed(0))
     grads = []
     for compiled in (None, fast.CompiledBlocks(Counting())):
         torch.manual_seed(0)
@@ -140,7 +140,7 @@ def test_compiled_passes_give_the_eager_loss_and_gradients(model, method, repara
 
 def test_compiled_passes_with_activation_checkpointing(model):
     examples = some_examples(6)
-    learned = METHODS["prefix"].init_random(model, NAMES, 4, torch.Generator().manual_seed(0))
+    learned = TOKENS["prefix"].random(model, NAMES, 4, torch.Generator().manual_seed(0))
     grads = []
     for compiled in (None, fast.CompiledBlocks(Counting())):
         p = Prefixes(learned)

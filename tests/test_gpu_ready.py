@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import evaluate
+import methods
 import prompting
 import prompt
 import train
@@ -166,10 +167,10 @@ def test_evaluation_puts_results_back_in_order(models, kv, monkeypatch):
         seen.append(list(limits))
         return [f"[{t}]" for t in texts]
 
-    monkeypatch.setattr(evaluate.Prefix, "__call__", spy)
+    monkeypatch.setattr(methods.TokenTranslator, "__call__", spy)
     monkeypatch.setattr(prompting.FewShot, "__call__", spy)
-    methods = {"prefix": evaluate.Prefix(model, kv, NAMES), "1-shot": prompting.FewShot(model, pairs[:1])}
-    scores, outputs = evaluate.evaluate(methods, evaluate.evaluation_pairs(pairs, 128, 4), 2)
+    rows = {"prefix": methods.METHODS["prefix"].translator(model, kv, NAMES), "1-shot": prompting.FewShot(model, pairs[:1])}
+    scores, outputs = evaluate.evaluate(rows, evaluate.evaluation_pairs(pairs, 128, 4), 2)
     assert outputs[("prefix", "fr", "en")] == [f"[{fr}]" for _, fr in pairs]  # back in the data's order
     assert all(batch == sorted(batch) for batch in seen) and seen[0][0] == min(seen[0] + seen[1])
 

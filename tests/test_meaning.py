@@ -9,13 +9,15 @@ import json
 
 import pytest
 import torch
+from transformers import GPT2LMHeadModel
 
 import data
 import prompting
 import train
 import translate
-from mini_gpt2 import EOT, decode, encode, from_pretrained, generate
-from methods import METHODS
+import lora
+from mini_gpt2 import EOT, decode, encode, from_pretrained, generate, save_pretrained
+from methods import TOKENS
 from prefix_file import load_prefixes
 from tests import reference
 from tests.conftest import train_args
@@ -23,7 +25,9 @@ from tests.conftest import train_args
 DIRECTIONS = (("fr", "en", "[start_french]", "[start_english]"), ("en", "fr", "[start_english]", "[start_french]"))
 
 
-RUNS = {"prefix": [], "prompt": ["--method", "prompt"], "reparam": ["--reparam", "--lr", "0.01"]}
+RUNS = {"prefix": [], "prompt": ["--method", "prompt"], "reparam": ["--reparam", "--lr", "0.01"],
+        "lora": ["--method", "lora", "--lr", "0.01"], "finetune": ["--method", "finetune", "--lr", "0.001"]}
+FILES = {"lora": "lora.safetensors", "finetune": "model"}
 
 
 @pytest.fixture(scope="module")
@@ -47,22 +51,33 @@ def rows_by_line(csv_file):
 
 
 @pytest.mark.parametrize("run", list(RUNS))
-def test_the_saved_loss_is_transformers_nll_in_the_documented_layout(runs, tiny_ckpt, csv_file, run):
+def test_the_saved_loss_is_transformers_nll_in_the_documented_layout(runs, tiny_ckpt, csv_file, run, tmp_path):
     """prefix.safetensors' val_loss, from train.py's own examples, is the NLL transformers' GPT-2 gives in that layout."""
-    learned, names, meta = load_prefixes(runs[run] / "prefix.safetensors")
+    path = runs[run] / FILES.get(run, "prefix.safetensors")
+    learned, names, meta = load_prefixes(path)
     method = meta["method"]
     assert int(meta["step"]) == 2  # trained, and better than where it started
     record = json.loads((runs[run] / "split.json").read_text())
     at = rows_by_line(csv_file)
+    ref = tiny_ckpt[1]
+    if method == "lora":  # transformers' GPT-2 with the updates merged into its weights
+        merged = lora.merge(from_pretrained(tiny_ckpt[0], device="cpu"), learned)
+        save_pretrained(tmp_path / "merged", dict(merged.named_parameters()), merged.config)
+        ref = GPT2LMHeadModel.from_pretrained(tmp_path / "merged").eval()
+    elif method == "finetune":
+        ref = GPT2LMHeadModel.from_pretrained(path).eval()
     total, n = 0.0, 0
     for line in record["validation"]:
         pair = dict(zip(("en", "fr"), at[line]))
         for source, target, sp, tp in DIRECTIONS:
             tgt = reference.sentence(pair[target]) + [EOT]
-            total += reference.target_nll(tiny_ckpt[1], method, learned, names.index(sp), names.index(tp),
-                                          reference.sentence(pair[source]), tgt)
+            if method in ("lora", "finetune"):  # the zero-shot prompt, then the target
+                total += reference.zero_shot_nll(ref, pair[source], pair[target], source, target)
+            else:
+                total += reference.target_nll(ref, method, learned, names.index(sp), names.index(tp),
+                                              reference.sentence(pair[source]), tgt)
             n += len(tgt)
-    assert record["validation"] and method == ("prompt" if run == "prompt" else "prefix")
+    assert record["validation"] and method == (run if run != "reparam" else "prefix")
     assert total / n == pytest.approx(float(meta["val_loss"]), abs=1e-4)
 
 
@@ -106,14 +121,14 @@ def test_translation_stops_at_endoftext_and_keeps_what_came_before(runs, tiny_ck
     texts = ["Bonjour! Je m'appelle Sully.", "Il pleut aujourd'hui, et il fait froid."]
     sources = [reference.sentence(t) for t in texts]
     fr, en = names.index("[start_french]"), names.index("[start_english]")
-    free = METHODS[method].translate_ids(from_pretrained(tiny_ckpt[0], device="cpu"), learned, sources, [fr, fr],
+    free = TOKENS[method].translate_ids(from_pretrained(tiny_ckpt[0], device="cpu"), learned, sources, [fr, fr],
                                          [en, en], 12)
     # Target token i of a row sits at position taken + len(source) + i (the prompts' 2P positions come
     # first). The one at the longer source's first target position is made to predict <|endoftext|>:
     # that row stops after one token, the shorter one some tokens later, each with what came before.
     taken = 2 * learned.size(1) if method == "prompt" else 0
     q = taken + max(map(len, sources))
-    got = METHODS[method].translate_ids(forced(tiny_ckpt, q, EOT), learned, sources, [fr, fr], [en, en], 12)
+    got = TOKENS[method].translate_ids(forced(tiny_ckpt, q, EOT), learned, sources, [fr, fr], [en, en], 12)
     for source, g, f in zip(sources, got, free):
         k = q - (taken + len(source)) + 1  # the tokens before the one position q predicts
         assert len(f) >= k and g == f[:k], (g, f)

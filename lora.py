@@ -1,0 +1,100 @@
+"""
+LoRA (Hu et al., 2021, `--method lora`): instead of tokens, learn a low-rank change of some of
+GPT-2's own weights. A weight W (out x in) becomes
+
+    W + (alpha / r) B A          A: r x in, B: out x r, r much smaller than in and out
+
+on the query and value parts of every layer's attention projection (c_attn), with r = 4 and
+alpha = 32: the LoRA paper's GPT-2 recipe (its E2E NLG experiments; loralib's GPT-2 example runs
+lora_dim 4, lora_alpha 32 on W_q and W_v). B starts at zero, so training starts from the frozen
+model exactly; A from a small uniform draw, as loralib's. GPT-2 XL: 48 layers x 2 (q, v) x
+4 x (1600 + 1600) = 1,228,800 learned numbers, 4.7 MB.
+
+There are no learned tokens, so a translation reads as the zero-shot prompt continued
+(prompting.py): `fr: <source>\\nen:` then the target and <|endoftext|>, in training and in
+decoding. Full fine-tuning (finetune.py) reads the same; the two differ only in what learns.
+"""
+
+import math
+from contextlib import contextmanager
+from functools import partial
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from prompting import FewShot, causal_hidden
+
+RANK, ALPHA = 4, 32
+
+
+class LoRA(nn.Module):
+    """A and B for every layer's query and value: A (n_layer, 2, r, C), B (n_layer, 2, C, r); 2 = query, value."""
+
+    def __init__(self, A, B, alpha=ALPHA):
+        super().__init__()
+        self.A, self.B = nn.Parameter(A), nn.Parameter(B)
+        self.alpha, self.scale = alpha, alpha / A.size(2)
+        self.forwards = {}  # each c_attn's forward with its update, made once (so compiled code meets the same one)
+
+    def forward(self):
+        return self  # what the training forward takes: the updates themselves
+
+
+def updated_c_attn(c_attn, lora, i, x):
+    """Layer i's c_attn with its update: W x + b, plus (alpha / r) B A x on the query and value parts."""
+    q, k, v = F.linear(x, c_attn.weight, c_attn.bias).split(x.size(-1), dim=-1)  # each (B, T, C)
+    A, B = lora.A[i].to(x.dtype), lora.B[i].to(x.dtype)  # (2, r, C), (2, C, r)
+    q = q + lora.scale * (x @ A[0].T) @ B[0].T  # through r numbers per token: (B, T, r) -> (B, T, C)
+    v = v + lora.scale * (x @ A[1].T) @ B[1].T
+    return torch.cat([q, k, v], dim=-1)
+
+
+@contextmanager
+def attached(model, lora):
+    """Run `model` with the updates of `lora` inside (its weights stay as they are), as PEFT's LoRA layers do."""
+    for i, block in enumerate(model.h):
+        c_attn = block.attn.c_attn
+        c_attn.forward = lora.forwards.setdefault(id(c_attn), partial(updated_c_attn, c_attn, lora, i))
+    try:
+        yield model
+    finally:
+        for block in model.h:
+            del block.attn.c_attn.forward  # back to nn.Linear's
+
+
+@torch.no_grad()
+def merge(model, lora):
+    """Fold the updates into the weights for good: W += (alpha / r) B A. The same logits, with no extra work per token."""
+    C = model.config.n_embd
+    for i, block in enumerate(model.h):
+        w = block.attn.c_attn.weight  # (3C, C): query rows, then key rows, then value rows
+        for part, rows in ((0, slice(0, C)), (1, slice(2 * C, 3 * C))):
+            w[rows] += (lora.scale * lora.B[i, part].float() @ lora.A[i, part].float()).to(w.dtype)
+    return model
+
+
+def start(model, rank=RANK, alpha=ALPHA, generator=None):
+    """LoRA at its start, on the model's device: B = 0, so the model computes just what it did."""
+    L, C = model.config.n_layer, model.config.n_embd
+    bound = 1 / math.sqrt(C)  # loralib's kaiming_uniform_(a=sqrt(5)) for a fan-in of C
+    A = (torch.rand(L, 2, rank, C, generator=generator) * 2 - 1) * bound
+    return LoRA(A, torch.zeros(L, 2, C, rank), alpha).to(model.wte.weight.device)
+
+
+def lora_hidden(model, lora, idx, src_len, seq_len, src_prefix, tgt_prefix, grad_checkpoint=False):
+    """The training forward: the zero-shot layout (its tokens are the examples'), with the updates attached."""
+    with attached(model, lora):
+        return causal_hidden(model, idx, src_len, seq_len, grad_checkpoint)
+
+
+class Translator:
+    """Zero-shot prompting of the model with a LoRA attached: how a LoRA file translates (evaluate.py, translate.py)."""
+
+    def __init__(self, model, lora):
+        self.model, self.lora = model, lora.to(model.wte.weight.device)
+        self.prompting = FewShot(model, [])  # its cache of the "fr:" head is made with the updates attached
+
+    def __call__(self, texts, sources, source, target, limits, **sampling):
+        with attached(self.model, self.lora):
+            return self.prompting(texts, sources, source, target, limits, **sampling)
