@@ -187,3 +187,20 @@ def test_a_compiled_run_compiles_once_per_shape_and_resumes_eager(tiny_ckpt, tmp
     assert all(rows == max(1, min(160 // length, 4)) for rows, length in shapes) and steps[-1] == (0, 0)
     r = call(train.main, *args[:-1], "--resume", "--steps", 26, "--no-compile")  # and on, eager
     assert r.returncode == 0 and "note: resuming with --compile False (the run so far used True)" in r.stdout, r.stderr
+
+
+@pytest.mark.parametrize("method", ["lora", "finetune"])
+def test_compiled_passes_of_lora_and_fine_tuning_are_the_eager_ones(tiny_ckpt, method):
+    """What GPU runs do by default (--compile): the same loss and gradients, weights learning or c_attn changed."""
+    from methods import METHODS
+
+    examples, grads = some_examples(), []
+    for compiled in (None, fast.CompiledBlocks(Counting())):
+        model = from_pretrained(tiny_ckpt[0], device="cpu").requires_grad_(False)
+        learned = METHODS[method].start(model, 4, "random", False, 0)
+        if method == "lora":
+            torch.nn.init.normal_(learned.B, generator=torch.Generator().manual_seed(0))
+        loss = train.mean_loss(model, learned, examples, method, 200, backward=True, compiled=compiled)
+        grads.append((loss, torch.cat([p.grad.flatten() for p in learned.parameters()])))
+    (loss, g), (loss_c, g_c) = grads
+    assert torch.allclose(loss, loss_c, atol=1e-5) and torch.allclose(g, g_c, atol=1e-5, rtol=1e-4)
