@@ -7,9 +7,11 @@ import argparse
 import math
 import signal
 import sys
+from contextlib import contextmanager
 
 import torch
 
+import dist
 import mini_gpt2
 from mini_gpt2 import UserError
 from mini_gpt2.files import os_problem
@@ -44,12 +46,37 @@ def _raise_stopped(signum, frame):
     raise Stopped(signum)
 
 
+class Quiet(Exception):
+    """End with this exit status and no word: under torchrun, for a process whose failure process 0 tells."""
+
+    def __init__(self, status):
+        super().__init__(status)
+        self.status = status
+
+
+@contextmanager
+def stops_held():
+    """Ctrl-C and the stop signals wait until the block is done (a checkpoint being written), then act."""
+    names = ["SIGINT"] + [name for name in STOP_SIGNALS if hasattr(signal, name)]
+    held = []
+    previous = {s: signal.signal(s, lambda signum, frame: held.append(signum)) for s in map(signal.Signals.__getitem__, names)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if held:
+            raise KeyboardInterrupt if held[0] == signal.SIGINT else Stopped(held[0])
+
+
 def run(main):
     """Run a script's main(): its return value is the exit status; a UserError or OSError is one line."""
     stops = [getattr(signal, name) for name in STOP_SIGNALS if hasattr(signal, name)]  # Windows has no SIGHUP
     previous = {s: signal.signal(s, _raise_stopped) for s in stops}
-    try:
+    try:  # (under torchrun, only process 0's words are seen: dist.setup)
         sys.exit(main())
+    except Quiet as e:
+        sys.exit(e.status)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
@@ -59,9 +86,14 @@ def run(main):
     except KeyboardInterrupt as e:
         print(f"\n{stop_word(e)}", file=sys.stderr)
         sys.exit(stop_status(e))
+    except Exception as e:
+        if not dist.is_main() and isinstance(e, dist.PeerGone):  # process 0 ended first, and said why
+            sys.exit(1)
+        raise
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+        dist.close()
 
 
 class ArgumentParser(argparse.ArgumentParser):

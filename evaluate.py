@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 import cli
 import data
+import dist
 import mini_gpt2
 import plots
 from cli import positive_int
@@ -169,17 +170,25 @@ def paired_bootstrap(hyps, baseline, references, seed, resamples=1000):
 def translate_all(method, texts, sources, source, target, limits, batch_size, bar=None):
     """
     Every text (and its tokens, `sources`) through `method`, in batches of similar lengths (shortest
-    first); results in the texts' order.
+    first); results in the texts' order. Under torchrun each process decodes every world-th batch,
+    the very batches one process would, and all of them get every result.
     """
     order = sorted(range(len(texts)), key=lambda i: limits[i])
+    batches = [order[b:b + batch_size] for b in range(0, len(order), batch_size)]
+
+    def mine():
+        done = {}
+        for rows in dist.share(batches):
+            pick = lambda xs: [xs[i] for i in rows]  # noqa: E731
+            done |= dict(zip(rows, method(pick(texts), pick(sources), source, target, pick(limits))))
+            if bar is not None:
+                bar.update(len(rows) * dist.world)
+        return done
+
     out = [None] * len(texts)
-    for b in range(0, len(order), batch_size):
-        rows = order[b:b + batch_size]
-        pick = lambda xs: [xs[i] for i in rows]  # noqa: E731
-        for i, text in zip(rows, method(pick(texts), pick(sources), source, target, pick(limits))):
+    for done in dist.gather(dist.together(mine)):
+        for i, text in done.items():
             out[i] = text
-        if bar is not None:
-            bar.update(len(rows))
     return out
 
 
@@ -339,6 +348,8 @@ def run(model, prefix_files, examples, pairs, out, batch_size, settings):
         scores, outputs = evaluate(methods, pairs, batch_size, baseline, settings["seed"])
     settings = {"model": settings["model"], "files": files, "eval_size": len(pairs), "shots": len(examples)} | settings
     prompts = {f"{s}->{t}": few_shot.prompt(s, t) for s, t in DIRECTIONS}
+    if not dist.is_main():  # process 0 writes and prints
+        return scores
     paths = write_reports(out, scores, outputs, examples, prompts, pairs, settings, about)
     print("\n" + table(scores, about, baseline) + "\n")
     print(f"results: {paths[0]} and {paths[1]}")
@@ -380,12 +391,13 @@ def eval_only(args, out):
     for path, _, _, file_meta in files:
         check_fits(file_meta, config, path)
     cli.note_if_slow(args.model, args.device)
-    pairs, split, shots, record = data.load(args.data, args.rows, args.heldout, args.val_size, args.seed, args.shots)
+    pairs, split, shots, record = dist.in_turn(lambda: data.load(args.data, args.rows, args.heldout, args.val_size,
+                                                                 args.seed, args.shots))  # process 0 may download it
     for _, _, _, file_meta in files:
         check_split(file_meta, args.rows, args.heldout, args.seed, record)
     held_out = evaluation_pairs([pairs[i] for i in split.held], args.max_len, args.eval_size)
     examples = [pairs[i] for i in shots]
     check_few_shot_room(examples, held_out, config.n_positions, args.shots)
-    model = mini_gpt2.from_pretrained(args.model, device=args.device, dtype=cli.DTYPES[args.dtype])
+    model = dist.in_turn(lambda: mini_gpt2.from_pretrained(args.model, device=args.device, dtype=cli.DTYPES[args.dtype]))
     run(model, files, examples, held_out, out, args.eval_batch_size, settings_of(args, record))
     return 0

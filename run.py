@@ -18,6 +18,9 @@ Resume rules: the settings that fix the data order and the shapes (SAME_RUN) and
 must be as before; those in MAY_CHANGE may change, with a note. A resumed run is the same, bit for
 bit, as one never stopped: the data order of step k depends on k alone (train.Batches), and
 log.csv keeps exactly the rows up to the checkpoint's step.
+
+Under torchrun (dist.py) every process has a Run, but only process 0's writes and speaks; the
+others read the checkpoint to resume from and keep count of the steps, the same way.
 """
 
 import csv
@@ -34,6 +37,7 @@ import torch
 from tqdm import tqdm
 
 import cli
+import dist
 from mini_gpt2 import UserError
 from mini_gpt2.files import atomic_write, os_problem, write_bytes
 
@@ -63,16 +67,21 @@ def flag(name):
 
 
 class Run:
-    """--out, for one run of train.py. `settings`: the command's flags (the checkpoint records SAME_RUN and MAY_CHANGE)."""
+    """
+    --out, for one run of train.py. `settings`: the command's flags (the checkpoint records
+    SAME_RUN and MAY_CHANGE). Processes other than torchrun's process 0 write nothing.
+    """
 
     def __init__(self, out, settings):
-        self.out, self.settings = Path(out), settings
+        self.out, self.settings, self.main = Path(out), settings, dist.is_main()
+        self.lock = None
         self.checkpoint_path, self.log_path = self.out / "checkpoint.pt", self.out / "log.csv"
         self.step = self.saved = 0          # the last completed step; the step checkpoint.pt holds
         self.history = []                   # [(step, validation loss)]
         self.seconds_before = 0.0           # the time of the run before a resume
         self.replaced = []                  # the files of an earlier run that --overwrite replaces
         self.row, self.log, self.bar = None, None, None
+        self.t0, self.tokens_seen = time.time(), 0
 
     # ------------------------------------------------------------------------- the folder
 
@@ -81,6 +90,10 @@ class Run:
         Claim --out before anything large is loaded: it must be a folder we can write, no other run
         may be using it, and a new run must not replace an earlier one's files by accident.
         """
+        dist.together(self._open if self.main else lambda: None)  # the others wait to hear how it went
+        return self
+
+    def _open(self):
         out = self.out
         if out.exists() and not out.is_dir():
             raise UserError(f"--out {out} is a file, not a folder: choose another --out")
@@ -94,7 +107,6 @@ class Run:
         except BaseException:
             self.lock.close()
             raise
-        return self
 
     def _claim(self):
         lock, out, s = self.lock, self.out, self.settings
@@ -136,6 +148,9 @@ class Run:
 
     def resume(self):
         """checkpoint.pt, checked: whole, from this program, and made with the same data and shapes. -> its state."""
+        return dist.together(self._resume)
+
+    def _resume(self):
         path, fix = self.checkpoint_path, "start a new run with --overwrite, or use another --out"
         if not path.exists():
             raise UserError(f"--resume: no checkpoint at {path} (the run there saved none): start it again with "
@@ -184,11 +199,15 @@ class Run:
         writes the file of the learned numbers as they are; `files` are the best one's name and the
         last one's (the method's: METHODS[...].files).
         """
+        self.data_sha256, self.save_learned = record["data_sha256"], save_learned
+        self.best_path, self.last_path = self.out / files[0], self.out / files[1]
+        self.t0, self.tokens_seen = time.time(), 0
+        dist.together(lambda: self._start(record) if self.main else None)
+
+    def _start(self, record):
         for name in self.replaced:
             shutil.rmtree(self.out / name) if (self.out / name).is_dir() else (self.out / name).unlink(missing_ok=True)
         write_bytes(self.out / "split.json", json.dumps(record, indent=1).encode())
-        self.data_sha256, self.save_learned = record["data_sha256"], save_learned
-        self.best_path, self.last_path = self.out / files[0], self.out / files[1]
         rows = self._log_rows() if self.step else []
         with atomic_write(self.log_path, "w") as f:
             csv.writer(f).writerows([LOG_HEADER] + rows)
@@ -197,7 +216,6 @@ class Run:
         except OSError as e:
             raise UserError(os_problem(e, self.log_path, "writing")) from None
         self.bar = tqdm(total=self.settings["steps"], initial=self.step, desc="training", unit="step")
-        self.t0, self.tokens_seen = time.time(), 0
 
     def _log_rows(self):
         """The rows of log.csv up to the checkpoint's step (rows a crash left after it, and a half-written one, dropped)."""
@@ -223,6 +241,8 @@ class Run:
         return f"{self.tokens_seen / (time.time() - self.t0):.0f}" if self.tokens_seen else ""
 
     def _write(self, row):
+        if not self.main:
+            return
         try:
             csv.writer(self.log).writerow(row)
             self.log.flush()
@@ -249,24 +269,29 @@ class Run:
         self.row = [step, f"{loss:.4f}", f"{lr:.3g}", tokens, f"{self.seconds():.1f}"]
         if not validating:
             self._flush_row()
-        val = f", val {self.history[-1][1]:.3f}" if self.history else ""
-        self.bar.set_postfix_str(f"loss {loss:.3f}{val}, {self.tokens_per_s()} tokens/s")
-        self.bar.update(1)
+        if self.bar:
+            val = f", val {self.history[-1][1]:.3f}" if self.history else ""
+            self.bar.set_postfix_str(f"loss {loss:.3f}{val}, {self.tokens_per_s()} tokens/s")
+            self.bar.update(1)
 
     def validated(self, val_loss, learned):
         """The validation loss of this step: logged, and a better one than any before goes to prefix.safetensors."""
-        if math.isfinite(val_loss) and all(val_loss < best for _, best in self.history):
+        if math.isfinite(val_loss) and all(val_loss < best for _, best in self.history) and self.main:
             self.save_learned(self.best_path, learned, step=self.step, val_loss=f"{val_loss:.4f}",
                               tokens_per_s=self.tokens_per_s())
         self.history.append((self.step, val_loss))
         if self.row is None:  # no step row to carry it
             self.row = [self.step, "", "", 0, f"{self.seconds():.1f}"]
         self._flush_row(f"{val_loss:.4f}")
-        self.bar.set_postfix_str(f"val {val_loss:.3f}")
+        if self.bar:
+            self.bar.set_postfix_str(f"val {val_loss:.3f}")
 
     def checkpoint(self, learned, optimizer):
         """Write checkpoint.pt atomically (learned numbers that are not finite are never saved)."""
         self._flush_row()
+        if not self.main:
+            self.saved = self.step
+            return
         if not all(bool(torch.isfinite(p).all()) for p in learned.parameters()):
             raise UserError(f"the prefixes hold NaN or inf values at step {self.step}; {self.checkpoint_path} was not "
                             "overwritten")
@@ -287,7 +312,10 @@ class Run:
         kept: returns the exit status for an interruption, raises a UserError for what the user can
         fix, re-raises a bug.
         """
-        self.bar.close()
+        if self.bar:
+            self.bar.close()
+        if not self.main:  # process 0 saves, and says what
+            return cli.stop_status(e) if isinstance(e, KeyboardInterrupt) else self._quietly(e)
         if isinstance(e, LossNotFinite):
             todo = (f"the last good checkpoint (step {self.saved}) is {self.checkpoint_path}: --resume with a lower --lr"
                     if self.saved else "nothing was saved: run again with a lower --lr and --overwrite")
@@ -295,7 +323,8 @@ class Run:
         if self.step > self.saved:
             optimizer.zero_grad(set_to_none=True)
             try:
-                self.checkpoint(learned, optimizer)  # with the row of the last step, if its validation was cut short
+                with cli.stops_held():  # a second Ctrl-C, or torchrun's SIGTERM to all, waits for the checkpoint
+                    self.checkpoint(learned, optimizer)  # with the row of the last step, if its validation was cut short
             except UserError:
                 pass
         if self.saved:
@@ -305,6 +334,8 @@ class Run:
         if isinstance(e, KeyboardInterrupt):  # Ctrl-C, SIGTERM or SIGHUP (cli.Stopped)
             print(f"\n{cli.stop_word(e)} at step {self.step}; {kept}", file=sys.stderr)
             return cli.stop_status(e)
+        if isinstance(e, dist.PeerGone):  # killed, say: nothing it could tell
+            e = UserError(f"another process ended ({e})")
         if isinstance(e, torch.OutOfMemoryError):
             e = UserError(f"out of GPU memory; try --max-batch-tokens {max(1, self.settings['max_batch_tokens'] // 2)}, "
                           "or --grad-checkpoint")
@@ -314,8 +345,15 @@ class Run:
         print(f"\nstopped by an error at step {self.step}; {kept}", file=sys.stderr)
         raise e
 
+    @staticmethod
+    def _quietly(e):
+        """On a process other than 0: end as process 0 does, without a word (it has said it)."""
+        raise e if not isinstance(e, (UserError, LossNotFinite)) else cli.Quiet(1)
+
     def stopped_in_comparison(self, e):
         """Ctrl-C or a signal in the comparison after training: the training is whole. Returns the exit status."""
+        if not self.main:
+            return cli.stop_status(e)
         print(f"\n{cli.stop_word(e)} in the evaluation; the training is complete and saved in {self.out}: the same "
               "command with --eval-only runs the comparison", file=sys.stderr)
         return cli.stop_status(e)
@@ -325,6 +363,8 @@ class Run:
         After the last step: the last prefix goes to prefix-last.safetensors if it is not the best (which
         prefix.safetensors holds). Say which is which, and whether the validation loss was still falling.
         """
+        if not self.main:
+            return
         self.bar.close()
         best_step, best = min(self.history, key=lambda sv: (sv[1], sv[0]))
         last_step, last = self.history[-1]

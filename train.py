@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 import cli
 import data
+import dist
 import evaluate
 import mini_gpt2
 import plots
@@ -255,12 +256,21 @@ def mean_loss(model, learned, examples, method, max_batch_tokens, backward=False
     it would wait for the GPU. The same for every method but the forward pass (METHODS[method].hidden).
     compiled: a fast.CompiledBlocks to run the passes through, padded to few shapes (fast.ROUND).
     """
+    extra = METHODS[method].slots(learned)
+    n_targets = sum(len(ex.target) for ex in examples)  # of the whole step, on every process
+    if dist.world > 1:  # this process's share: every world-th sequence, by length
+        examples = dist.share(sorted(examples, key=lambda ex: row_size(ex, extra)))
+    return dist.sum_(dist.together(lambda: passes(model, learned, examples, method, max_batch_tokens, n_targets,
+                                                  backward, grad_checkpoint, compiled))) / n_targets
+
+
+def passes(model, learned, examples, method, max_batch_tokens, n_targets, backward, grad_checkpoint, compiled):
+    """mean_loss's forward passes over `examples`: the summed loss (and with `backward`, the gradient of it / n_targets)."""
     hidden, device = METHODS[method].hidden, model.wte.weight.device
     extra = METHODS[method].slots(learned)
     round_to = fast.ROUND if compiled else 1
-    n_targets = sum(len(ex.target) for ex in examples)
     total = torch.zeros((), device=device)
-    for micro in micro_batches(examples, max_batch_tokens, extra, round_to):
+    for micro in micro_batches(examples, max_batch_tokens, extra, round_to) if examples else []:  # (a share may be none)
         if compiled:  # a shape of few: the length rounded up, the rows filled up to the budget (or the step's rows)
             length = max(row_size(ex, extra, round_to) for ex in micro)
             rows = max(len(micro), min(max_batch_tokens // length, len(examples)))
@@ -277,7 +287,7 @@ def mean_loss(model, learned, examples, method, max_batch_tokens, backward=False
             raise UserError(f"out of GPU memory in a forward pass of {rows} x {length} = {rows * length} tokens; try "
                             f"--max-batch-tokens {max(1, max_batch_tokens // 2)}, or --grad-checkpoint") from None
         total += loss.detach()
-    return total / n_targets
+    return total
 
 
 @torch.no_grad()
@@ -307,6 +317,7 @@ def train_loop(args, model, learned, optimizer, batches, val_examples, run):
         examples = batches[step]
         loss = mean_loss(model, learned, examples, args.method, args.max_batch_tokens, backward=True,
                          grad_checkpoint=args.grad_checkpoint, compiled=compiled)
+        dist.sum_gradients(learned)  # under torchrun: every process's share of the step, summed
         norm = torch.nn.utils.clip_grad_norm_(learned.parameters(), 1.0)
         loss, norm = torch.stack([loss, norm.float()]).tolist()  # the step's one wait for the GPU
         if not (math.isfinite(loss) and math.isfinite(norm)):
@@ -325,7 +336,8 @@ def train_loop(args, model, learned, optimizer, batches, val_examples, run):
 
 def load_examples(args, run, state, n_positions):
     """The pairs, split, and made into training and validation examples; the held-out pairs to compare on."""
-    pairs, split, shots, record = data.load(args.data, args.rows, args.heldout, args.val_size, args.seed, args.shots)
+    pairs, split, shots, record = dist.in_turn(lambda: data.load(args.data, args.rows, args.heldout, args.val_size,
+                                                                 args.seed, args.shots))  # process 0 may download it
     if state:
         run.check_data(record)
     if not split.train:
@@ -350,7 +362,7 @@ def train(args, run):
     check_lengths(args, config.n_positions)
     split, record, examples, val_examples, held_out, shots = load_examples(args, run, state, config.n_positions)
 
-    model = mini_gpt2.from_pretrained(args.model, device=args.device, dtype=cli.DTYPES[args.dtype])
+    model = load_model(args)
     model.requires_grad_(False)  # GPT-2 stays frozen (but with --method finetune): only what is learned learns
     method = METHODS[args.method]
     learned = method.start(model, args.prefix_len, args.init, args.reparam, args.seed)
@@ -384,13 +396,13 @@ def train(args, run):
     except BaseException as e:  # Ctrl-C, a signal, a crash, out of memory, a loss that is not finite
         return run.stopped(e, learned, optimizer)
     run.finish(learned)
-    if plots.loss_png(run.log_path, run.out / "loss.png"):
+    if dist.is_main() and plots.loss_png(run.log_path, run.out / "loss.png"):
         print(f"loss curves: {run.out / 'loss.png'}")
     if args.no_eval:
         return 0
     if not method.frozen:  # the comparison's 0-shot and 3-shot rows are of the model as released
         del learned, optimizer
-        model = mini_gpt2.from_pretrained(args.model, device=args.device, dtype=cli.DTYPES[args.dtype])
+        model = load_model(args)
     try:
         evaluate.run(model, evaluate.read_files([run.out / method.files[0]]), shots, held_out, run.out,
                      args.eval_batch_size, evaluate.settings_of(args, record))
@@ -399,8 +411,14 @@ def train(args, run):
     return 0
 
 
+def load_model(args):
+    """GPT-2, on this process's device: process 0 first, which may download it into the cache."""
+    return dist.in_turn(lambda: mini_gpt2.from_pretrained(args.model, device=args.device, dtype=cli.DTYPES[args.dtype]))
+
+
 def main(argv=None):
     args = parse_args(argv)
+    args.device = dist.setup(args.device)  # under torchrun: join the others, on a GPU of this process's own
     with Run(args.out, vars(args)) as run:  # claims --out before anything large loads
         if args.eval_only:
             return evaluate.eval_only(args, run.out)

@@ -1,0 +1,71 @@
+"""
+train.py's main as one of several processes, as torchrun starts them (RANK, WORLD_SIZE, ...), for
+the tests of data-parallel training: each process's output in files, its exit status, and a
+fault made to happen in one of them at a given step.
+"""
+
+import multiprocessing
+import os
+import socket
+import sys
+from pathlib import Path
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker(rank, world, port, args, folder, fault):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), TQDM_DISABLE="1")
+    folder = Path(folder)
+    for fd, name in ((1, "out"), (2, "err")):  # what the process itself writes, whatever sys.stdout becomes
+        f = open(folder / f"rank{rank}.{name}", "w")
+        os.dup2(f.fileno(), fd)
+    sys.stdout, sys.stderr = os.fdopen(1, "w", buffering=1), os.fdopen(2, "w", buffering=1)
+    import torch
+
+    torch.set_num_threads(1)
+    import cli
+    import train
+
+    if fault and fault[0] == rank:  # (rank, step, what): that process's forward pass of step `step` raises `what`
+        real, calls = train.target_loss, {"n": 0}
+
+        def target_loss(*a):  # (one pass a step here)
+            calls["n"] += torch.is_grad_enabled()
+            if torch.is_grad_enabled() and calls["n"] == fault[1]:
+                raise fault[2]
+            return real(*a)
+
+        train.target_loss = target_loss
+    code = 0
+    try:
+        cli.run(lambda: train.main(args))
+    except SystemExit as e:
+        code = e.code
+    (folder / f"rank{rank}.code").write_text(str(code))
+
+
+def processes(args, folder, world=2, fault=None, timeout=300):
+    """
+    Run train.main(args) as `world` processes; -> [(exit status, stdout, stderr)] by rank. A run
+    that does not end within `timeout` seconds (hung) fails the test that called it.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    ctx, port = multiprocessing.get_context("spawn"), free_port()
+    procs = [ctx.Process(target=worker, args=(r, world, port, [str(a) for a in args], str(folder), fault))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout)
+    hung = [r for r, p in enumerate(procs) if p.is_alive()]
+    for p in procs:
+        p.kill() if p.is_alive() else None
+    assert not hung, f"processes {hung} hung"
+    read = lambda r, name: (folder / f"rank{r}.{name}").read_text() if (folder / f"rank{r}.{name}").exists() else ""  # noqa: E731
+    return [(int(read(r, "code") or -1), read(r, "out"), read(r, "err")) for r in range(world)]

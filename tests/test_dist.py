@@ -1,0 +1,106 @@
+"""
+Data-parallel training under torchrun (dist.py), two processes on the CPU with gloo: a step is the
+single process's step on the same global batch, process 0 alone writes, a run resumes with
+another number of processes, a fault in one process ends both in one line, and the comparison
+is shared and the same.
+"""
+
+import csv
+import json
+import subprocess
+
+import pytest
+import torch
+
+import train
+from prefix_file import load_prefixes
+from tests.conftest import fail_in_step, one_line_error, train_args
+from tests.ranks import processes
+
+
+def args_for(tiny_ckpt, csv_file, out, *extra):
+    return train_args(tiny_ckpt[0], csv_file, out, "--steps", 4, "--batch-size", 8, "--eval-every", 2, "--heldout", 8,
+                      "--eval-size", 3, "--eval-batch-size", 1, "--device", "cpu", *extra)  # 3 batches to share
+
+
+@pytest.fixture
+def one_thread():
+    """As each of the processes runs (torchrun's default): the same arithmetic, to the last bit."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def one(tiny_ckpt, csv_file, tmp_path_factory):
+    """The single-process run the others must equal."""
+    out = tmp_path_factory.mktemp("one") / "run"
+    assert train.main(args_for(tiny_ckpt, csv_file, out, "--no-eval")) == 0
+    return out
+
+
+def same_run(a, b):
+    """Two runs' prefix files and logs (seconds aside) agree, to float32 tolerance."""
+    for name in ("prefix.safetensors", "prefix-last.safetensors"):
+        assert (a / name).exists() == (b / name).exists()
+        if (a / name).exists():
+            (x, _, ma), (y, _, mb) = load_prefixes(a / name), load_prefixes(b / name)
+            assert torch.allclose(x, y, atol=1e-5) and ma["step"] == mb["step"]
+    logs = [[r for r in csv.DictReader(open(d / "log.csv"))] for d in (a, b)]
+    assert [r["step"] for r in logs[0]] == [r["step"] for r in logs[1]]
+    for r, s in zip(*logs):
+        for k in ("loss", "val_loss"):
+            assert (r[k] == s[k] == "") or float(r[k]) == pytest.approx(float(s[k]), abs=2e-4)
+
+
+def test_two_processes_train_as_one(one, tiny_ckpt, csv_file, tmp_path):
+    out = tmp_path / "run"
+    (code0, out0, err0), (code1, out1, err1) = processes(args_for(tiny_ckpt, csv_file, out, "--no-eval"), tmp_path / "r")
+    assert (code0, code1) == (0, 0), (err0, err1)
+    same_run(one, out)
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in one.iterdir())  # nothing more
+    assert "prefixes:" in out0 and out1 == "" and err1 == ""  # process 0 speaks for both
+
+
+def test_two_processes_compare_as_one(one, csv_file, tmp_path, call, one_thread):
+    """The same file, evaluated by one process and by two: the same table, every translation the same."""
+    args = ["--eval-only", "--prefix", one / "prefix.safetensors", "--eval-size", 3, "--eval-batch-size", 1]
+    assert call(train.main, *args, "--out", tmp_path / "one").returncode == 0
+    (code0, out0, err0), (code1, _, _) = processes(args + ["--out", tmp_path / "two"], tmp_path / "r")
+    assert (code0, code1) == (0, 0), err0
+    results = [json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two")]
+    assert results[0]["translations"] == results[1]["translations"] and results[0]["scores"] == results[1]["scores"]
+    assert "| 3-shot | both |" in out0
+
+
+def test_a_run_resumes_with_another_number_of_processes(one, tiny_ckpt, csv_file, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    fail_in_step(monkeypatch, 3, KeyboardInterrupt)  # one process, stopped after 2 steps...
+    assert train.main(args_for(tiny_ckpt, csv_file, out, "--save-every", 1, "--no-eval")) == 130
+    monkeypatch.undo()
+    (code0, _, err0), (code1, _, _) = processes(args_for(tiny_ckpt, csv_file, out, "--save-every", 1, "--resume",
+                                                         "--no-eval"), tmp_path / "ranks")  # ...two to go on
+    assert (code0, code1) == (0, 0), err0
+    same_run(one, out)
+
+
+def test_a_fault_in_one_process_ends_both_in_one_line_with_the_last_step_kept(tiny_ckpt, csv_file, tmp_path):
+    out = tmp_path / "run"
+    fault = (1, 3, torch.OutOfMemoryError("CUDA out of memory"))  # process 1's third step
+    (code0, _, err0), (code1, _, err1) = processes(args_for(tiny_ckpt, csv_file, out, "--save-every", 1), tmp_path / "r",
+                                                   fault=fault)
+    line = one_line_error(subprocess.CompletedProcess([], code0, "", err0))
+    assert line.startswith("error: process 1: out of GPU memory in a forward pass of") and f"{out / 'checkpoint.pt'} holds step 2" in line
+    assert code1 == 1 and err1 == ""
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
+
+
+def test_ctrl_c_in_process_0_ends_both_without_a_hang(tiny_ckpt, csv_file, tmp_path):
+    out = tmp_path / "run"
+    (code0, _, err0), (code1, _, err1) = processes(args_for(tiny_ckpt, csv_file, out, "--save-every", 100),
+                                                   tmp_path / "r", fault=(0, 3, KeyboardInterrupt()))
+    assert code0 == 130 and err0.strip() == f"interrupted at step 2; {out / 'checkpoint.pt'} holds step 2: continue " \
+        "with the same command and --resume", err0
+    assert code1 != 0 and err1 == ""  # it was left waiting for process 0, which ended: so did it, quietly
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
