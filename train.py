@@ -88,8 +88,8 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=cli.seed, help="seeds the split, the data order and random init (default 0; "
                     "with --eval-only, the prefix's own, as --data, --rows, --heldout and --val-size are)")
     ap.add_argument("--resume", action="store_true", help="continue the run saved in --out (--lr, --steps, --warmup, "
-                    "--save-every, --eval-every, --device, --dtype, --max-batch-tokens, --grad-checkpoint may change; "
-                    "the rest must be as before)")
+                    "--save-every, --eval-every, --device, --dtype, --max-batch-tokens, --grad-checkpoint, --compile may "
+                    "change; the rest must be as before)")
     ap.add_argument("--overwrite", action="store_true", help="start a new run in an --out that holds one, replacing it")
     ap.add_argument("--no-eval", action="store_true", help="stop after training, without the comparison")
     evaluate.add_args(ap)
