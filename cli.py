@@ -86,10 +86,9 @@ def run(main):
     except KeyboardInterrupt as e:
         print(f"\n{stop_word(e)}", file=sys.stderr)
         sys.exit(stop_status(e))
-    except Exception as e:
-        if not dist.is_main() and isinstance(e, dist.PeerGone):  # process 0 ended first, and said why
-            sys.exit(1)
-        raise
+    except dist.PeerGone as e:  # a process of torchrun's ended without a word: process 0 says so, the others nothing
+        print(f"error: another process ended ({e})", file=sys.stderr)
+        sys.exit(1)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

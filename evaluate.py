@@ -328,6 +328,18 @@ def check_few_shot_room(examples, pairs, n_positions, shots):
                             f"{n_positions}: lower --shots")
 
 
+def check_room_for(pairs, n_positions, taken, prefix_len):
+    """
+    A one-line error, before training, if the comparison would pass GPT-2's positions: the longest
+    held-out sentence, its translation and the `taken` positions of the method (a prompt's 2P).
+    """
+    longest = max(len(p.ids[s]) + max_new_tokens_for(p.ids[s]) for p in pairs for s in ("en", "fr"))
+    if taken + longest > n_positions:
+        raise UserError(f"--prefix-len {prefix_len}: the prompts take {taken} positions, and with the longest held-out "
+                        f"sentence and its translation the comparison needs {taken + longest}, more than GPT-2's "
+                        f"{n_positions}: lower --prefix-len or --max-len, or add --no-eval")
+
+
 def run(model, prefix_files, examples, pairs, out, batch_size, settings):
     """
     Evaluate zero-shot and few-shot prompting with `examples` ((en, fr) pairs), and each prefix file
@@ -372,11 +384,8 @@ def settings_of(args, record):
             "heldout_pairs": len(record["heldout"]), "max_len": args.max_len, "split": record}
 
 
-def eval_only(args, out):
-    """
-    train.py --eval-only (`args`: its command line): the comparison alone, on the prefix files given
-    (default: --out's own), with the model and split they were made with unless told otherwise.
-    """
+def check_files(args, out):
+    """--eval-only's files, read and checked, with the model and split they were made for. -> (files, the model's config)."""
     paths = [best_file_in(p) for p in args.prefix or [out]]
     for path in paths:
         if path == Path(out) and not args.prefix:
@@ -390,14 +399,23 @@ def eval_only(args, out):
     config = config_of(args.model)  # a small file: every prefix is checked against it before the model loads
     for path, _, _, file_meta in files:
         check_fits(file_meta, config, path)
+    return files, config
+
+
+def eval_only(args, out):
+    """
+    train.py --eval-only (`args`: its command line): the comparison alone, on the prefix files given
+    (default: --out's own), with the model and split they were made with unless told otherwise.
+    """
+    files, config = dist.together(lambda: check_files(args, out))
     cli.note_if_slow(args.model, args.device)
     pairs, split, shots, record = dist.in_turn(lambda: data.load(args.data, args.rows, args.heldout, args.val_size,
                                                                  args.seed, args.shots))  # process 0 may download it
     for _, _, _, file_meta in files:
         check_split(file_meta, args.rows, args.heldout, args.seed, record)
-    held_out = evaluation_pairs([pairs[i] for i in split.held], args.max_len, args.eval_size)
+    held_out = dist.together(lambda: evaluation_pairs([pairs[i] for i in split.held], args.max_len, args.eval_size))
     examples = [pairs[i] for i in shots]
-    check_few_shot_room(examples, held_out, config.n_positions, args.shots)
+    dist.together(lambda: check_few_shot_room(examples, held_out, config.n_positions, args.shots))
     model = dist.in_turn(lambda: mini_gpt2.from_pretrained(args.model, device=args.device, dtype=cli.DTYPES[args.dtype]))
     run(model, files, examples, held_out, out, args.eval_batch_size, settings_of(args, record))
     return 0

@@ -8,7 +8,7 @@ on the query and value parts of every layer's attention projection (c_attn), wit
 alpha = 32: the LoRA paper's GPT-2 recipe (its E2E NLG experiments; loralib's GPT-2 example runs
 lora_dim 4, lora_alpha 32 on W_q and W_v). B starts at zero, so training starts from the frozen
 model exactly; A from a small uniform draw, as loralib's. GPT-2 XL: 48 layers x 2 (q, v) x
-4 x (1600 + 1600) = 1,228,800 learned numbers, 4.7 MB.
+4 x (1600 + 1600) = 1,228,800 learned numbers, 4.9 MB.
 
 There are no learned tokens, so a translation reads as the zero-shot prompt continued
 (prompting.py): `fr: <source>\\nen:` then the target and <|endoftext|>, in training and in
@@ -17,7 +17,7 @@ decoding. Full fine-tuning (finetune.py) reads the same; the two differ only in 
 
 import math
 from contextlib import contextmanager
-from functools import partial
+from types import MethodType
 
 import torch
 import torch.nn as nn
@@ -35,32 +35,37 @@ class LoRA(nn.Module):
         super().__init__()
         self.A, self.B = nn.Parameter(A), nn.Parameter(B)
         self.alpha, self.scale = alpha, alpha / A.size(2)
-        self.forwards = {}  # each c_attn's forward with its update, made once (so compiled code meets the same one)
 
     def forward(self):
         return self  # what the training forward takes: the updates themselves
 
 
-def updated_c_attn(c_attn, lora, i, x):
-    """Layer i's c_attn with its update: W x + b, plus (alpha / r) B A x on the query and value parts."""
-    q, k, v = F.linear(x, c_attn.weight, c_attn.bias).split(x.size(-1), dim=-1)  # each (B, T, C)
-    A, B = lora.A[i].to(x.dtype), lora.B[i].to(x.dtype)  # (2, r, C), (2, C, r)
-    q = q + lora.scale * (x @ A[0].T) @ B[0].T  # through r numbers per token: (B, T, r) -> (B, T, C)
-    v = v + lora.scale * (x @ A[1].T) @ B[1].T
+def updated_c_attn(self, x):
+    """A layer's c_attn with its update (self.lora_A, lora_B, lora_scale): W x + b, plus (alpha / r) B A x on q and v."""
+    q, k, v = F.linear(x, self.weight, self.bias).split(x.size(-1), dim=-1)  # each (B, T, C)
+    A, B = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)  # (2, r, C), (2, C, r): query, value
+    q = q + self.lora_scale * (x @ A[0].T) @ B[0].T  # through r numbers per token: (B, T, r) -> (B, T, C)
+    v = v + self.lora_scale * (x @ A[1].T) @ B[1].T
     return torch.cat([q, k, v], dim=-1)
 
 
 @contextmanager
 def attached(model, lora):
-    """Run `model` with the updates of `lora` inside (its weights stay as they are), as PEFT's LoRA layers do."""
+    """
+    Run `model` with the updates of `lora` inside (its weights stay as they are), as PEFT's LoRA
+    layers do. Every layer runs the one function, its A and B beside its weights: compiled code
+    (--compile) then meets the same code in every layer, and compiles it once.
+    """
     for i, block in enumerate(model.h):
         c_attn = block.attn.c_attn
-        c_attn.forward = lora.forwards.setdefault(id(c_attn), partial(updated_c_attn, c_attn, lora, i))
+        c_attn.lora_A, c_attn.lora_B, c_attn.lora_scale = lora.A[i], lora.B[i], lora.scale
+        c_attn.forward = MethodType(updated_c_attn, c_attn)
     try:
         yield model
     finally:
-        for block in model.h:
-            del block.attn.c_attn.forward  # back to nn.Linear's
+        for block in model.h:  # back to nn.Linear's
+            for name in ("forward", "lora_A", "lora_B", "lora_scale"):
+                delattr(block.attn.c_attn, name)
 
 
 @torch.no_grad()

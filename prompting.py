@@ -43,7 +43,8 @@ def zero_shot_ids(text, source, target):
     return encode(few_shot_prompt([], text, source, target))
 
 
-# How many positions the zero-shot prompt adds to a sentence's own tokens, at most ("fr:", "\nen:").
+# How many positions the zero-shot prompt adds to a sentence's own tokens ("fr:", "\nen:"): at most
+# this (the empty sentence's prompt, one more than a real sentence's, whose space joins its first word).
 ZERO_SHOT_TOKENS = max(len(zero_shot_ids("", s, t)) for s, t in DIRECTIONS)
 
 

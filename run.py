@@ -362,14 +362,16 @@ class Run:
         """
         After the last step: the last prefix goes to prefix-last.safetensors if it is not the best (which
         prefix.safetensors holds). Say which is which, and whether the validation loss was still falling.
+        Under torchrun the others wait for it: what comes next (the comparison) reads those files.
         """
-        if not self.main:
-            return
+        dist.together(lambda: self._finish(learned) if self.main else None)
+
+    def _finish(self, learned):
         self.bar.close()
         best_step, best = min(self.history, key=lambda sv: (sv[1], sv[0]))
         last_step, last = self.history[-1]
         best_path, last_path = self.best_path, self.last_path
-        what = {"prefix.safetensors": "prefixes", "lora.safetensors": "LoRA"}.get(best_path.name, "fine-tuned model")
+        what = {"prefix": "prefixes", "prompt": "prompts", "lora": "LoRA"}.get(self.settings["method"], "fine-tuned model")
         if best_step != last_step:
             self.save_learned(last_path, learned, step=last_step, val_loss=f"{last:.4f}", tokens_per_s=self.tokens_per_s())
             print(f"{what}: {best_path} is the best (step {best_step}, validation loss {best:.4f}); "
@@ -377,6 +379,6 @@ class Run:
         else:  # one from an earlier end of this run, if it was resumed for more steps, goes
             shutil.rmtree(last_path) if last_path.is_dir() else last_path.unlink(missing_ok=True)
             print(f"{what}: {best_path}, the last and the best (step {best_step}, validation loss {best:.4f})")
-        if len(self.history) >= 2 and last < self.history[-2][1]:
+        if len(self.history) >= 2 and round(last, 4) < round(self.history[-2][1], 4):
             print(f"note: the validation loss was still falling at the end ({self.history[-2][1]:.4f} at step "
                   f"{self.history[-2][0]}, {last:.4f} at step {last_step}): more --steps may help")

@@ -1,15 +1,16 @@
 """
-Train the [start_french] / [start_english] prefixes (or, with --method prompt, input-embedding
-prompts) on a frozen GPT-2, then compare them with zero-shot and 3-shot prompting of the same
-model on held-out pairs (evaluate.py).
+Train the [start_french] / [start_english] prefixes on a frozen GPT-2 (or with --method prompt,
+input-embedding prompts; lora, low-rank updates of its attention; finetune, every weight), then
+compare them with zero-shot and 3-shot prompting of the same model on held-out pairs (evaluate.py).
 
     python train.py                              # the reference experiment: GPT-2 XL, 200,000 pairs
     python train.py --model gpt2 --data pairs.csv --steps 200    # small, runs on a CPU
     python train.py ... --resume                 # the same command again continues an interrupted run
     python train.py --eval-only --prefix runs/prefix/prefix.safetensors   # only the comparison
 
-Writes to --out: prefix.safetensors (the prefixes with the lowest validation loss),
-prefix-last.safetensors (the last ones, if not the best), checkpoint.pt (to resume), log.csv (the
+Writes to --out: prefix.safetensors (the prefixes with the lowest validation loss; lora.safetensors
+or the model folder model/ for those methods), prefix-last.safetensors (the last ones, if not the
+best; lora-last.safetensors, model-last/), checkpoint.pt (to resume), log.csv (the
 loss per step, the validation loss every --eval-every steps), split.json (which pairs did what),
 loss.png, and the comparison: results.json, results.md, bleu.png.
 
@@ -36,7 +37,7 @@ import evaluate
 import mini_gpt2
 import plots
 from cli import natural_int, positive_float, positive_int
-from methods import METHODS
+from methods import LEARNS_TOKENS, METHODS
 from mini_gpt2 import EOT, UserError, fast
 from mini_gpt2.load import config_of
 from prefix import NAMES, encode_sentence, fits
@@ -122,7 +123,7 @@ def check_lengths(args, n_positions):
     if args.max_len > n_positions:
         raise UserError(f"--max-len {args.max_len}: a sequence length of at most {n_positions} fits this model")
     taken = METHODS[args.method].positions(args.prefix_len)
-    if args.prefix_len > n_positions or taken + args.max_len > n_positions:
+    if args.method in LEARNS_TOKENS and (args.prefix_len > n_positions or taken + args.max_len > n_positions):
         with_prompts = f" (the two prompts take {taken} positions, plus --max-len {args.max_len})" if taken else ""
         raise UserError(f"--prefix-len {args.prefix_len}: too long a prefix length for this model's {n_positions} "
                         f"positions{with_prompts}")
@@ -351,6 +352,7 @@ def load_examples(args, run, state, n_positions):
     held_out = evaluate.evaluation_pairs([pairs[i] for i in split.held], args.max_len, args.eval_size)
     if not args.no_eval:
         evaluate.check_few_shot_room([pairs[i] for i in shots], held_out, n_positions, args.shots)
+        evaluate.check_room_for(held_out, n_positions, METHODS[args.method].positions(args.prefix_len), args.prefix_len)
     print(f"training examples: {len(examples)} (both directions; {too_long} longer than {args.max_len} tokens skipped); "
           f"validation examples: {len(val_examples)}")
     return split, record, examples, val_examples, held_out, [pairs[i] for i in shots]
@@ -358,8 +360,8 @@ def load_examples(args, run, state, n_positions):
 
 def train(args, run):
     state = run.resume() if args.resume else None
-    config = config_of(args.model)  # a small file: checked before the large ones load
-    check_lengths(args, config.n_positions)
+    config = dist.together(lambda: config_of(args.model))  # a small file: checked before the large ones load
+    dist.together(lambda: check_lengths(args, config.n_positions))
     split, record, examples, val_examples, held_out, shots = load_examples(args, run, state, config.n_positions)
 
     model = load_model(args)

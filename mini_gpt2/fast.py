@@ -8,7 +8,8 @@ explain the model. Two tricks, each checked against the plain code by the tests.
    emits a few fused kernels instead. It compiles once per input shape, which takes seconds to a
    minute, so the training passes come in few shapes (train.py rounds lengths up to a multiple of
    ROUND and fills the rows to its token budget), and all the blocks share one compiled function
-   (their weights are its inputs): a shape compiles once, not once per layer.
+   (their weights are its inputs): a shape compiles twice (the first block's input needs no
+   gradient, the others' do), not once per layer.
 
 2. Decoding with static shapes (`decode`, under every mini_gpt2.generate). A decoding step feeds
    one token per row; it is bound by launching ~20 kernels per layer, not by arithmetic. With a
@@ -33,7 +34,7 @@ from .tokenizer import EOT
 ROUND = 16  # compiled training passes: lengths rounded up to a multiple of this (a handful of shapes)
 BACKEND = "inductor"  # torch.compile's; the tests use a lighter one
 CHECK_EVERY = 8  # decoding: steps between looks at whether every row has finished (each look waits for the GPU)
-GRAPHS = None  # decoding through CUDA graphs: None on CUDA; False never (the benchmarks compare the two)
+GRAPHS = True  # decoding through CUDA graphs, on CUDA (False: never; the benchmarks compare the two)
 
 
 # ----------------------------------------------------------------------------- 1. compiled training passes
@@ -91,9 +92,9 @@ def pick(logits, temperature, top_k, generator):
     """The next token of each row (B,): the most likely, or drawn from softmax(logits / temperature) over the top_k."""
     if not temperature:
         return logits.argmax(-1)
-    # In float64 (a temperature such as 1e-320 is 0 in float32), shifted so that the largest is 0:
-    # divided by a tiny temperature the others go to -inf (greedy, in effect), never to +inf or NaN.
-    logits = logits.double()
+    # In float64 (a temperature such as 1e-320 is 0 in float32; Apple's GPUs have no float64), shifted
+    # so that the largest is 0: divided by a tiny temperature the others go to -inf, never +inf or NaN.
+    logits = logits.double() if logits.device.type in ("cpu", "cuda") else logits.float()
     logits = (logits - logits.max(-1, keepdim=True).values) / temperature
     if top_k:
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
@@ -111,7 +112,8 @@ def decode(model, h, cache, keys_valid, next_pos, limits, stop_ids, temperature=
     """
     B, device, steps = h.size(0), h.device, max(limits)
     head = model.lm_head.weight.float()  # float32 logits, as GPT.logits computes them, with wte converted once
-    logits = F.linear(h.float(), head)  # (B, vocab)
+    logits_of = lambda h: F.linear(h.float(), head)  # noqa: E731  (B, C) -> (B, vocab)
+    logits = logits_of(h)
 
     # The buffers every step reads and writes in place: the same memory, the same shapes.
     at = torch.tensor([cache[0].len], device=device)  # where this step's keys/values go
@@ -125,9 +127,9 @@ def decode(model, h, cache, keys_valid, next_pos, limits, stop_ids, temperature=
 
     def step():  # one new token per row, attending to every real entry of the cache
         out, _ = model.hidden(tok, static, valid[:, None, :], pos)
-        return F.linear(out[:, -1].float(), head)
+        return logits_of(out[:, -1])
 
-    graph, use_graph = None, device.type == "cuda" and GRAPHS is not False
+    graph, use_graph = None, device.type == "cuda" and GRAPHS
     stop = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
     limit = torch.tensor(limits, device=device)
     new = torch.zeros(B, steps, dtype=torch.long, device=device)  # what each step picked
@@ -136,7 +138,7 @@ def decode(model, h, cache, keys_valid, next_pos, limits, stop_ids, temperature=
     rng = generator or default_generator(device)
     states = []  # the generator before each draw: once every row has finished, later draws are undone (below)
     for t in range(steps):
-        if temperature:
+        if temperature and rng is not None:
             states.append(rng.get_state())
         new[:, t] = pick(logits, temperature, top_k, generator)
         done |= torch.isin(new[:, t], stop) | (limit <= t)
@@ -149,14 +151,14 @@ def decode(model, h, cache, keys_valid, next_pos, limits, stop_ids, temperature=
             logits = step()
         elif graph is None:
             try:
-                graph, logits = _capture(step)
+                graph, logits = _capture(step, device)
             except RuntimeError as e:  # a GPU or driver that cannot capture this: on without graphs, as on a CPU
                 warnings.warn(f"decoding without CUDA graphs ({str(e).splitlines()[0]})")
                 use_graph, logits = False, step()
         else:
             graph.replay()  # computes the captured step anew: `logits` is its output, filled in place
         at += 1
-        pos += 1
+        pos += ~done[:, None]  # a finished row stays where it is: never past GPT-2's positions
 
     # Draws after the step at which every row had finished are undone, so that the generator ends
     # where a loop that looked every step would have left it (the next call draws the same).
@@ -168,21 +170,26 @@ def decode(model, h, cache, keys_valid, next_pos, limits, stop_ids, temperature=
 
 
 def default_generator(device):
-    """The generator torch draws from on `device` when given none."""
+    """The generator torch draws from on `device` when given none (None where we cannot say: mps)."""
     if device.type == "cuda":
         return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
-    return torch.default_generator
+    return torch.default_generator if device.type == "cpu" else None
 
 
-def _capture(step):
-    """Run `step` once on a side stream (CUDA graphs want that warm-up), then capture it; -> (graph, its output)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()  # writes the same keys/values the captured step will
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step()
-    graph.replay()
+def _capture(step, device):
+    """
+    Run `step` once on a side stream (CUDA graphs want that warm-up), then capture it; -> (graph,
+    its output). All on `device`'s own streams, whichever GPU is current. Each capture waits for
+    the GPU and empties PyTorch's cache of freed memory: it costs about a step, once per batch.
+    """
+    with torch.cuda.device(device):
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            step()  # writes the same keys/values the captured step will
+        torch.cuda.current_stream(device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=torch.cuda.Stream(device)):
+            out = step()
+        graph.replay()
     return graph, out

@@ -104,3 +104,35 @@ def test_ctrl_c_in_process_0_ends_both_without_a_hang(tiny_ckpt, csv_file, tmp_p
         "with the same command and --resume", err0
     assert code1 != 0 and err1 == ""  # it was left waiting for process 0, which ended: so did it, quietly
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
+
+
+def test_the_others_wait_for_process_0s_files_before_the_comparison(tiny_ckpt, csv_file, tmp_path, monkeypatch):
+    """The comparison reads the best file process 0 writes at the end: its writing is a point all processes pass together."""
+    import dist
+    import run
+
+    inside, seen = [], []
+    real_together, real_finish = dist.together, run.Run._finish
+
+    def together(fn):
+        inside.append(True)
+        try:
+            return real_together(fn)
+        finally:
+            inside.pop()
+
+    monkeypatch.setattr(dist, "together", together)
+    monkeypatch.setattr(run.Run, "_finish", lambda self, learned: seen.append(bool(inside)) or real_finish(self, learned))
+    assert train.main(train_args(tiny_ckpt[0], csv_file, tmp_path / "run", "--steps", 2, "--no-eval")) == 0
+    assert seen == [True]
+
+
+def test_a_process_gone_without_a_word_is_one_line(call):
+    import dist
+
+    def main(argv):
+        raise dist.PeerGone("Connection closed by peer [127.0.0.1]:4242")
+
+    line = one_line_error(call(main))
+    assert line == "error: another process ended (Connection closed by peer [127.0.0.1]:4242)"
+

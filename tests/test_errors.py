@@ -729,3 +729,13 @@ def test_the_cpu_note(capsys):
     cli.note_if_slow("gpt2", "cpu")
     cli.note_if_slow("gpt2-xl", "cuda:0")
     assert capsys.readouterr().err.count("note:") == 1
+
+
+def test_prompts_that_leave_the_comparison_no_room_are_refused_before_the_model_loads(tiny_ckpt, csv_file, tmp_path, call):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_ckpt[0], folder)
+    (folder / "model.safetensors").write_bytes(b"never read")
+    # 2 x 495 + --max-len 32 fit the 1024 positions for training; the longest held-out sentence and its translation do not
+    line = one_line_error(call(train.main, *train_args(folder, csv_file, tmp_path / "o", "--method", "prompt",
+                                                       "--prefix-len", 495, "--max-len", 32)))
+    assert line.startswith("error: --prefix-len 495: the prompts take 990 positions") and "add --no-eval" in line

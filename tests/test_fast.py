@@ -190,13 +190,15 @@ def test_a_compiled_run_compiles_once_per_shape_and_resumes_eager(tiny_ckpt, tmp
 
 
 @pytest.mark.parametrize("method", ["lora", "finetune"])
-def test_compiled_passes_of_lora_and_fine_tuning_are_the_eager_ones(tiny_ckpt, method):
+def test_compiled_passes_of_lora_and_fine_tuning_are_the_eager_ones(tmp_path, method):
     """What GPU runs do by default (--compile): the same loss and gradients, weights learning or c_attn changed."""
     from methods import METHODS
+    from tests.conftest import make_checkpoint
 
-    examples, grads = some_examples(), []
-    for compiled in (None, fast.CompiledBlocks(Counting())):
-        model = from_pretrained(tiny_ckpt[0], device="cpu").requires_grad_(False)
+    make_checkpoint(tmp_path, n_layer=4)  # more layers than the two kinds of block input
+    examples, grads, counting = some_examples(), [], Counting()
+    for compiled in (None, fast.CompiledBlocks(counting)):
+        model = from_pretrained(tmp_path, device="cpu").requires_grad_(False)
         learned = METHODS[method].start(model, 4, "random", False, 0)
         if method == "lora":
             torch.nn.init.normal_(learned.B, generator=torch.Generator().manual_seed(0))
@@ -204,3 +206,5 @@ def test_compiled_passes_of_lora_and_fine_tuning_are_the_eager_ones(tiny_ckpt, m
         grads.append((loss, torch.cat([p.grad.flatten() for p in learned.parameters()])))
     (loss, g), (loss_c, g_c) = grads
     assert torch.allclose(loss, loss_c, atol=1e-5) and torch.allclose(g, g_c, atol=1e-5, rtol=1e-4)
+    # one compilation a shape (two: the first block's input needs no gradient), not one a layer
+    assert counting.compilations <= 2 * len(compiled.shapes), (counting.compilations, compiled.shapes)

@@ -187,3 +187,10 @@ def test_any_positive_temperature_works(tiny_ckpt):
         assert generate(model, [[1, 2, 3], [4, 5]], 6, temperature=T, stop_ids=(), generator=torch.Generator()) == greedy
         assert generate(model, [[1, 2, 3], [4, 5]], 6, temperature=T, top_k=5, stop_ids=()) == greedy
     assert len(generate(model, [[1, 2, 3]], 6, temperature=1e300, stop_ids=())[0]) == 6  # and so large it is uniform
+
+
+def test_a_finished_row_stays_within_the_positions(tiny_ckpt):
+    """A long prompt that ends early beside a short one that goes on: its positions stop with it."""
+    model = from_pretrained(tiny_ckpt[0], device="cpu")
+    out = generate(model, [[11] * 1000, [11] * 5], [4, 100], stop_ids=())
+    assert [len(o) for o in out] == [4, 100]
