@@ -181,6 +181,16 @@ class Run:
         self.state = state
         return state
 
+    def restore(self, learned, optimizer):
+        """The learned numbers and the optimizer's state as the checkpoint resume() read holds them."""
+        try:
+            learned.load_state_dict(self.state["prefixes"])
+            optimizer.load_state_dict(self.state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise UserError(f"{self.checkpoint_path} does not fit these settings ({str(e).splitlines()[0]}); "
+                            "start a new run with --overwrite, or use another --out") from None
+        print(f"resuming at step {self.step} of {self.settings['steps']}")
+
     def check_data(self, record):
         """--resume only on the pairs the run started with: an edited or reshuffled CSV would change the split mid-run."""
         was = self.state.get("data_sha256", record["data_sha256"])
@@ -191,15 +201,15 @@ class Run:
 
     # ------------------------------------------------------------------------- the run
 
-    def start(self, record, save_learned, files):
+    def start(self, record, save, files):
         """
         The run starts: only now does --overwrite replace the earlier run's files (until here, a
         failed start leaves them as they were). split.json gets `record`; log.csv is opened, keeping
-        on resume exactly the rows up to the checkpoint's step. save_learned(path, learned, **metadata)
-        writes the file of the learned numbers as they are; `files` are the best one's name and the
-        last one's (the method's: METHODS[...].files).
+        on resume exactly the rows up to the checkpoint's step. save(path, learned, **metadata) writes
+        the file of the learned numbers as they are (the run adds its speed and memory); `files` are
+        the best one's name and the last one's (the method's: METHODS[...].files).
         """
-        self.data_sha256, self.save_learned = record["data_sha256"], save_learned
+        self.data_sha256, self.save = record["data_sha256"], save
         self.best_path, self.last_path = self.out / files[0], self.out / files[1]
         self.t0, self.tokens_seen = time.time(), 0
         dist.together(lambda: self._start(record) if self.main else None)
@@ -232,6 +242,12 @@ class Run:
             raise UserError(f"{self.log_path} is not a log train.py wrote; move it away and --resume again")
         whole = [r for r in table[1:] if len(r) == len(LOG_HEADER) and r[0].isdigit() and r[4]]
         return [r for r in whole if int(r[0]) <= self.step]
+
+    def save_learned(self, path, learned, val_loss):
+        """The learned numbers of this step, with what they record of the run: the step, its speed and memory."""
+        device = torch.device(self.settings["device"])
+        peak = {"peak_memory_gib": f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f}"} if device.type == "cuda" else {}
+        self.save(path, learned, step=self.step, val_loss=f"{val_loss:.4f}", tokens_per_s=self.tokens_per_s(), **peak)
 
     def seconds(self):
         return self.seconds_before + time.time() - self.t0
@@ -277,8 +293,7 @@ class Run:
     def validated(self, val_loss, learned):
         """The validation loss of this step: logged, and a better one than any before goes to prefix.safetensors."""
         if math.isfinite(val_loss) and all(val_loss < best for _, best in self.history) and self.main:
-            self.save_learned(self.best_path, learned, step=self.step, val_loss=f"{val_loss:.4f}",
-                              tokens_per_s=self.tokens_per_s())
+            self.save_learned(self.best_path, learned, val_loss)
         self.history.append((self.step, val_loss))
         if self.row is None:  # no step row to carry it
             self.row = [self.step, "", "", 0, f"{self.seconds():.1f}"]
@@ -373,7 +388,7 @@ class Run:
         best_path, last_path = self.best_path, self.last_path
         what = {"prefix": "prefixes", "prompt": "prompts", "lora": "LoRA"}.get(self.settings["method"], "fine-tuned model")
         if best_step != last_step:
-            self.save_learned(last_path, learned, step=last_step, val_loss=f"{last:.4f}", tokens_per_s=self.tokens_per_s())
+            self.save_learned(last_path, learned, last)
             print(f"{what}: {best_path} is the best (step {best_step}, validation loss {best:.4f}); "
                   f"{last_path} is the last (step {last_step}, validation loss {last:.4f})")
         else:  # one from an earlier end of this run, if it was resumed for more steps, goes

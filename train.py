@@ -370,13 +370,7 @@ def train(args, run):
     learned = method.start(model, args.prefix_len, args.init, args.reparam, args.seed)
     optimizer = torch.optim.AdamW(learned.parameters(), lr=args.lr, weight_decay=0.0)
     if state:
-        try:
-            learned.load_state_dict(state["prefixes"])
-            optimizer.load_state_dict(state["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise UserError(f"{run.checkpoint_path} does not fit these settings ({str(e).splitlines()[0]}); "
-                            "start a new run with --overwrite, or use another --out") from None
-        print(f"resuming at step {state['step']} of {args.steps}")
+        run.restore(learned, optimizer)
     n_learned = sum(p.numel() for p in learned.parameters())
     print(f"model {args.model} on {args.device} in {args.dtype}{', frozen' if method.frozen else ''}; training "
           f"{n_learned:,} parameters: {method.what.format(P=args.prefix_len)}"
@@ -386,13 +380,8 @@ def train(args, run):
             "init": args.init, "data": str(Path(args.data).resolve()) if args.data else "kaggle", "rows": args.rows,
             "heldout": args.heldout, "val_size": args.val_size, "seed": args.seed, "data_sha256": record["data_sha256"],
             "heldout_pairs": len(split.held), "val_pairs": len(split.val), "trainable_params": n_learned}
-
-    def save_learned(path, learned, **more):  # what a file records of its run, and of the run's speed and memory
-        peak = torch.cuda.max_memory_allocated(args.device) if torch.device(args.device).type == "cuda" else None
-        method.save(path, learned, model.config, **meta, **more,
-                    **({"peak_memory_gib": f"{peak / 2**30:.2f}"} if peak is not None else {}))
-
-    run.start(record, save_learned, method.files)
+    run.start(record, lambda path, learned, **more: method.save(path, learned, model.config, **meta, **more),
+              method.files)
     try:
         train_loop(args, model, learned, optimizer, Batches(examples, args.batch_size, args.seed), val_examples, run)
     except BaseException as e:  # Ctrl-C, a signal, a crash, out of memory, a loss that is not finite

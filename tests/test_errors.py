@@ -128,6 +128,27 @@ def test_damaged_checkpoint_on_resume(run_copy, tiny_ckpt, csv_file, call, damag
     assert snapshot(run_copy) == before
 
 
+
+@pytest.mark.parametrize("part", ["prefixes", "optimizer"])
+def test_a_checkpoint_whose_numbers_do_not_fit_is_one_line(run_copy, tiny_ckpt, csv_file, call, part):
+    ck = run_copy / "checkpoint.pt"
+    state = torch.load(ck, weights_only=True)
+    if part == "prefixes":
+        state["prefixes"] = {k: v[..., :-1] for k, v in state["prefixes"].items()}  # one number short per row
+    else:
+        state["optimizer"]["param_groups"] = state["optimizer"]["param_groups"] * 2
+    torch.save(state, ck)
+    before = snapshot(run_copy)
+    r = call(train.main, *train_args(tiny_ckpt[0], csv_file, run_copy, "--resume", "--no-eval", "--steps", 8))
+    line = one_line_error(r)
+    assert line.startswith(f"error: {ck} does not fit these settings (") and "start a new run with --overwrite" in line
+    assert "resuming at step" not in r.stdout and snapshot(run_copy) == before
+
+
+def test_a_resumed_run_says_where_it_resumes(run_copy, tiny_ckpt, csv_file, call):
+    r = call(train.main, *train_args(tiny_ckpt[0], csv_file, run_copy, "--resume", "--no-eval", "--steps", 8))
+    assert r.returncode == 0 and "resuming at step 6 of 8" in r.stdout
+
 def write_prefix(path, model_config, kv=None, **meta):
     kv = torch.zeros(2, 2, 2, 5, 3, 16) if kv is None else kv
     prefix_file.save_prefixes(path, kv, prefix.NAMES, model_config, **meta)

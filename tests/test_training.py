@@ -246,3 +246,19 @@ def test_a_resumed_run_sees_the_data_in_the_same_order(tiny_ckpt, csv_file, tmp_
     assert train.main(train_args(tiny_ckpt[0], csv_file, tmp_path / "resumed", *args, "--resume")) == 0
     assert len(straight) == 8 and seen == straight  # 6 steps before the interruption, 2 after it
     assert straight[5:8] != straight[0:3]  # the second epoch is in another order
+
+
+@pytest.mark.parametrize("device,peak", [("cuda", "3.50"), ("cpu", None)])
+def test_a_saved_file_records_the_runs_speed_and_its_gpu_memory(tmp_path, monkeypatch, device, peak):
+    import run
+
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: 3.5 * 2**30)
+    r = run.Run(tmp_path, {"device": device})
+    saved = []
+    r.save = lambda path, learned, **meta: saved.append((path, learned, meta))
+    r.step, r.tokens_per_s = 7, lambda: "500"
+    r.save_learned(tmp_path / "p.safetensors", "learned", 1.23456)
+    (path, learned, meta), = saved
+    assert path == tmp_path / "p.safetensors" and learned == "learned"
+    assert meta.pop("peak_memory_gib", None) == peak and meta.pop("step") == 7 and meta.pop("val_loss") == "1.2346"
+    assert meta.pop("tokens_per_s") == "500" and meta == {}
