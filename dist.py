@@ -82,6 +82,8 @@ def together(fn):
     """
     fn() on every process; if it fails on any, it fails on all: the failing process raises its
     own exception, the others an Elsewhere with its message ("process 1: ..."). -> fn()'s result.
+    For what may go differently on each process (a file, the memory, the GPU); a check that every
+    process computes alike from the same inputs needs none: each raises the same error itself.
     """
     failure = result = None
     try:

@@ -328,16 +328,17 @@ def check_few_shot_room(examples, pairs, n_positions, shots):
                             f"{n_positions}: lower --shots")
 
 
-def check_room_for(pairs, n_positions, taken, prefix_len):
+def check_prompt_room(pairs, n_positions, prefix_len, who, fix):
     """
-    A one-line error, before training, if the comparison would pass GPT-2's positions: the longest
-    held-out sentence, its translation and the `taken` positions of the method (a prompt's 2P).
+    A one-line error, before the model loads, if learned prompts (`prefix_len` per language: 2P
+    positions), the longest held-out sentence and its translation would pass GPT-2's positions.
+    (The zero-shot prompt of lora and finetune is checked with the few-shot ones: check_few_shot_room.)
     """
+    taken = 2 * prefix_len
     longest = max(len(p.ids[s]) + max_new_tokens_for(p.ids[s]) for p in pairs for s in ("en", "fr"))
     if taken + longest > n_positions:
-        raise UserError(f"--prefix-len {prefix_len}: the prompts take {taken} positions, and with the longest held-out "
-                        f"sentence and its translation the comparison needs {taken + longest}, more than GPT-2's "
-                        f"{n_positions}: lower --prefix-len or --max-len, or add --no-eval")
+        raise UserError(f"{who}: the prompts take {taken} positions, and with the longest held-out sentence and its "
+                        f"translation the comparison needs {taken + longest}, more than GPT-2's {n_positions}: {fix}")
 
 
 def run(model, prefix_files, examples, pairs, out, batch_size, settings):
@@ -413,9 +414,13 @@ def eval_only(args, out):
                                                                  args.seed, args.shots))  # process 0 may download it
     for _, _, _, file_meta in files:
         check_split(file_meta, args.rows, args.heldout, args.seed, record)
-    held_out = dist.together(lambda: evaluation_pairs([pairs[i] for i in split.held], args.max_len, args.eval_size))
+    held_out = evaluation_pairs([pairs[i] for i in split.held], args.max_len, args.eval_size)
     examples = [pairs[i] for i in shots]
-    dist.together(lambda: check_few_shot_room(examples, held_out, config.n_positions, args.shots))
+    check_few_shot_room(examples, held_out, config.n_positions, args.shots)
+    for path, _, _, file_meta in files:
+        if file_meta["method"] == "prompt":
+            check_prompt_room(held_out, config.n_positions, int(file_meta["prefix_len"]), path,
+                              "lower --max-len or --eval-size, or leave this file out")
     model = dist.in_turn(lambda: mini_gpt2.from_pretrained(args.model, device=args.device, dtype=cli.DTYPES[args.dtype]))
     run(model, files, examples, held_out, out, args.eval_batch_size, settings_of(args, record))
     return 0

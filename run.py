@@ -292,8 +292,8 @@ class Run:
 
     def validated(self, val_loss, learned):
         """The validation loss of this step: logged, and a better one than any before goes to prefix.safetensors."""
-        if math.isfinite(val_loss) and all(val_loss < best for _, best in self.history) and self.main:
-            self.save_learned(self.best_path, learned, val_loss)
+        if math.isfinite(val_loss) and all(val_loss < best for _, best in self.history):  # alike on every process
+            dist.together(lambda: self.save_learned(self.best_path, learned, val_loss) if self.main else None)
         self.history.append((self.step, val_loss))
         if self.row is None:  # no step row to carry it
             self.row = [self.step, "", "", 0, f"{self.seconds():.1f}"]
@@ -301,12 +301,18 @@ class Run:
         if self.bar:
             self.bar.set_postfix_str(f"val {val_loss:.3f}")
 
-    def checkpoint(self, learned, optimizer):
-        """Write checkpoint.pt atomically (learned numbers that are not finite are never saved)."""
+    def checkpoint(self, learned, optimizer, alone=False):
+        """
+        Write checkpoint.pt atomically (learned numbers that are not finite are never saved). Under
+        torchrun the others wait for it, so that a failure ends them all; `alone`: process 0 by
+        itself, after a stop (the others are gone or going).
+        """
         self._flush_row()
-        if not self.main:
-            self.saved = self.step
-            return
+        write = lambda: self._checkpoint(learned, optimizer) if self.main else None  # noqa: E731
+        write() if alone else dist.together(write)
+        self.saved = self.step
+
+    def _checkpoint(self, learned, optimizer):
         if not all(bool(torch.isfinite(p).all()) for p in learned.parameters()):
             raise UserError(f"the prefixes hold NaN or inf values at step {self.step}; {self.checkpoint_path} was not "
                             "overwritten")
@@ -315,7 +321,6 @@ class Run:
                     "seconds": self.seconds(), "val_history": self.history, "args": self.run_settings(),
                     "data_sha256": self.data_sha256}, buf)
         write_bytes(self.checkpoint_path, buf.getbuffer())
-        self.saved = self.step
 
     # ------------------------------------------------------------------------- the end
 
@@ -339,7 +344,7 @@ class Run:
             optimizer.zero_grad(set_to_none=True)
             try:
                 with cli.stops_held():  # a second Ctrl-C, or torchrun's SIGTERM to all, waits for the checkpoint
-                    self.checkpoint(learned, optimizer)  # with the row of the last step, if its validation was cut short
+                    self.checkpoint(learned, optimizer, alone=True)  # with the row of the last step, if its validation was cut short
             except UserError:
                 pass
         if self.saved:

@@ -127,6 +127,9 @@ def check_lengths(args, n_positions):
         with_prompts = f" (the two prompts take {taken} positions, plus --max-len {args.max_len})" if taken else ""
         raise UserError(f"--prefix-len {args.prefix_len}: too long a prefix length for this model's {n_positions} "
                         f"positions{with_prompts}")
+    if args.method not in LEARNS_TOKENS and taken + args.max_len > n_positions:
+        raise UserError(f"--max-len {args.max_len}: with the zero-shot prompt's {taken} positions around the source, "
+                        f"at most {n_positions - taken} fits this model")
     if args.warmup > args.steps:
         print(f"note: --warmup {args.warmup} is longer than --steps {args.steps}: the learning rate rises to "
               f"{lr_at(args.steps - 1, args.lr, args.warmup, args.steps):.3g} at the last step and never reaches the "
@@ -352,7 +355,9 @@ def load_examples(args, run, state, n_positions):
     held_out = evaluate.evaluation_pairs([pairs[i] for i in split.held], args.max_len, args.eval_size)
     if not args.no_eval:
         evaluate.check_few_shot_room([pairs[i] for i in shots], held_out, n_positions, args.shots)
-        evaluate.check_room_for(held_out, n_positions, METHODS[args.method].positions(args.prefix_len), args.prefix_len)
+        if args.method == "prompt":
+            evaluate.check_prompt_room(held_out, n_positions, args.prefix_len, f"--prefix-len {args.prefix_len}",
+                                       "lower --prefix-len or --max-len, or add --no-eval")
     print(f"training examples: {len(examples)} (both directions; {too_long} longer than {args.max_len} tokens skipped); "
           f"validation examples: {len(val_examples)}")
     return split, record, examples, val_examples, held_out, [pairs[i] for i in shots]
@@ -361,7 +366,7 @@ def load_examples(args, run, state, n_positions):
 def train(args, run):
     state = run.resume() if args.resume else None
     config = dist.together(lambda: config_of(args.model))  # a small file: checked before the large ones load
-    dist.together(lambda: check_lengths(args, config.n_positions))
+    check_lengths(args, config.n_positions)
     split, record, examples, val_examples, held_out, shots = load_examples(args, run, state, config.n_positions)
 
     model = load_model(args)

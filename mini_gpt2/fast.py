@@ -5,10 +5,10 @@ explain the model. Two tricks, each checked against the plain code by the tests.
 1. Compiled training passes (train.py --compile; `compiled_blocks`). A transformer block is
    dozens of small operations (LayerNorm, the attention's reshapes, GELU, residual adds), each a
    kernel launch that reads and writes whole activations. torch.compile traces a block once and
-   emits a few fused kernels instead. It compiles once per input shape, which takes seconds to a
+   emits a few fused kernels instead. Each new input shape compiles anew, which takes seconds to a
    minute, so the training passes come in few shapes (train.py rounds lengths up to a multiple of
    ROUND and fills the rows to its token budget), and all the blocks share one compiled function
-   (their weights are its inputs): a shape compiles twice (the first block's input needs no
+   (their weights are its inputs): a new shape compiles twice (the first block's input needs no
    gradient, the others' do), not once per layer.
 
 2. Decoding with static shapes (`decode`, under every mini_gpt2.generate). A decoding step feeds
@@ -158,7 +158,7 @@ def decode(model, h, cache, keys_valid, next_pos, limits, stop_ids, temperature=
         else:
             graph.replay()  # computes the captured step anew: `logits` is its output, filled in place
         at += 1
-        pos += ~done[:, None]  # a finished row stays where it is: never past GPT-2's positions
+        pos += (~done & (limit > t + 1))[:, None]  # a row finished, or at its limit, stays: never past GPT-2's positions
 
     # Draws after the step at which every row had finished are undone, so that the generator ends
     # where a loop that looked every step would have left it (the next call draws the same).

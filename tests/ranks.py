@@ -31,27 +31,42 @@ def worker(rank, world, port, args, folder, fault):
     import cli
     import train
 
-    if fault and fault[0] == rank:  # (rank, step, what): that process's forward pass of step `step` raises `what`
-        real, calls = train.target_loss, {"n": 0}
+    mine = fault if fault and fault[0] == rank else None  # (rank, step, what): what goes wrong in that process
+    real, calls = train.target_loss, {"n": 0}
 
-        def target_loss(*a):  # (one pass a step here)
-            calls["n"] += torch.is_grad_enabled()
-            if torch.is_grad_enabled() and calls["n"] == fault[1]:
-                raise fault[2]
-            return real(*a)
+    def target_loss(*a):  # counts the training passes (one a step here); `what`, an exception, raises in step `step`'s
+        calls["n"] += torch.is_grad_enabled()
+        if mine and isinstance(mine[2], BaseException) and torch.is_grad_enabled() and calls["n"] == mine[1]:
+            raise mine[2]
+        return real(*a)
 
-        train.target_loss = target_loss
+    train.target_loss = target_loss
+    if mine and mine[2] in ("checkpoint", "best"):  # writing the checkpoint, or the best file, of step `step` fails
+        import run
+        from mini_gpt2 import UserError
+
+        name = {"checkpoint": "_checkpoint", "best": "save_learned"}[mine[2]]
+        real_write = getattr(run.Run, name)
+
+        def write(self, *a):
+            if self.step == mine[1]:
+                raise UserError(f"no space left on device for its {mine[2]}")
+            return real_write(self, *a)
+
+        setattr(run.Run, name, write)
     code = 0
     try:
         cli.run(lambda: train.main(args))
     except SystemExit as e:
         code = e.code
+    (folder / f"rank{rank}.passes").write_text(str(calls["n"]))
     (folder / f"rank{rank}.code").write_text(str(code))
 
 
 def processes(args, folder, world=2, fault=None, timeout=300):
     """
-    Run train.main(args) as `world` processes; -> [(exit status, stdout, stderr)] by rank. A run
+    Run train.main(args) as `world` processes; -> [(exit status, stdout, stderr)] by rank (and in
+    `folder`, rank{r}.passes: how many training passes each began). A run
     that does not end within `timeout` seconds (hung) fails the test that called it.
     """
     folder = Path(folder)

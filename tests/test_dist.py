@@ -96,6 +96,17 @@ def test_a_fault_in_one_process_ends_both_in_one_line_with_the_last_step_kept(ti
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
 
 
+@pytest.mark.parametrize("what,step", [("checkpoint", 2), ("best", 0)])
+def test_a_file_process_0_cannot_write_ends_both_before_the_next_step(tiny_ckpt, csv_file, tmp_path, what, step):
+    out, ranks = tmp_path / "run", tmp_path / "r"
+    (code0, _, err0), (code1, _, err1) = processes(args_for(tiny_ckpt, csv_file, out, "--save-every", 1), ranks,
+                                                   fault=(0, step, what))
+    line = one_line_error(subprocess.CompletedProcess([], code0, "", err0))
+    assert line.startswith(f"error: no space left on device for its {what}"), line
+    assert code1 == 1 and err1 == ""
+    assert [int((ranks / f"rank{r}.passes").read_text()) for r in (0, 1)] == [step, step]  # process 1 waited, went no further
+
+
 def test_ctrl_c_in_process_0_ends_both_without_a_hang(tiny_ckpt, csv_file, tmp_path):
     out = tmp_path / "run"
     (code0, _, err0), (code1, _, err1) = processes(args_for(tiny_ckpt, csv_file, out, "--save-every", 100),
@@ -107,7 +118,10 @@ def test_ctrl_c_in_process_0_ends_both_without_a_hang(tiny_ckpt, csv_file, tmp_p
 
 
 def test_the_others_wait_for_process_0s_files_before_the_comparison(tiny_ckpt, csv_file, tmp_path, monkeypatch):
-    """The comparison reads the best file process 0 writes at the end: its writing is a point all processes pass together."""
+    """
+    The comparison reads the files process 0 writes: the best one at a validation, the last one and
+    the notes at the end (Run.finish), which every process passes together, before it goes on.
+    """
     import dist
     import run
 
@@ -135,4 +149,3 @@ def test_a_process_gone_without_a_word_is_one_line(call):
 
     line = one_line_error(call(main))
     assert line == "error: another process ended (Connection closed by peer [127.0.0.1]:4242)"
-

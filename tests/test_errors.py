@@ -128,7 +128,6 @@ def test_damaged_checkpoint_on_resume(run_copy, tiny_ckpt, csv_file, call, damag
     assert snapshot(run_copy) == before
 
 
-
 @pytest.mark.parametrize("part", ["prefixes", "optimizer"])
 def test_a_checkpoint_whose_numbers_do_not_fit_is_one_line(run_copy, tiny_ckpt, csv_file, call, part):
     ck = run_copy / "checkpoint.pt"
@@ -148,6 +147,7 @@ def test_a_checkpoint_whose_numbers_do_not_fit_is_one_line(run_copy, tiny_ckpt, 
 def test_a_resumed_run_says_where_it_resumes(run_copy, tiny_ckpt, csv_file, call):
     r = call(train.main, *train_args(tiny_ckpt[0], csv_file, run_copy, "--resume", "--no-eval", "--steps", 8))
     assert r.returncode == 0 and "resuming at step 6 of 8" in r.stdout
+
 
 def write_prefix(path, model_config, kv=None, **meta):
     kv = torch.zeros(2, 2, 2, 5, 3, 16) if kv is None else kv
@@ -752,11 +752,35 @@ def test_the_cpu_note(capsys):
     assert capsys.readouterr().err.count("note:") == 1
 
 
-def test_prompts_that_leave_the_comparison_no_room_are_refused_before_the_model_loads(tiny_ckpt, csv_file, tmp_path, call):
+def never_read_model(tiny_ckpt, tmp_path):
+    """A copy of the tiny checkpoint whose weights cannot be read: what is refused with it is refused before they load."""
     folder = tmp_path / "model"
     shutil.copytree(tiny_ckpt[0], folder)
     (folder / "model.safetensors").write_bytes(b"never read")
+    return folder
+
+
+def test_prompts_that_leave_the_comparison_no_room_are_refused_before_the_model_loads(tiny_ckpt, csv_file, tmp_path, call):
+    folder = never_read_model(tiny_ckpt, tmp_path)
     # 2 x 495 + --max-len 32 fit the 1024 positions for training; the longest held-out sentence and its translation do not
     line = one_line_error(call(train.main, *train_args(folder, csv_file, tmp_path / "o", "--method", "prompt",
                                                        "--prefix-len", 495, "--max-len", 32)))
     assert line.startswith("error: --prefix-len 495: the prompts take 990 positions") and "add --no-eval" in line
+
+
+def test_a_prompt_file_that_leaves_the_comparison_no_room_is_refused_before_the_model_loads(tiny_ckpt, tiny_config,
+                                                                                            csv_file, tmp_path, call):
+    folder = never_read_model(tiny_ckpt, tmp_path)
+    pfile = tmp_path / "prompt.safetensors"
+    prefix_file.save_prefixes(pfile, torch.zeros(2, 495, tiny_config.n_embd), prefix.NAMES, tiny_config, "prompt",
+                              model=str(folder), data=str(csv_file))
+    line = one_line_error(call(train.main, "--eval-only", "--prefix", pfile, "--max-len", 32, "--out", tmp_path / "o"))
+    assert line.startswith(f"error: {pfile}: the prompts take 990 positions") and "leave this file out" in line
+
+
+@pytest.mark.parametrize("method", ["lora", "finetune"])
+def test_a_max_len_that_leaves_no_room_for_the_zero_shot_prompt_says_so(tiny_ckpt, csv_file, tmp_path, call, method):
+    folder = never_read_model(tiny_ckpt, tmp_path)
+    line = one_line_error(call(train.main, *train_args(folder, csv_file, tmp_path / "o", "--method", method,
+                                                       "--max-len", 1020)))
+    assert line.startswith("error: --max-len 1020: with the zero-shot prompt's") and "fits this model" in line

@@ -1,7 +1,7 @@
 """
 mini_gpt2/fast.py held to the plain code: decoding with static shapes gives the tokens of the
 step-by-step decoding it replaced (tests/reference.py), and compiled training passes give the
-eager losses and gradients, compiling once per shape.
+eager losses and gradients, compiling only for a new shape (twice: see fast.py).
 """
 
 import pytest

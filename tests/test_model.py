@@ -192,5 +192,5 @@ def test_any_positive_temperature_works(tiny_ckpt):
 def test_a_finished_row_stays_within_the_positions(tiny_ckpt):
     """A long prompt that ends early beside a short one that goes on: its positions stop with it."""
     model = from_pretrained(tiny_ckpt[0], device="cpu")
-    out = generate(model, [[11] * 1000, [11] * 5], [4, 100], stop_ids=())
+    out = generate(model, [[11] * 1020, [11] * 5], [4, 100], stop_ids=())  # the first fills all 1024 positions
     assert [len(o) for o in out] == [4, 100]
