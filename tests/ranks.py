@@ -4,6 +4,7 @@ the tests of data-parallel training: each process's output in files, its exit st
 fault made to happen in one of them at a given step.
 """
 
+import importlib
 import multiprocessing
 import os
 import socket
@@ -41,6 +42,14 @@ def worker(rank, world, port, args, folder, fault):
         return real(*a)
 
     train.target_loss = target_loss
+    generate = importlib.import_module("mini_gpt2.generate")  # the module (mini_gpt2.generate is also its function)
+    real_decode, decodes = generate.decode, {"n": 0}
+
+    def decode(*a):  # counts the batches this process decodes
+        decodes["n"] += 1
+        return real_decode(*a)
+
+    generate.decode = decode
     if mine and mine[2] in ("checkpoint", "best"):  # writing the checkpoint, or the best file, of step `step` fails
         import run
         from mini_gpt2 import UserError
@@ -60,13 +69,15 @@ def worker(rank, world, port, args, folder, fault):
     except SystemExit as e:
         code = e.code
     (folder / f"rank{rank}.passes").write_text(str(calls["n"]))
+    (folder / f"rank{rank}.decodes").write_text(str(decodes["n"]))
     (folder / f"rank{rank}.code").write_text(str(code))
 
 
 def processes(args, folder, world=2, fault=None, timeout=300):
     """
     Run train.main(args) as `world` processes; -> [(exit status, stdout, stderr)] by rank (and in
-    `folder`, rank{r}.passes: how many training passes each began). A run
+    `folder`, rank{r}.passes and .decodes: how many training passes each began, how many batches
+    it decoded). A run
     that does not end within `timeout` seconds (hung) fails the test that called it.
     """
     folder = Path(folder)

@@ -69,6 +69,8 @@ def test_two_processes_compare_as_one(one, csv_file, tmp_path, call, one_thread)
     assert call(train.main, *args, "--out", tmp_path / "one").returncode == 0
     (code0, out0, err0), (code1, _, _) = processes(args + ["--out", tmp_path / "two"], tmp_path / "r")
     assert (code0, code1) == (0, 0), err0
+    # 3 rows (0-shot, 3-shot, the prefix) x 2 directions x 3 batches of one: process 0 decodes 2 of each 3, process 1 one
+    assert [int((tmp_path / "r" / f"rank{r}.decodes").read_text()) for r in (0, 1)] == [12, 6]
     results = [json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two")]
     assert results[0]["translations"] == results[1]["translations"] and results[0]["scores"] == results[1]["scores"]
     assert "| 3-shot | both |" in out0

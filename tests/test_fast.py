@@ -182,7 +182,7 @@ def test_a_compiled_run_compiles_once_per_shape_and_resumes_eager(tiny_ckpt, tmp
     shapes = {tuple(int(x) for x in line.split(" for ")[1].split(" tokens")[0].split(" x ")) for line in said}
     assert len(said) == len(shapes) == sum(new for _, new in steps) and len(steps) == 24
     assert all(compilations <= 2 * new for compilations, new in steps), steps  # none without a new shape
-    assert 2 <= len(shapes) <= 128 // fast.ROUND + 1 and all(length % fast.ROUND == 0 for _, length in shapes)
+    assert 2 <= len(shapes) <= 128 // 16 + 1 and all(length % 16 == 0 for _, length in shapes)  # as README says
     # the rows fill the budget, or the step's 4 sequences
     assert all(rows == max(1, min(160 // length, 4)) for rows, length in shapes) and steps[-1] == (0, 0)
     r = call(train.main, *args[:-1], "--resume", "--steps", 26, "--no-compile")  # and on, eager
