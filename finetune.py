@@ -51,8 +51,10 @@ class FullModel(nn.Module):
     @torch.no_grad()
     def forward(self):
         """Before a pass: the masters, as the optimizer left them, into the model's weights (if they changed since)."""
+        if not self.separate:  # the masters are the model's own weights
+            return self
         changed = tuple(m._version for m in self.masters.values())  # in-place updates count up a tensor's version
-        if self.separate and changed != getattr(self, "copied", None):
+        if changed != getattr(self, "copied", None):
             for n, p in self.model[0].named_parameters():
                 p.copy_(self.masters[key(n)])
             self.copied = changed

@@ -190,6 +190,7 @@ class Run:
             raise UserError(f"{self.checkpoint_path} does not fit these settings ({str(e).splitlines()[0]}); "
                             "start a new run with --overwrite, or use another --out") from None
         print(f"resuming at step {self.step} of {self.settings['steps']}")
+        self.state = None  # all of it is in `learned` and `optimizer` now (for a fine-tuned GPT-2 XL, gigabytes)
 
     def check_data(self, record):
         """--resume only on the pairs the run started with: an edited or reshuffled CSV would change the split mid-run."""

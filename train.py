@@ -338,11 +338,11 @@ def train_loop(args, model, learned, optimizer, batches, val_examples, run):
             run.checkpoint(learned, optimizer)
 
 
-def load_examples(args, run, state, n_positions):
+def load_examples(args, run, n_positions):
     """The pairs, split, and made into training and validation examples; the held-out pairs to compare on."""
     pairs, split, shots, record = dist.in_turn(lambda: data.load(args.data, args.rows, args.heldout, args.val_size,
                                                                  args.seed, args.shots))  # process 0 may download it
-    if state:
+    if args.resume:
         run.check_data(record)
     if not split.train:
         raise UserError("no pair is left to train on: every pair is held out, for validation, or a (near-)duplicate "
@@ -364,17 +364,18 @@ def load_examples(args, run, state, n_positions):
 
 
 def train(args, run):
-    state = run.resume() if args.resume else None
+    if args.resume:
+        run.resume()  # the checkpoint, checked; run.restore puts it into what is learned, below
     config = dist.together(lambda: config_of(args.model))  # a small file: checked before the large ones load
     check_lengths(args, config.n_positions)
-    split, record, examples, val_examples, held_out, shots = load_examples(args, run, state, config.n_positions)
+    split, record, examples, val_examples, held_out, shots = load_examples(args, run, config.n_positions)
 
     model = load_model(args)
     model.requires_grad_(False)  # GPT-2 stays frozen (but with --method finetune): only what is learned learns
     method = METHODS[args.method]
     learned = method.start(model, args.prefix_len, args.init, args.reparam, args.seed)
     optimizer = torch.optim.AdamW(learned.parameters(), lr=args.lr, weight_decay=0.0)
-    if state:
+    if args.resume:
         run.restore(learned, optimizer)
     n_learned = sum(p.numel() for p in learned.parameters())
     print(f"model {args.model} on {args.device} in {args.dtype}{', frozen' if method.frozen else ''}; training "

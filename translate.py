@@ -120,7 +120,9 @@ def main(argv=None):
 
 def finetuned(path):
     """Whether `path` is a model folder that train.py --method finetune wrote."""
-    weights = Path(path or "") / "model.safetensors"
+    if not path:
+        return False
+    weights = Path(path) / "model.safetensors"
     try:
         with safe_open(str(weights), framework="pt") as f:
             return (f.metadata() or {}).get("method") == "finetune"

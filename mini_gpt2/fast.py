@@ -129,7 +129,7 @@ def decode(model, h, cache, keys_valid, next_pos, limits, stop_ids, temperature=
         out, _ = model.hidden(tok, static, valid[:, None, :], pos)
         return logits_of(out[:, -1])
 
-    graph, use_graph = None, device.type == "cuda" and GRAPHS
+    graph, use_graph = None, uses_graphs(device)
     stop = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
     limit = torch.tensor(limits, device=device)
     new = torch.zeros(B, steps, dtype=torch.long, device=device)  # what each step picked
@@ -167,6 +167,11 @@ def decode(model, h, cache, keys_valid, next_pos, limits, stop_ids, temperature=
         rng.set_state(states[int(all_done[0]) + 1])
     lengths, picked = alive.sum(1).tolist(), new.tolist()  # the loop's one read of the tokens
     return [row[:n] for row, n in zip(picked, lengths)]
+
+
+def uses_graphs(device):
+    """Whether decoding on `device` runs its steps as a captured CUDA graph (only CUDA has them)."""
+    return device.type == "cuda" and GRAPHS
 
 
 def default_generator(device):

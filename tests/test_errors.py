@@ -784,3 +784,11 @@ def test_a_max_len_that_leaves_no_room_for_the_zero_shot_prompt_says_so(tiny_ckp
     line = one_line_error(call(train.main, *train_args(folder, csv_file, tmp_path / "o", "--method", method,
                                                        "--max-len", 1020)))
     assert line.startswith("error: --max-len 1020: with the zero-shot prompt's") and "fits this model" in line
+
+
+def test_translate_with_no_file_says_to_train_one_even_beside_a_fine_tuned_weights_file(tmp_path, call, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a model.safetensors of train.py's fine-tuning right here is not a --model given
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "model.safetensors"), metadata={"method": "finetune"})
+    line = one_line_error(call(translate.main, "Bonjour"))
+    assert line == f"error: no prefix file at {translate.DEFAULT_PREFIX}: train one first with `python train.py` " \
+        "(or point --prefix at one)"

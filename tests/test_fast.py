@@ -208,3 +208,42 @@ def test_compiled_passes_of_lora_and_fine_tuning_are_the_eager_ones(tmp_path, me
     assert torch.allclose(loss, loss_c, atol=1e-5) and torch.allclose(g, g_c, atol=1e-5, rtol=1e-4)
     # one compilation a shape (two: the first block's input needs no gradient), not one a layer
     assert counting.compilations <= 2 * len(compiled.shapes), (counting.compilations, compiled.shapes)
+
+
+class ReplayedGraph:
+    """What a captured CUDA graph does, on the CPU: replay() runs the captured step anew into the same output tensor."""
+
+    def __init__(self, step):
+        self.step, self.replays = step, 0
+
+    def replay(self):
+        self.out.copy_(self.step())
+        self.replays += 1
+
+
+def test_the_graph_path_replays_one_step_per_token_and_gives_the_same_tokens(model, monkeypatch):
+    """The CUDA-graph branch of decode, run on the CPU: its inputs are updated in place, its output read after each replay."""
+    graphs = []
+
+    def capture(step, device):
+        graphs.append(ReplayedGraph(step))
+        graphs[-1].out = step()
+        return graphs[-1], graphs[-1].out
+
+    want = generate(model, PROMPTS, [20, 9, 20], stop_ids=())
+    monkeypatch.setattr(fast, "uses_graphs", lambda device: True)
+    monkeypatch.setattr(fast, "_capture", capture)
+    assert generate(model, PROMPTS, [20, 9, 20], stop_ids=()) == want
+    assert len(graphs) == 1 and graphs[0].replays == 18  # captured at the second step, replayed for the 18 after it
+
+
+def test_a_gpu_that_cannot_capture_decodes_without_graphs(model, monkeypatch):
+    def capture(step, device):
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore")
+
+    want = generate(model, PROMPTS, 12, stop_ids=())
+    monkeypatch.setattr(fast, "uses_graphs", lambda device: True)
+    monkeypatch.setattr(fast, "_capture", capture)
+    with pytest.warns(UserWarning, match=r"decoding without CUDA graphs \(CUDA error: operation not permitted when "
+                                         r"stream is capturing\)$"):
+        assert generate(model, PROMPTS, 12, stop_ids=()) == want
