@@ -1,7 +1,7 @@
 """
 Prefix-tuning (Li & Liang, 2021): steer a frozen GPT-2 with learned keys and values. This file is
 the method and its decoding; prompt.py, lora.py and finetune.py are the others, methods.py the
-table of what they do differently, prefix_file.py the file they are saved in, train.py the training.
+table of what they do differently, learned_file.py the file they are saved in, train.py the training.
 
 A prefix is P "virtual tokens". A real token would put one key and one value per head into every
 layer's KV cache; a virtual token puts learned ones there directly. So a prefix is a tensor

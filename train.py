@@ -1,7 +1,7 @@
 """
 Train the [start_french] / [start_english] prefixes on a frozen GPT-2 (or with --method prompt,
 input-embedding prompts; lora, low-rank updates of its attention; finetune, every weight), then
-compare them with zero-shot and 3-shot prompting of the same model on held-out pairs (evaluate.py).
+compare them with zero-shot and 3-shot prompting of the same model on held-out pairs (comparison.py).
 
     python train.py                              # the reference experiment: GPT-2 XL, 200,000 pairs
     python train.py --model gpt2 --data pairs.csv --steps 200    # small, runs on a CPU
@@ -30,18 +30,18 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import cli
-import data
-import dist
-import evaluate
+from machinery import cli
+from machinery import data
+from machinery import dist
+from machinery import comparison
 import mini_gpt2
-import plots
-from cli import natural_int, positive_float, positive_int
+from machinery import plots
+from machinery.cli import natural_int, positive_float, positive_int
 from methods import LEARNS_TOKENS, METHODS
 from mini_gpt2 import EOT, UserError, fast
 from mini_gpt2.load import config_of
 from prefix import NAMES, encode_sentence, fits
-from run import LossNotFinite, Run
+from machinery.run_folder import LossNotFinite, Run
 
 # The default peak learning rate of each parameterisation (why: README, "Learning rates").
 DEFAULT_LR = {"direct": 1e-2, "reparam": 5e-5, "prompt": 3e-2, "lora": 2e-4, "finetune": 5e-5}
@@ -93,7 +93,7 @@ def parse_args(argv=None):
                     "change; the rest must be as before)")
     ap.add_argument("--overwrite", action="store_true", help="start a new run in an --out that holds one, replacing it")
     ap.add_argument("--no-eval", action="store_true", help="stop after training, without the comparison")
-    evaluate.add_args(ap)
+    comparison.add_args(ap)
     args = ap.parse_args(argv)
     cli.settle_device(ap, args)
     if args.resume and args.overwrite:
@@ -352,11 +352,11 @@ def load_examples(args, run, n_positions):
     if not examples or not val_examples:
         raise UserError(f"every {'training' if not examples else 'validation'} pair is longer than --max-len "
                         f"{args.max_len} tokens")
-    held_out = evaluate.evaluation_pairs([pairs[i] for i in split.held], args.max_len, args.eval_size)
+    held_out = comparison.evaluation_pairs([pairs[i] for i in split.held], args.max_len, args.eval_size)
     if not args.no_eval:
-        evaluate.check_few_shot_room([pairs[i] for i in shots], held_out, n_positions, args.shots)
+        comparison.check_few_shot_room([pairs[i] for i in shots], held_out, n_positions, args.shots)
         if args.method == "prompt":
-            evaluate.check_prompt_room(held_out, n_positions, args.prefix_len, f"--prefix-len {args.prefix_len}",
+            comparison.check_prompt_room(held_out, n_positions, args.prefix_len, f"--prefix-len {args.prefix_len}",
                                        "lower --prefix-len or --max-len, or add --no-eval")
     print(f"training examples: {len(examples)} (both directions; {too_long} longer than {args.max_len} tokens skipped); "
           f"validation examples: {len(val_examples)}")
@@ -401,8 +401,8 @@ def train(args, run):
         del learned, optimizer
         model = load_model(args)
     try:
-        evaluate.run(model, evaluate.read_files([run.out / method.files[0]]), shots, held_out, run.out,
-                     args.eval_batch_size, evaluate.settings_of(args, record))
+        comparison.run(model, comparison.read_files([run.out / method.files[0]]), shots, held_out, run.out,
+                     args.eval_batch_size, comparison.settings_of(args, record))
     except KeyboardInterrupt as e:
         return run.stopped_in_comparison(e)
     return 0
@@ -418,7 +418,7 @@ def main(argv=None):
     args.device = dist.setup(args.device)  # under torchrun: join the others, on a GPU of this process's own
     with Run(args.out, vars(args)) as run:  # claims --out before anything large loads
         if args.eval_only:
-            return evaluate.eval_only(args, run.out)
+            return comparison.eval_only(args, run.out)
         cli.note_if_slow(args.model, args.device)
         return train(args, run)
 

@@ -17,14 +17,14 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-import cli
+from machinery import cli
 import mini_gpt2
-from cli import natural_float, positive_int
+from machinery.cli import natural_float, positive_int
 from mini_gpt2 import UserError
 from methods import METHODS, best_file_in
 from mini_gpt2.load import config_of
 from prefix import check_room, encode_sentence, max_new_tokens_for
-from prefix_file import check_fits, load_prefixes
+from machinery.learned_file import check_fits, load_prefixes
 
 DEFAULT_PREFIX = Path("runs/prefix/prefix.safetensors")  # where train.py writes
 

@@ -34,8 +34,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-import evaluate  # noqa: E402
-import prompting  # noqa: E402
+from machinery import comparison  # noqa: E402
+from methods import prompting  # noqa: E402
 import mini_gpt2  # noqa: E402
 from benchmarks.bench_model import decoding_speed  # noqa: E402
 from benchmarks.bench_prefix import examples, hf_step, our_step, reference  # noqa: E402
@@ -184,7 +184,7 @@ def evaluation_rows(model, device, n, repeats):
         def fn():
             fast.GRAPHS = graphs
             try:
-                out[(name, graphs)] = evaluate.translate_all(methods[name], texts, sources, "fr", "en", limits, 16)
+                out[(name, graphs)] = comparison.translate_all(methods[name], texts, sources, "fr", "en", limits, 16)
             finally:
                 fast.GRAPHS = True
         return fn

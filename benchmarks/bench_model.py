@@ -10,7 +10,7 @@ asserts nothing.
 
 The 3-shot evaluation is timed two ways on the same sentences: `plain`, every sentence's whole
 prompt (the three examples included) run through the model, batches in the data's order; and
-evaluate.py's way, the examples' keys/values computed once per direction and reused, batches of
+comparison.py's way, the examples' keys/values computed once per direction and reused, batches of
 similar lengths. Both must give the same translations.
 """
 
@@ -23,8 +23,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-import evaluate  # noqa: E402
-import prompting  # noqa: E402
+from machinery import comparison  # noqa: E402
+from methods import prompting  # noqa: E402
 import mini_gpt2  # noqa: E402
 from mini_gpt2 import fast  # noqa: E402
 from tests.reference import generate_step_by_step  # noqa: E402
@@ -76,7 +76,7 @@ def plain_few_shot(model, few, texts, source, target, limits, batch_size):
 
 
 def few_shot_speed(model, n, batch_size, repeats, device):
-    """Sentences per second of 3-shot French->English, plain and as evaluate.py runs it, and whether they agree."""
+    """Sentences per second of 3-shot French->English, plain and as comparison.py runs it, and whether they agree."""
     pairs = sample_pairs(n + 3)
     few = prompting.FewShot(model, pairs[:3])
     texts = [fr for _, fr in pairs[3:]]
@@ -89,7 +89,7 @@ def few_shot_speed(model, n, batch_size, repeats, device):
 
     def shared():
         few.heads.clear()  # the examples' keys/values are computed anew on every run
-        out["shared"] = evaluate.translate_all(few, texts, sources, "fr", "en", limits, batch_size)
+        out["shared"] = comparison.translate_all(few, texts, sources, "fr", "en", limits, batch_size)
 
     times = median_times({"plain": plain, "shared": shared}, repeats, device)
     return n / times["plain"], n / times["shared"], out["plain"] == out["shared"]

@@ -31,7 +31,7 @@ import train  # noqa: E402
 from mini_gpt2 import fast  # noqa: E402
 from benchmarks.common import median_times, parser, peak_memory, random_checkpoint, setup  # noqa: E402
 from mini_gpt2 import EOT  # noqa: E402
-import lora  # noqa: E402
+from methods import lora  # noqa: E402
 from methods import METHODS  # noqa: E402
 
 

@@ -105,7 +105,7 @@ def call(capsys, monkeypatch):
     Run a script's main() through cli.run in this process, as the script does (faster than `run`):
     call(train.main, *args) -> CompletedProcess-like (returncode, stdout, stderr).
     """
-    import cli
+    from machinery import cli
 
     def call(main, *args, stdin=""):
         monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))

@@ -29,7 +29,7 @@ def worker(rank, world, port, args, folder, fault):
     import torch
 
     torch.set_num_threads(1)
-    import cli
+    from machinery import cli
     import train
 
     mine = fault if fault and fault[0] == rank else None  # (rank, step, what): what goes wrong in that process
@@ -51,18 +51,18 @@ def worker(rank, world, port, args, folder, fault):
 
     generate.decode = decode
     if mine and mine[2] in ("checkpoint", "best"):  # writing the checkpoint, or the best file, of step `step` fails
-        import run
+        from machinery import run_folder
         from mini_gpt2 import UserError
 
         name = {"checkpoint": "_checkpoint", "best": "save_learned"}[mine[2]]
-        real_write = getattr(run.Run, name)
+        real_write = getattr(run_folder.Run, name)
 
         def write(self, *a):
             if self.step == mine[1]:
                 raise UserError(f"no space left on device for its {mine[2]}")
             return real_write(self, *a)
 
-        setattr(run.Run, name, write)
+        setattr(run_folder.Run, name, write)
     code = 0
     try:
         cli.run(lambda: train.main(args))

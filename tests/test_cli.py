@@ -6,12 +6,12 @@ import json
 import pytest
 import torch
 
-import data
+from machinery import data
 import prefix
-import prefix_file
+from machinery import learned_file
 import train
 from mini_gpt2 import UserError
-from prefix_file import load_prefixes
+from machinery.learned_file import load_prefixes
 from tests.conftest import fail_in_step, one_line_error, run, train_args
 
 def test_train_then_translate(tiny_ckpt, csv_file, tmp_path):
@@ -86,7 +86,7 @@ def test_bad_inputs_give_one_line_errors(tiny_ckpt, csv_file, tmp_path):
     make_checkpoint(other, n_layer=3, n_head=4, n_embd=64)
     pfile = tmp_path / "p.safetensors"
     model_config = train.mini_gpt2.from_pretrained(ckpt, device="cpu").config
-    prefix_file.save_prefixes(pfile, torch.zeros(2, 2, 2, 5, 3, 16), prefix.NAMES, model_config, model=str(ckpt))
+    learned_file.save_prefixes(pfile, torch.zeros(2, 2, 2, 5, 3, 16), prefix.NAMES, model_config, model=str(ckpt))
     assert "but this model has 3 layers" in one_line_error(run("translate.py", "--prefix", pfile, "--model", other, "Bonjour"))
     assert "input 2 is" in one_line_error(run("translate.py", "--prefix", pfile, "Bonjour", "mot " * 400))
     assert "nothing to translate" in one_line_error(run("translate.py", "--prefix", pfile, stdin=""))

@@ -7,7 +7,7 @@ import zipfile
 
 import pytest
 
-import data
+from machinery import data
 from tests.http_server import Hub
 
 KAGGLE_PATH = f"/api/v1/datasets/download/{data.KAGGLE_DATASET}"

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import train
-from prefix_file import load_prefixes
+from machinery.learned_file import load_prefixes
 from tests.conftest import fail_in_step, one_line_error, train_args
 from tests.ranks import processes
 
@@ -124,11 +124,11 @@ def test_the_others_wait_for_process_0s_files_before_the_comparison(tiny_ckpt, c
     The comparison reads the files process 0 writes: the best one at a validation, the last one and
     the notes at the end (Run.finish), which every process passes together, before it goes on.
     """
-    import dist
-    import run
+    from machinery import dist
+    from machinery import run_folder
 
     inside, seen = [], []
-    real_together, real_finish = dist.together, run.Run._finish
+    real_together, real_finish = dist.together, run_folder.Run._finish
 
     def together(fn):
         inside.append(True)
@@ -138,13 +138,13 @@ def test_the_others_wait_for_process_0s_files_before_the_comparison(tiny_ckpt, c
             inside.pop()
 
     monkeypatch.setattr(dist, "together", together)
-    monkeypatch.setattr(run.Run, "_finish", lambda self, learned: seen.append(bool(inside)) or real_finish(self, learned))
+    monkeypatch.setattr(run_folder.Run, "_finish", lambda self, learned: seen.append(bool(inside)) or real_finish(self, learned))
     assert train.main(train_args(tiny_ckpt[0], csv_file, tmp_path / "run", "--steps", 2, "--no-eval")) == 0
     assert seen == [True]
 
 
 def test_a_process_gone_without_a_word_is_one_line(call):
-    import dist
+    from machinery import dist
 
     def main(argv):
         raise dist.PeerGone("Connection closed by peer [127.0.0.1]:4242")

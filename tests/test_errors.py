@@ -19,14 +19,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import cli
+from machinery import cli
 import mini_gpt2
 import prefix
-import prefix_file
+from machinery import learned_file
 import train
 import translate
 from mini_gpt2 import UserError, files
-from run import RUN_FILES
+from machinery.run_folder import RUN_FILES
 from tests.conftest import ROOT, fail_in_step, make_checkpoint, one_line_error, run, train_args
 from tests.http_server import Hub
 
@@ -151,7 +151,7 @@ def test_a_resumed_run_says_where_it_resumes(run_copy, tiny_ckpt, csv_file, call
 
 def write_prefix(path, model_config, kv=None, **meta):
     kv = torch.zeros(2, 2, 2, 5, 3, 16) if kv is None else kv
-    prefix_file.save_prefixes(path, kv, prefix.NAMES, model_config, **meta)
+    learned_file.save_prefixes(path, kv, prefix.NAMES, model_config, **meta)
     return path
 
 
@@ -442,7 +442,7 @@ def test_ctrl_c_in_the_last_validation_stops_there_and_resume_finishes_the_run(t
     for name in ("prefix.safetensors", "prefix-last.safetensors"):  # as if never stopped
         assert (out / name).exists() == (straight / name).exists()
         if (out / name).exists():
-            (a, _, meta_a), (b, _, meta_b) = prefix_file.load_prefixes(out / name), prefix_file.load_prefixes(straight / name)
+            (a, _, meta_a), (b, _, meta_b) = learned_file.load_prefixes(out / name), learned_file.load_prefixes(straight / name)
             speed = lambda meta: {k: v for k, v in meta.items() if k != "tokens_per_s"}  # noqa: E731  (a timing)
             assert torch.equal(a, b) and speed(meta_a) == speed(meta_b)
     val = [[(row["step"], row["val_loss"]) for row in csv.DictReader(open(d / "log.csv")) if row["val_loss"]]
@@ -490,7 +490,7 @@ def test_sighup_is_handled_as_ctrl_c(tiny_ckpt, csv_file, tmp_path, call, monkey
 
 
 def test_sigterm_in_the_comparison_says_the_training_is_kept(tiny_ckpt, csv_file, tmp_path, call, monkeypatch):
-    monkeypatch.setattr(train.evaluate, "evaluate", lambda *a, **k: stop_signal("SIGTERM"))
+    monkeypatch.setattr(train.comparison, "evaluate", lambda *a, **k: stop_signal("SIGTERM"))
     out = tmp_path / "run"
     r = call(train.main, *train_args(tiny_ckpt[0], csv_file, out))
     assert r.returncode == 143 and f"terminated in the evaluation; the training is complete and saved in {out}" in r.stderr
@@ -537,7 +537,7 @@ def test_ctrl_c_in_the_evaluation_says_the_training_is_kept(tiny_ckpt, csv_file,
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train.evaluate, "evaluate", interrupted)
+    monkeypatch.setattr(train.comparison, "evaluate", interrupted)
     out = tmp_path / "run"
     r = call(train.main, *train_args(tiny_ckpt[0], csv_file, out))
     assert r.returncode == 130
@@ -567,7 +567,7 @@ def test_prefixes_that_became_nan_are_never_checkpointed(tiny_ckpt, csv_file, tm
     assert "the prefixes hold NaN or inf values at step 3" in line and f"{out / 'checkpoint.pt'} holds step 2" in line
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert state["step"] == 2 and all(torch.isfinite(v).all() for v in state["prefixes"].values())
-    assert int(prefix_file.load_prefixes(out / "prefix.safetensors")[2]["step"]) <= 2
+    assert int(learned_file.load_prefixes(out / "prefix.safetensors")[2]["step"]) <= 2
 
 
 def test_nan_in_the_first_step_advice_works(tiny_ckpt, csv_file, tmp_path, call, monkeypatch):
@@ -722,7 +722,7 @@ def test_what_was_cut_to_fit_is_said_and_recorded(tiny_ckpt, csv_file, tmp_path,
     assert "note: --val-size 50 is more than a tenth of the 36 pairs: 3 are used" in r.stdout
     assert "note: --warmup 10 is longer than --steps 6: the learning rate rises to 0.03 at the last step and never " \
            "reaches the peak 0.05" in r.stdout
-    meta = prefix_file.load_prefixes(out / "prefix.safetensors")[2]
+    meta = learned_file.load_prefixes(out / "prefix.safetensors")[2]
     assert (meta["heldout"], meta["heldout_pairs"], meta["val_size"], meta["val_pairs"]) == ("4", "3", "50", "3")
     settings = json.loads((out / "results.json").read_text())["settings"]
     assert (settings["heldout"], settings["heldout_pairs"]) == (4, 3)
@@ -772,7 +772,7 @@ def test_a_prompt_file_that_leaves_the_comparison_no_room_is_refused_before_the_
                                                                                             csv_file, tmp_path, call):
     folder = never_read_model(tiny_ckpt, tmp_path)
     pfile = tmp_path / "prompt.safetensors"
-    prefix_file.save_prefixes(pfile, torch.zeros(2, 495, tiny_config.n_embd), prefix.NAMES, tiny_config, "prompt",
+    learned_file.save_prefixes(pfile, torch.zeros(2, 495, tiny_config.n_embd), prefix.NAMES, tiny_config, "prompt",
                               model=str(folder), data=str(csv_file))
     line = one_line_error(call(train.main, "--eval-only", "--prefix", pfile, "--max-len", 32, "--out", tmp_path / "o"))
     assert line.startswith(f"error: {pfile}: the prompts take 990 positions") and "leave this file out" in line

@@ -6,32 +6,32 @@ import math
 import pytest
 import torch
 
-import data
-import evaluate
-import prompting
+from machinery import data
+from machinery import comparison
+from methods import prompting
 import methods
 import prefix
-import prefix_file
+from machinery import learned_file
 from mini_gpt2 import from_pretrained
 from tests.conftest import PAIRS, run
 
 
 def test_bleu_hand_checked_cases():
-    s = evaluate.bleu_scores(["Le chat dort sur le tapis."], ["Le chat dort sur le tapis."])
+    s = comparison.bleu_scores(["Le chat dort sur le tapis."], ["Le chat dort sur le tapis."])
     assert s["corpus"] == pytest.approx(100) and s["sentence_smoothed"] == pytest.approx(100)
     assert s["sentence_whitespace"] == pytest.approx(100)
-    assert evaluate.bleu_scores(["un deux trois quatre"], ["five six seven eight"])["corpus"] == 0
+    assert comparison.bleu_scores(["un deux trois quatre"], ["five six seven eight"])["corpus"] == 0
 
     # a b c d e f against a b c d x f: 1-grams 5/6, 2-grams 3/5 (ab bc cd), 3-grams 2/4 (abc bcd),
     # 4-grams 1/3 (abcd); same length, so no brevity penalty: BLEU = (5/6 * 3/5 * 2/4 * 1/3) ** (1/4)
     by_hand = 100 * (5 / 6 * 3 / 5 * 2 / 4 * 1 / 3) ** 0.25
     assert by_hand == pytest.approx(53.73, abs=0.01)
-    s = evaluate.bleu_scores(["a b c d e f"], ["a b c d x f"])
+    s = comparison.bleu_scores(["a b c d e f"], ["a b c d x f"])
     assert s["corpus"] == pytest.approx(by_hand) and s["sentence_whitespace"] == pytest.approx(by_hand)
 
 
 def test_bleu_tokens_split_punctuation():
-    assert evaluate.bleu_tokens("L'été, déjà.") == ["L", "'", "été", ",", "déjà", "."]
+    assert comparison.bleu_tokens("L'été, déjà.") == ["L", "'", "été", ",", "déjà", "."]
 
 
 def test_few_shot_prompt_layout():
@@ -57,7 +57,7 @@ def test_eval_only_end_to_end_with_both_methods(tiny_ckpt, csv_file, tmp_path):
     files = {"prefix": tmp_path / "A.safetensors", "prompt": tmp_path / "B.safetensors"}
     for method, path in files.items():
         learned = methods.TOKENS[method].random(model, prefix.NAMES, 3, g)
-        prefix_file.save_prefixes(path, learned, prefix.NAMES, model.config, method, model=str(tiny_ckpt[0]),
+        learned_file.save_prefixes(path, learned, prefix.NAMES, model.config, method, model=str(tiny_ckpt[0]),
                              data=str(csv_file), rows=200000, heldout=8, seed=0)
     r = run("train.py", "--eval-only", "--prefix", files["prefix"], files["prompt"], "--data", csv_file, "--heldout", 8,
             "--eval-size", 3, "--out", tmp_path / "out")
@@ -113,7 +113,7 @@ def test_corpus_bleu_pools_the_counts_of_all_sentences():
     # "a b c d" exactly, and "a b c d e f" against "a b c d x f": pooled 1-grams 9/10, 2-grams 6/8,
     # 3-grams 4/6, 4-grams 2/4, same lengths: BLEU = (9/10 * 6/8 * 4/6 * 2/4) ** (1/4), which is not
     # the mean of the two sentences' BLEU ((1 + 0.5373) / 2 = 0.7686)
-    s = evaluate.bleu_scores(["a b c d", "a b c d e f"], ["a b c d", "a b c d x f"])
+    s = comparison.bleu_scores(["a b c d", "a b c d e f"], ["a b c d", "a b c d x f"])
     assert s["corpus"] == pytest.approx(100 * (9 / 10 * 6 / 8 * 4 / 6 * 2 / 4) ** 0.25)  # 68.87
     assert s["sentence_smoothed"] == pytest.approx(100 * (1 + (5 / 6 * 3 / 5 * 2 / 4 * 1 / 3) ** 0.25) / 2)
 
@@ -121,7 +121,7 @@ def test_corpus_bleu_pools_the_counts_of_all_sentences():
 def test_the_smoothed_sentence_bleu_gives_a_missing_4gram_a_tenth():
     # "a b c x" against "a b c d": 1-grams 3/4, 2-grams 2/3, 3-grams 1/2, 4-grams 0/1, which NLTK's
     # smoothing method 1 counts as 0.1/1; unsmoothed, the sentence scores 0
-    s = evaluate.bleu_scores(["a b c x"], ["a b c d"])
+    s = comparison.bleu_scores(["a b c x"], ["a b c d"])
     assert s["sentence_smoothed"] == pytest.approx(100 * (3 / 4 * 2 / 3 * 1 / 2 * 0.1) ** 0.25)  # 39.76
     assert s["sentence_whitespace"] < 1e-10 and s["corpus"] < 1e-10  # NLTK returns a tiny number for 0
 
@@ -129,7 +129,7 @@ def test_the_smoothed_sentence_bleu_gives_a_missing_4gram_a_tenth():
 def test_the_whitespace_sentence_bleu_splits_on_spaces_only():
     # Whitespace tokens: "mat ." against "mat.": 1-grams 5/7, 2-grams 4/6, 3-grams 3/5, 4-grams 2/4,
     # the hypothesis longer (no brevity penalty); the regex tokens of both are the same, 100
-    s = evaluate.bleu_scores(["the cat sat on the mat ."], ["the cat sat on the mat."])
+    s = comparison.bleu_scores(["the cat sat on the mat ."], ["the cat sat on the mat."])
     assert s["sentence_whitespace"] == pytest.approx(100 * (5 / 7 * 4 / 6 * 3 / 5 * 2 / 4) ** 0.25)  # 61.48
     assert s["corpus"] == pytest.approx(100) and s["sentence_smoothed"] == pytest.approx(100)
 
@@ -146,12 +146,12 @@ def test_bleu_agrees_with_sacrebleu_and_nltk_called_directly():
     import sacrebleu
     from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 
-    s = evaluate.bleu_scores(HYPOTHESES, REFERENCES)
-    join = lambda texts: [" ".join(evaluate.bleu_tokens(t)) for t in texts]  # noqa: E731  the same tokens
+    s = comparison.bleu_scores(HYPOTHESES, REFERENCES)
+    join = lambda texts: [" ".join(comparison.bleu_tokens(t)) for t in texts]  # noqa: E731  the same tokens
     theirs = sacrebleu.corpus_bleu(join(HYPOTHESES), [join(REFERENCES)], tokenize="none", smooth_method="none",
                                    force=True)
     assert 0 < s["corpus"] < 100 and s["corpus"] == pytest.approx(theirs.score, abs=1e-9)
-    tok = evaluate.bleu_tokens
+    tok = comparison.bleu_tokens
     smooth = SmoothingFunction().method1
     mean = lambda xs: 100 * sum(xs) / len(xs)  # noqa: E731
     assert s["sentence_smoothed"] == pytest.approx(
@@ -168,20 +168,20 @@ def test_both_directions_is_the_corpus_bleu_of_all_their_sentences_together():
         def __call__(self, texts, sources, source, target, limits):
             return [answers[target][[p[{"en": 0, "fr": 1}[source]] for p in pairs].index(t)] for t in texts]
 
-    scores, _ = evaluate.evaluate({"fixed": Fixed()}, evaluate.evaluation_pairs(pairs, 128, 4), 2)
+    scores, _ = comparison.evaluate({"fixed": Fixed()}, comparison.evaluation_pairs(pairs, 128, 4), 2)
     refs = {"en": [en for en, _ in pairs], "fr": [fr for _, fr in pairs]}
     for target, source in (("en", "fr"), ("fr", "en")):
         h, r = answers[target], refs[target]
-        assert scores[f"fixed {source}->{target}"] == evaluate.bleu_scores(h, r) | evaluate.mt_scores(h, r) | {"pairs": 4}
+        assert scores[f"fixed {source}->{target}"] == comparison.bleu_scores(h, r) | comparison.mt_scores(h, r) | {"pairs": 4}
     h, r = answers["en"] + answers["fr"], refs["en"] + refs["fr"]
-    assert scores["fixed both"] == evaluate.bleu_scores(h, r) | evaluate.mt_scores(h, r) | {"pairs": 8}
+    assert scores["fixed both"] == comparison.bleu_scores(h, r) | comparison.mt_scores(h, r) | {"pairs": 8}
     assert len({scores[f"fixed {d}"]["corpus"] for d in ("fr->en", "en->fr", "both")}) == 3  # all three differ
 
 
 def test_held_out_pairs_longer_than_training_allowed_are_not_evaluated(capsys):
     held = [("Thank you.", "Merci."), ("word " * 40, "mot " * 40), ("Good night.", "Bonne nuit.")]
-    pairs = evaluate.evaluation_pairs(held, 64, 10)  # 41 + 41 + <|endoftext|> tokens do not fit 64
+    pairs = comparison.evaluation_pairs(held, 64, 10)  # 41 + 41 + <|endoftext|> tokens do not fit 64
     assert [p.text["en"] for p in pairs] == ["Thank you.", "Good night."]
     assert pairs[0].ids == {"en": prefix.encode_sentence("Thank you."), "fr": prefix.encode_sentence("Merci.")}
     assert "1 held-out pairs longer than --max-len 64 left out" in capsys.readouterr().out
-    assert len(evaluate.evaluation_pairs(held, 64, 1)) == 1  # and --eval-size of them
+    assert len(comparison.evaluation_pairs(held, 64, 1)) == 1  # and --eval-size of them

@@ -7,9 +7,9 @@ eager losses and gradients, compiling only for a new shape (twice: see fast.py).
 import pytest
 import torch
 
-import prompting
+from methods import prompting
 import prefix
-import prompt
+from methods import prompt
 import train
 from methods import TOKENS
 from mini_gpt2 import encode, fast, from_pretrained, generate

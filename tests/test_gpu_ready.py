@@ -12,10 +12,10 @@ import weakref
 import pytest
 import torch
 
-import evaluate
+from machinery import comparison
 import methods
-import prompting
-import prompt
+from methods import prompting
+from methods import prompt
 import train
 from mini_gpt2 import decode, encode, from_pretrained, generate
 from methods import translate
@@ -170,7 +170,7 @@ def test_evaluation_puts_results_back_in_order(models, kv, monkeypatch):
     monkeypatch.setattr(methods.TokenTranslator, "__call__", spy)
     monkeypatch.setattr(prompting.FewShot, "__call__", spy)
     rows = {"prefix": methods.METHODS["prefix"].translator(model, kv, NAMES), "1-shot": prompting.FewShot(model, pairs[:1])}
-    scores, outputs = evaluate.evaluate(rows, evaluate.evaluation_pairs(pairs, 128, 4), 2)
+    scores, outputs = comparison.evaluate(rows, comparison.evaluation_pairs(pairs, 128, 4), 2)
     assert outputs[("prefix", "fr", "en")] == [f"[{fr}]" for _, fr in pairs]  # back in the data's order
     assert all(batch == sorted(batch) for batch in seen) and seen[0][0] == min(seen[0] + seen[1])
 

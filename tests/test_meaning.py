@@ -11,14 +11,14 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
-import data
-import prompting
+from machinery import data
+from methods import prompting
 import train
 import translate
-import lora
+from methods import lora
 from mini_gpt2 import EOT, decode, encode, from_pretrained, generate, save_pretrained
 from methods import TOKENS
-from prefix_file import load_prefixes
+from machinery.learned_file import load_prefixes
 from tests import reference
 from tests.conftest import train_args
 

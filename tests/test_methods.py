@@ -9,14 +9,14 @@ import json
 import pytest
 import torch
 
-import evaluate
-import finetune
-import lora
-import prompting
+from machinery import comparison
+from methods import finetune
+from methods import lora
+from methods import prompting
 import train
 import translate
 from mini_gpt2 import EOT, decode, encode, from_pretrained, save_pretrained
-from prefix_file import load_prefixes
+from machinery.learned_file import load_prefixes
 from tests.conftest import one_line_error, train_args
 from tests.test_prefix import examples, train_on_examples
 from train import Example, make_batch, target_loss
@@ -227,17 +227,17 @@ REFS = ["Hello! My name is Sully.", "Thank you.", "Where is the station?", "I li
 def test_the_bootstrap_counts_are_nltks_corpus_bleu():
     """Summed per-sentence counts give NLTK's corpus BLEU, a hypothesis shorter than 4 tokens included."""
     for hyps in (HYPS, BASE):
-        want = evaluate.bleu_scores(hyps, REFS)["corpus"]
-        assert float(evaluate.bleu_from_stats(evaluate.bleu_stats(hyps, REFS).sum(0))) == pytest.approx(want, abs=1e-9)
+        want = comparison.bleu_scores(hyps, REFS)["corpus"]
+        assert float(comparison.bleu_from_stats(comparison.bleu_stats(hyps, REFS).sum(0))) == pytest.approx(want, abs=1e-9)
 
 
 def test_the_paired_bootstrap_is_seeded_and_holds_the_observed_difference():
-    a = evaluate.paired_bootstrap(HYPS, BASE, REFS, seed=3)
-    assert a == evaluate.paired_bootstrap(HYPS, BASE, REFS, seed=3) != evaluate.paired_bootstrap(HYPS, BASE, REFS, seed=4)
-    observed = evaluate.bleu_scores(HYPS, REFS)["corpus"] - evaluate.bleu_scores(BASE, REFS)["corpus"]
+    a = comparison.paired_bootstrap(HYPS, BASE, REFS, seed=3)
+    assert a == comparison.paired_bootstrap(HYPS, BASE, REFS, seed=3) != comparison.paired_bootstrap(HYPS, BASE, REFS, seed=4)
+    observed = comparison.bleu_scores(HYPS, REFS)["corpus"] - comparison.bleu_scores(BASE, REFS)["corpus"]
     assert a["delta"] == pytest.approx(observed) and a["delta_low"] <= observed <= a["delta_high"]
     assert a["delta_low"] < a["delta_high"]  # eight sentences: a wide interval
-    same = evaluate.paired_bootstrap(HYPS, HYPS, REFS, seed=3)
+    same = comparison.paired_bootstrap(HYPS, HYPS, REFS, seed=3)
     assert same == {"delta": 0.0, "delta_low": 0.0, "delta_high": 0.0}
 
 
@@ -247,10 +247,10 @@ def test_the_paired_bootstrap_is_nltks_corpus_bleu_on_each_resample():
     import numpy as np
 
     picks = np.random.default_rng(5).integers(0, len(REFS), size=(1000, len(REFS)))
-    corpus = lambda hyps, idx: evaluate.bleu_scores([hyps[i] for i in idx], [REFS[i] for i in idx])["corpus"]  # noqa: E731
+    corpus = lambda hyps, idx: comparison.bleu_scores([hyps[i] for i in idx], [REFS[i] for i in idx])["corpus"]  # noqa: E731
     differences = [corpus(HYPS, idx) - corpus(BASE, idx) for idx in picks]
     low, high = np.percentile(differences, [2.5, 97.5])
-    ours = evaluate.paired_bootstrap(HYPS, BASE, REFS, seed=5)
+    ours = comparison.paired_bootstrap(HYPS, BASE, REFS, seed=5)
     assert ours["delta_low"] == pytest.approx(low, abs=1e-6) and ours["delta_high"] == pytest.approx(high, abs=1e-6)
 
 
@@ -260,16 +260,16 @@ def test_sacrebleu_and_chrf_are_the_librarys_own():
 
     french = (["J'aime l'été, vraiment.", "C'est l'heure-là."], ["J'aime l'été, c'est vrai.", "C'est l'heure."])
     for hyps, refs in ((HYPS, REFS), french):
-        s = evaluate.mt_scores(hyps, refs)
+        s = comparison.mt_scores(hyps, refs)
         assert s["sacrebleu"] == sacrebleu.corpus_bleu(hyps, [refs]).score
         assert s["chrf++"] == sacrebleu.corpus_chrf(hyps, [refs], word_order=2).score
-        assert 0 < s["chrf++"] < 100 and s["sacrebleu"] != evaluate.bleu_scores(hyps, refs)["corpus"]
+        assert 0 < s["chrf++"] < 100 and s["sacrebleu"] != comparison.bleu_scores(hyps, refs)["corpus"]
 
 
 def test_without_sacrebleu_the_table_says_so(monkeypatch):
     import sys
 
     monkeypatch.setitem(sys.modules, "sacrebleu", None)
-    assert evaluate.mt_scores(HYPS, REFS) == {} and evaluate.mt_signatures() is None
-    scores = {"0-shot both": evaluate.bleu_scores(HYPS, REFS) | {"pairs": 8}}
-    assert "sacrebleu is not installed (pip install sacrebleu)" in evaluate.table(scores)
+    assert comparison.mt_scores(HYPS, REFS) == {} and comparison.mt_signatures() is None
+    scores = {"0-shot both": comparison.bleu_scores(HYPS, REFS) | {"pairs": 8}}
+    assert "sacrebleu is not installed (pip install sacrebleu)" in comparison.table(scores)

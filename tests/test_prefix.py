@@ -9,7 +9,7 @@ from mini_gpt2 import EOT, UserError, encode, from_pretrained
 from methods import translate
 from prefix import (NAMES, Prefixes, as_past, encode_sentence, init_from_words, init_random, max_new_tokens_for,
                     prefix_hidden, translate_ids)
-from prefix_file import check_fits, load_prefixes, save_prefixes
+from machinery.learned_file import check_fits, load_prefixes, save_prefixes
 from train import Example, make_batch, target_loss
 from tests.conftest import make_checkpoint
 

@@ -10,8 +10,8 @@ import train
 from mini_gpt2 import EOT, encode, from_pretrained, generate
 from methods import METHODS, translate
 from prefix import NAMES, Prefixes, encode_sentence, init_from_words, init_word_ids
-from prefix_file import check_fits, load_prefixes, save_prefixes
-from prompt import prompt_from_words, prompt_hidden, prompt_random, prompt_translate_ids
+from machinery.learned_file import check_fits, load_prefixes, save_prefixes
+from methods.prompt import prompt_from_words, prompt_hidden, prompt_random, prompt_translate_ids
 from train import Example, make_batch, target_loss
 from tests.conftest import one_line_error, train_args
 from tests.test_prefix import examples, train_on_examples

@@ -12,11 +12,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import data
+from machinery import data
 import train
 from mini_gpt2 import decode, from_pretrained
 from prefix import prefix_hidden
-from prefix_file import load_prefixes
+from machinery.learned_file import load_prefixes
 from train import Example, make_batch
 from tests.conftest import ROOT, fail_in_step, train_args
 
@@ -250,10 +250,10 @@ def test_a_resumed_run_sees_the_data_in_the_same_order(tiny_ckpt, csv_file, tmp_
 
 @pytest.mark.parametrize("device,peak", [("cuda", "3.50"), ("cpu", None)])
 def test_a_saved_file_records_the_runs_speed_and_its_gpu_memory(tmp_path, monkeypatch, device, peak):
-    import run
+    from machinery import run_folder
 
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: 3.5 * 2**30)
-    r = run.Run(tmp_path, {"device": device})
+    r = run_folder.Run(tmp_path, {"device": device})
     saved = []
     r.save = lambda path, learned, **meta: saved.append((path, learned, meta))
     r.step, r.tokens_per_s = 7, lambda: "500"

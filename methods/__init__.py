@@ -19,13 +19,13 @@ from typing import Callable, NamedTuple
 
 import torch
 
-import finetune
-import lora
-import prefix_file
+from methods import finetune
+from methods import lora
+from machinery import learned_file
 from mini_gpt2 import decode, from_pretrained
 from prefix import LANGUAGES, NAMES, Prefixes, encode_sentence, init_from_words, init_random, prefix_hidden, translate_ids
-from prompt import prompt_from_words, prompt_hidden, prompt_random, prompt_translate_ids
-from prompting import ZERO_SHOT_TOKENS, FewShot, zero_shot_ids
+from methods.prompt import prompt_from_words, prompt_hidden, prompt_random, prompt_translate_ids
+from methods.prompting import ZERO_SHOT_TOKENS, FewShot, zero_shot_ids
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ def start_tokens(method):
 
 
 def save_tokens(path, learned, config, method, **metadata):
-    prefix_file.save_prefixes(path, {"prefixes": learned.fold()}, NAMES, config, method, **metadata)
+    learned_file.save_prefixes(path, {"prefixes": learned.fold()}, NAMES, config, method, **metadata)
 
 
 class TokenTranslator:
@@ -101,7 +101,7 @@ METHODS = {
     "lora": Method(lambda model, P, init, reparam, seed: lora.start(model, generator=torch.Generator().manual_seed(seed)),
                    lora.lora_hidden, zero_shot_ids, lambda learned: 0, lambda P: ZERO_SHOT_TOKENS,
                    lambda model, learned, names: lora.Translator(model, learned),
-                   lambda path, learned, config, **m: prefix_file.save_prefixes(
+                   lambda path, learned, config, **m: learned_file.save_prefixes(
                        path, {"lora_A": learned.A, "lora_B": learned.B}, NAMES, config, "lora", alpha=learned.alpha, **m),
                    ("lora.safetensors", "lora-last.safetensors"), "LoRA's A and B on every layer's query and value"),
     "finetune": Method(lambda model, P, init, reparam, seed: finetune.start(model), finetune.finetune_hidden,

@@ -36,8 +36,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-import cli
-import dist
+from machinery import cli
+from machinery import dist
 from mini_gpt2 import UserError
 from mini_gpt2.files import atomic_write, os_problem, write_bytes
 

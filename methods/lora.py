@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from prompting import FewShot, causal_hidden
+from methods.prompting import FewShot, causal_hidden
 
 RANK, ALPHA = 4, 32
 
@@ -94,7 +94,7 @@ def lora_hidden(model, lora, idx, src_len, seq_len, src_prefix, tgt_prefix, grad
 
 
 class Translator:
-    """Zero-shot prompting of the model with a LoRA attached: how a LoRA file translates (evaluate.py, translate.py)."""
+    """Zero-shot prompting of the model with a LoRA attached: how a LoRA file translates (comparison.py, translate.py)."""
 
     def __init__(self, model, lora):
         self.model, self.lora = model, lora.to(model.wte.weight.device)

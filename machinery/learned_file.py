@@ -15,7 +15,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
-import lora
+from methods import lora
 from mini_gpt2 import UserError
 from mini_gpt2.files import os_problem, write_bytes
 from prefix import NAMES

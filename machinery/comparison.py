@@ -38,19 +38,19 @@ import torch
 from nltk.translate.bleu_score import SmoothingFunction, corpus_bleu, sentence_bleu
 from tqdm import tqdm
 
-import cli
-import data
-import dist
+from machinery import cli
+from machinery import data
+from machinery import dist
 import mini_gpt2
-import plots
-from cli import positive_int
+from machinery import plots
+from machinery.cli import positive_int
 from methods import METHODS, best_file_in
 from mini_gpt2 import UserError, encode
 from mini_gpt2.files import write_bytes
 from prefix import encode_sentence, fits, max_new_tokens_for
-from prompting import DIRECTIONS, FewShot, few_shot_head, few_shot_tail
+from methods.prompting import DIRECTIONS, FewShot, few_shot_head, few_shot_tail
 from mini_gpt2.load import config_of
-from prefix_file import check_fits, load_prefixes
+from machinery.learned_file import check_fits, load_prefixes
 
 N_EXAMPLES = 5  # examples per direction in results.md
 
@@ -293,7 +293,7 @@ def write_reports(out, scores, outputs, examples, prompts, pairs, settings, abou
 def read_files(paths):
     """
     Each file (or fine-tuned model folder), read and checked once: [(path, learned, names,
-    metadata)] (prefix_file.load_prefixes). A training run's --out stands for its best file.
+    metadata)] (learned_file.load_prefixes). A training run's --out stands for its best file.
     """
     return [(Path(path), *load_prefixes(path)) for path in map(best_file_in, paths)]
 

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 
 import torch
 
-import dist
+from machinery import dist
 import mini_gpt2
 from mini_gpt2 import UserError
 from mini_gpt2.files import os_problem

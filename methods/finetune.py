@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from mini_gpt2 import UserError, save_pretrained
-from prompting import causal_hidden
+from methods.prompting import causal_hidden
 
 
 class FullModel(nn.Module):
