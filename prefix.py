@@ -1,7 +1,5 @@
 """
-Prefix-tuning (Li & Liang, 2021): steer a frozen GPT-2 with learned keys and values. This file is
-the method and its decoding; prompt.py, lora.py and finetune.py are the others, methods.py the
-table of what they do differently, learned_file.py the file they are saved in, train.py the training.
+Prefix-tuning (Li & Liang, 2021): steer a frozen GPT-2 with learned keys and values.
 
 A prefix is P "virtual tokens". A real token would put one key and one value per head into every
 layer's KV cache; a virtual token puts learned ones there directly. So a prefix is a tensor
@@ -27,19 +25,71 @@ Attention does not care where in the cache a key sits, only which keys a query m
 they hold. So training can run a whole padded batch at once, with both prefixes placed before the
 tokens and a mask that encodes the rules above (`prefix_hidden`), while decoding builds the cache
 in reading order (`translate_ids`): the tests check that both give the same logits.
+
+This file is the whole method: how the prefixes start, the training forward, decoding, the file.
+The methods it is compared with (methods/) define the same names, so that train.py and
+translate.py treat all four alike.
 """
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 
-from mini_gpt2 import EOT, UserError, encode
+from machinery import learned_file
+from mini_gpt2 import EOT, UserError, decode, encode
 from mini_gpt2.generate import generate, prefill
 
 NAMES = ("[start_french]", "[start_english]")  # an example's prefixes are indices into this
-LANGUAGES = {"[start_french]": "fr", "[start_english]": "en"}
+LANGUAGES = ("fr", "en")  # the language each of them starts
 INIT_WORDS = {"[start_french]": "French:", "[start_english]": "English:"}  # real words to start from
+
+# What every method module defines (methods/ has the others):
+WHAT = "prefixes, {P} virtual tokens each"  # what is learned, in words ({P}: --prefix-len)
+LEARNED = "prefixes"  # what its files hold, in a word
+FILES = ("prefix.safetensors", "prefix-last.safetensors")  # the best and the last in --out
+LR = 1e-2  # the default peak learning rate (docs/training.md says why); REPARAM_LR through the MLP
+REPARAM_LR = 5e-5
+FROZEN = True  # GPT-2's own weights stay as they are
+LEARNS_TOKENS = True  # --prefix-len and --init are for it
+POSITIONS_PER_VIRTUAL_TOKEN = 0  # virtual tokens take no position ids
+PROMPT_POSITIONS = 0  # a translation follows the sentence's own tokens, no prompt around them
+
+
+class Sentence(NamedTuple):
+    """A sentence, and its tokens as translation reads them (encode_sentence)."""
+    text: str
+    ids: list
+
+
+class Example(NamedTuple):
+    """One training sequence: source tokens, then target tokens ending in <|endoftext|>; prefixes index NAMES."""
+    source: list
+    target: list
+    source_prefix: int
+    target_prefix: int
+
+
+class Batch(NamedTuple):
+    """
+    A training forward pass (train.make_batch): idx (B, T) the examples' tokens, right-padded;
+    src_len and seq_len (B,) the source's length and the source + target's; src_prefix and
+    tgt_prefix (B,) which prefix each row starts with and switches to.
+    """
+    idx: torch.Tensor
+    src_len: torch.Tensor
+    seq_len: torch.Tensor
+    src_prefix: torch.Tensor
+    tgt_prefix: torch.Tensor
+
+
+class Start(NamedTuple):
+    """How what is learned starts (train.py's --prefix-len, --init, --reparam and --seed)."""
+    prefix_len: int
+    init: str  # "words" or "random"
+    reparam: bool
+    seed: int
 
 
 def encode_sentence(text):
@@ -51,6 +101,13 @@ def fits(source, target, max_len):
     """The one length rule, for training, validation and evaluation: source + target + <|endoftext|> within max_len."""
     return len(source) + len(target) + 1 <= max_len
 
+
+def example(source, target, source_lang, target_lang):
+    """The training sequence of a Sentence translated into another: its tokens between the two prefixes."""
+    return Example(source.ids, target.ids + [EOT], LANGUAGES.index(source_lang), LANGUAGES.index(target_lang))
+
+
+# ----------------------------------------------------------------------------- the learned numbers
 
 class Prefixes(nn.Module):
     """
@@ -117,6 +174,18 @@ def init_random(model, names, prefix_len, generator=None):
     return torch.randn(real.shape, generator=generator).to(real.device) * scale
 
 
+def start(model, how):
+    """The prefixes at their start (a Start): from the words, or random; learned directly, or through the MLP."""
+    if how.init == "words":
+        kv = init_from_words(model, NAMES, how.prefix_len)
+    else:
+        kv = init_random(model, NAMES, how.prefix_len, torch.Generator().manual_seed(how.seed))
+    torch.manual_seed(how.seed)  # the MLP of --reparam starts random
+    return Prefixes(kv, reparam=how.reparam).to(model.wte.weight.device)
+
+
+# ----------------------------------------------------------------------------- the training forward
+
 def as_past(kv_rows):
     """(B, L, 2, nh, P, hd) -> the model's cache format: one (k, v) per layer, each (B, nh, P, hd)."""
     # unbind, not indexing: its backward stacks the pieces once, where indexing would build a
@@ -124,21 +193,15 @@ def as_past(kv_rows):
     return [tuple(layer.unbind(1)) for layer in kv_rows.unbind(1)]
 
 
-def prefix_hidden(model, kv, idx, src_len, seq_len, src_prefix, tgt_prefix, grad_checkpoint=False):
+def prefix_hidden(model, kv, batch, grad_checkpoint=False):
     """
-    The training forward: one pass over a right-padded batch of (source, target) sequences, both
-    directions mixed (train.make_batch).
-
-    kv:         (n_prefixes, L, 2, nh, P, hd)
-    idx:        (B, T) source tokens, then target tokens, then padding
-    src_len:    (B,) source length;  seq_len: (B,) source + target length
-    src_prefix, tgt_prefix: (B,) which prefix each row starts with / switches to
-    returns the hidden state before lm_head (B, T, C), and idx, src_len, seq_len as they are (the
-    prompt method changes them: see prompt.prompt_hidden; train.target_loss takes either)
+    One pass over a right-padded Batch of (source, target) sequences, both directions mixed, with
+    the prefixes kv (n_prefixes, L, 2, nh, P, hd): the hidden states before lm_head (B, T, C).
 
     Keys in every layer: [every prefix, n_prefixes * P] [the T tokens]. The prefixes are the same
     for every row (expanded views, not copies per row); the mask decides which of them a row sees.
     """
+    idx, src_len, seq_len, src_prefix, tgt_prefix = batch
     B, T = idx.shape
     n, P = kv.size(0), kv.size(4)
     dev = idx.device
@@ -156,7 +219,16 @@ def prefix_hidden(model, kv, idx, src_len, seq_len, src_prefix, tgt_prefix, grad
     mask = torch.cat([sees_prefix, sees_tokens], dim=2)  # (B, T, nP + T)
 
     h, _ = model.hidden(idx, past, mask, t, grad_checkpoint=grad_checkpoint)
-    return h, idx, src_len, seq_len
+    return h
+
+
+def hidden(model, prefixes, batch, grad_checkpoint=False):
+    """
+    The training forward of the method: `prefixes` (a Prefixes) on a Batch. Returns the hidden
+    states (B, T, C) and the Batch they lay out, as it is here (the prompt method's differs):
+    train.target_loss reads the targets' predictions off them.
+    """
+    return prefix_hidden(model, prefixes(), batch, grad_checkpoint), batch
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -179,7 +251,7 @@ def check_room(n_positions, sources, limits, taken=0, numbers=None):
 
 
 @torch.no_grad()
-def translate_ids(model, kv, sources, src_prefix, tgt_prefix, max_new_tokens, **sampling):
+def translate_ids(model, kv, sources, src_prefix, tgt_prefix, max_new_tokens, **decoding):
     """
     The decoding itself, on token ids. The cache is built in reading order: the source prefix,
     the source but its last token (one prefill over the left-padded batch), then the target
@@ -196,4 +268,31 @@ def translate_ids(model, kv, sources, src_prefix, tgt_prefix, max_new_tokens, **
         layer.update(k, v)
     keys_valid = torch.cat([keys_valid, keys_valid.new_ones(len(sources), kv.size(4))], dim=1)
     return generate(model, [s[-1:] for s in sources], limits, stop_ids=(EOT,), past_kv=cache,
-                    past_valid=keys_valid, past_positions=[len(h) for h in head], **sampling)
+                    past_valid=keys_valid, past_positions=[len(h) for h in head], **decoding)
+
+
+def translator(model, kv, translate_ids=translate_ids):
+    """
+    How a file of prefixes translates: a function of (texts, source language, target language,
+    limits in tokens, decoding options such as temperature) -> the translations, as text.
+    """
+    def translate(texts, source, target, limits, **decoding):
+        n = len(texts)
+        out = translate_ids(model, kv, [encode_sentence(t) for t in texts], [LANGUAGES.index(source)] * n,
+                            [LANGUAGES.index(target)] * n, limits, **decoding)
+        return [decode(o).strip() for o in out]
+    return translate
+
+
+# ----------------------------------------------------------------------------- the file
+
+def save(path, prefixes, config, **metadata):
+    """The prefixes as they are used (folded, if through the MLP), with what they were made for and how."""
+    kv = prefixes.fold()
+    learned_file.save(path, {"prefixes": kv}, "prefix", NAMES, config, prefix_len=kv.size(4), **metadata)
+
+
+def load(path, meta):
+    """The prefixes of a file (its metadata `meta` read and checked: methods.load), checked whole."""
+    L, nh, C, P = learned_file.numbers(path, meta, "n_layer", "n_head", "n_embd", "prefix_len")
+    return learned_file.tensors(path, meta, {"prefixes": (len(NAMES), L, 2, nh, P, C // nh)})["prefixes"]

@@ -1,28 +1,27 @@
 """
 Train the [start_french] / [start_english] prefixes on a frozen GPT-2 (or with --method prompt,
 input-embedding prompts; lora, low-rank updates of its attention; finetune, every weight), then
-compare them with zero-shot and 3-shot prompting of the same model on held-out pairs (comparison.py).
+compare them with zero-shot and 3-shot prompting of the same model on held-out pairs.
 
     python train.py                              # the reference experiment: GPT-2 XL, 200,000 pairs
-    python train.py --model gpt2 --data pairs.csv --steps 200    # small, runs on a CPU
+    python train.py --model gpt2 --data data/sample-en-fr.csv --steps 300 --eval-size 50   # a CPU, 15 minutes
     python train.py ... --resume                 # the same command again continues an interrupted run
-    python train.py --eval-only --prefix runs/prefix/prefix.safetensors   # only the comparison
+    python train.py --eval-only --learned runs/prefix runs/lora   # only the comparison
 
-Writes to --out: prefix.safetensors (the prefixes with the lowest validation loss; lora.safetensors
-or the model folder model/ for those methods), prefix-last.safetensors (the last ones, if not the
-best; lora-last.safetensors, model-last/), checkpoint.pt (to resume), log.csv (the
-loss per step, the validation loss every --eval-every steps), split.json (which pairs did what),
-loss.png, and the comparison: results.json, results.md, bleu.png.
+Writes to --out: prefix.safetensors (the prefixes with the lowest validation loss; prompt.safetensors,
+lora.safetensors or the model folder model/ for the other methods), prefix-last.safetensors (the
+last ones, if not the best), checkpoint.pt (to resume), log.csv (the loss per step, the validation
+loss every --eval-every steps), split.json (which pairs did what), loss.png, and the comparison:
+results.json, results.md, bleu.png.
 
-This file is the training, in reading order: the arguments, pairs to examples to batches, the
-loss, the loop, main. What is done with --out (locking it, checkpoints, resuming, the log, the
-prefix files, what a stopped run says) is run.py's; the methods are methods.py's.
+This file is the training, in reading order: pairs to examples to batches, the loss, the loop,
+then the command line. What is done with --out (locking it, checkpoints, resuming, the log, what a
+stopped run says) is machinery/run_folder.py's; the methods are prefix.py and methods/.
 """
 
 import argparse
 import math
 import random
-from contextlib import nullcontext
 from pathlib import Path
 from typing import NamedTuple
 
@@ -30,136 +29,32 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from machinery import cli
-from machinery import data
-from machinery import dist
-from machinery import comparison
+import methods
 import mini_gpt2
-from machinery import plots
+from machinery import cli, comparison, data, dist, plots
 from machinery.cli import natural_int, positive_float, positive_int
-from methods import LEARNS_TOKENS, METHODS
+from machinery.learned_file import check_fits
+from machinery.run_folder import LossNotFinite, Run
+from methods import METHODS
 from mini_gpt2 import EOT, UserError, fast
 from mini_gpt2.load import config_of
-from prefix import NAMES, encode_sentence, fits
-from machinery.run_folder import LossNotFinite, Run
+from prefix import Batch, Sentence, Start, encode_sentence, fits
 
-# The default peak learning rate of each parameterisation (why: README, "Learning rates").
-DEFAULT_LR = {"direct": 1e-2, "reparam": 5e-5, "prompt": 3e-2, "lora": 2e-4, "finetune": 5e-5}
 MAX_LR = 10.0  # AdamW moves each number by about the rate per step: more than this is a typo
-
-
-def parse_args(argv=None):
-    ap = cli.ArgumentParser(prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", help=f"gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a checkpoint folder "
-                    f"(default {cli.DEFAULT_MODEL}; with --eval-only, the prefix's own)")
-    ap.add_argument("--data", help="CSV with columns en,fr (default: the first --rows of the Kaggle dataset, downloaded)")
-    ap.add_argument("--rows", type=positive_int, help="read only the first N pairs (default 200000)")
-    ap.add_argument("--heldout", type=natural_int, help="pairs held out for evaluation (at most a tenth; default 1000)")
-    ap.add_argument("--val-size", type=positive_int,
-                    help="pairs set aside from training to compute the validation loss on (at most a tenth; default 200)")
-    ap.add_argument("--out", default="runs/prefix", help="output folder (default runs/prefix)")
-    ap.add_argument("--steps", type=positive_int, default=5000, help="optimizer steps (default 5000)")
-    ap.add_argument("--batch-size", type=positive_int, default=32, help="sequences per optimizer step (default 32)")
-    ap.add_argument("--max-batch-tokens", type=positive_int, default=3072,
-                    help="padded tokens per forward pass: a step's sequences are packed into as few passes as fit "
-                    "(default 3072: GPT-2 XL in bfloat16 then needs about 11 GiB of GPU memory; see README)")
-    ap.add_argument("--lr", type=positive_float, help=f"peak learning rate (default {DEFAULT_LR['direct']:g}; "
-                    f"{DEFAULT_LR['reparam']:g} with --reparam; {DEFAULT_LR['prompt']:g}, {DEFAULT_LR['lora']:g} and "
-                    f"{DEFAULT_LR['finetune']:g} with --method prompt, lora and finetune)")
-    ap.add_argument("--warmup", type=natural_int, default=100,
-                    help="linear warm-up steps, then linear decay to 0 (default 100)")
-    ap.add_argument("--method", choices=list(METHODS), default="prefix",
-                    help="prefix: learned keys/values in every layer (Li & Liang; default); prompt: learned input "
-                    "embeddings, which take positions like tokens (the reference experiment's method); lora: low-rank "
-                    "updates of the attention's query and value weights (Hu et al.); finetune: every weight")
-    ap.add_argument("--prefix-len", type=positive_int, default=10, help="virtual tokens per prefix (default 10)")
-    ap.add_argument("--max-len", type=positive_int, default=128, help="skip pairs longer than this many tokens (default 128)")
-    ap.add_argument("--reparam", action="store_true", help="train through the paper's MLP reparameterisation")
-    ap.add_argument("--init", choices=["words", "random"], default="words",
-                    help="start from what the model makes of the words 'French:'/'English:' (their keys/values, or "
-                    "with --method prompt their embeddings; default) or random")
-    ap.add_argument("--grad-checkpoint", action="store_true", help="recompute activations during backward: less memory, more time")
-    ap.add_argument("--compile", action=argparse.BooleanOptionalAction,
-                    help="run the training passes through torch.compile: a minute or two of compiling, then faster steps "
-                    "(default: on a CUDA GPU with Triton, off elsewhere; see README)")
-    ap.add_argument("--save-every", type=positive_int, default=250, help="checkpoint every N steps (default 250)")
-    ap.add_argument("--eval-every", type=positive_int,
-                    help="validation loss every N steps, and at the end (default: with each checkpoint)")
-    cli.add_device_args(ap)
-    ap.add_argument("--seed", type=cli.seed, help="seeds the split, the data order and random init (default 0; "
-                    "with --eval-only, the prefix's own, as --data, --rows, --heldout and --val-size are)")
-    ap.add_argument("--resume", action="store_true", help="continue the run saved in --out (--lr, --steps, --warmup, "
-                    "--save-every, --eval-every, --device, --dtype, --max-batch-tokens, --grad-checkpoint, --compile may "
-                    "change; the rest must be as before)")
-    ap.add_argument("--overwrite", action="store_true", help="start a new run in an --out that holds one, replacing it")
-    ap.add_argument("--no-eval", action="store_true", help="stop after training, without the comparison")
-    comparison.add_args(ap)
-    args = ap.parse_args(argv)
-    cli.settle_device(ap, args)
-    if args.resume and args.overwrite:
-        ap.error("--resume continues the run in --out and --overwrite replaces it: give one of them")
-    if args.eval_only and (args.resume or args.overwrite):
-        ap.error("--eval-only trains nothing, so --resume and --overwrite do not apply")
-    if args.prefix and not args.eval_only:
-        ap.error("--prefix names the files --eval-only evaluates; a training run evaluates its own")
-    if args.heldout == 0 and not args.no_eval:
-        ap.error("--heldout 0 leaves nothing to evaluate: hold some pairs out, or add --no-eval")
-    if args.reparam and args.method != "prefix":
-        ap.error(f"--reparam trains --method prefix through an MLP; it does not apply to --method {args.method}")
-    if args.lr is not None and args.lr > MAX_LR:
-        ap.error(f"--lr {args.lr:g}: AdamW moves every number by about the rate per step, so rates above {MAX_LR:g} "
-                 "only diverge (the defaults are 0.05 and below)")
-    args.lr = args.lr or DEFAULT_LR[args.method if args.method != "prefix" else "reparam" if args.reparam else "direct"]
-    args.eval_every = args.eval_every or args.save_every
-    args.compile = fast.can_compile(args.device) if args.compile is None else args.compile
-    if not args.eval_only:  # --eval-only fills them from the prefix file first
-        data.fill_split_settings(args, {})
-        args.model = args.model or cli.DEFAULT_MODEL
-    return args
-
-
-def check_lengths(args, n_positions):
-    """--max-len and --prefix-len against the model's positions (its config.json alone), before anything large loads."""
-    if args.max_len > n_positions:
-        raise UserError(f"--max-len {args.max_len}: a sequence length of at most {n_positions} fits this model")
-    taken = METHODS[args.method].positions(args.prefix_len)
-    if args.method in LEARNS_TOKENS and (args.prefix_len > n_positions or taken + args.max_len > n_positions):
-        with_prompts = f" (the two prompts take {taken} positions, plus --max-len {args.max_len})" if taken else ""
-        raise UserError(f"--prefix-len {args.prefix_len}: too long a prefix length for this model's {n_positions} "
-                        f"positions{with_prompts}")
-    if args.method not in LEARNS_TOKENS and taken + args.max_len > n_positions:
-        raise UserError(f"--max-len {args.max_len}: with the zero-shot prompt's {taken} positions around the source, "
-                        f"at most {n_positions - taken} fits this model")
-    if args.warmup > args.steps:
-        print(f"note: --warmup {args.warmup} is longer than --steps {args.steps}: the learning rate rises to "
-              f"{lr_at(args.steps - 1, args.lr, args.warmup, args.steps):.3g} at the last step and never reaches the "
-              f"peak {args.lr:g}")
 
 
 # ----------------------------------------------------------------------------- pairs -> examples -> batches
 
-class Example(NamedTuple):
-    """One training sequence: source tokens, then target tokens ending in <|endoftext|>; prefixes index NAMES."""
-    source: list
-    target: list
-    source_prefix: int
-    target_prefix: int
-
-
-def make_examples(pairs, max_len, method="prefix"):
+def make_examples(pairs, max_len, method):
     """
-    Each (en, fr) pair both ways, if its sentences fit max_len (prefix.fits). The source is what the
-    method reads a translation after: the sentence's own tokens, or the zero-shot prompt around
-    them (METHODS[method].source). Returns the examples and how many did not fit.
+    Each (en, fr) pair both ways, as the method lays a translation out (method.example), if its
+    sentences fit max_len (prefix.fits). Returns the examples and how many did not fit.
     """
-    fr, en = NAMES.index("[start_french]"), NAMES.index("[start_english]")
-    source = METHODS[method].source
     examples, too_long = [], 0
     for en_text, fr_text in tqdm(pairs, desc="tokenizing", unit=" pairs", leave=False):
-        en_ids, fr_ids = encode_sentence(en_text), encode_sentence(fr_text)
-        if fits(en_ids, fr_ids, max_len):  # both ways, or neither: the rule counts both sentences
-            examples += [Example(source(fr_text, "fr", "en"), en_ids + [EOT], fr, en),
-                         Example(source(en_text, "en", "fr"), fr_ids + [EOT], en, fr)]
+        en, fr = Sentence(en_text, encode_sentence(en_text)), Sentence(fr_text, encode_sentence(fr_text))
+        if fits(en.ids, fr.ids, max_len):  # both ways, or neither: the rule counts both sentences
+            examples += [method.example(fr, en, "fr", "en"), method.example(en, fr, "en", "fr")]
         else:
             too_long += 2
     return examples, too_long
@@ -200,13 +95,13 @@ class Batches:
 
 
 def row_size(ex, extra=0, round_to=1):
-    """The positions an example takes in a pass: its tokens, `extra` for prompts, rounded up to a multiple of round_to."""
+    """The positions an example takes in a pass: its tokens, `extra` for learned vectors among them, rounded up to round_to."""
     return -(-(len(ex.source) + len(ex.target) + extra) // round_to) * round_to
 
 
 def micro_batches(examples, max_tokens, extra=0, round_to=1):
     """
-    A step's examples packed into forward passes of at most `max_tokens` padded tokens (rows x
+    A step's examples packed into forward passes of at most `max_tokens` padded positions (rows x
     longest row_size), shortest first so that rows of a pass have similar lengths. A longer
     example than the budget still gets a pass of its own.
     """
@@ -220,84 +115,83 @@ def micro_batches(examples, max_tokens, extra=0, round_to=1):
     return passes + [current]
 
 
-def make_batch(examples, device, rows=None, length=None):
-    """
-    A forward pass's tensors: idx (B, T) right-padded, src_len, seq_len, source and target prefix
-    (B,) each. rows, length: pad to that many rows (empty ones: nothing to see, nothing to predict)
-    and tokens, so that compiled passes come in few shapes.
-    """
-    T = length or max(len(ex.source) + len(ex.target) for ex in examples)
-    B = rows or len(examples)
-    idx = torch.full((B, T), EOT, dtype=torch.long)
-    lengths = torch.zeros(B, 4, dtype=torch.long)  # source length, target length, source prefix, target prefix
+class Packing(NamedTuple):
+    """How a step's examples become forward passes (micro_batches): the budget and the size of a row."""
+    max_tokens: int  # --max-batch-tokens
+    extra: int = 0  # positions a row takes beyond its tokens: the prompt method's 2P
+    round_to: int = 1  # lengths rounded up to a multiple of this (compiled passes: few shapes)
+
+
+def make_batch(examples, device):
+    """A forward pass's tensors (a prefix.Batch): the examples' tokens right-padded, their lengths and prefixes."""
+    T = max(len(ex.source) + len(ex.target) for ex in examples)
+    idx = torch.full((len(examples), T), EOT, dtype=torch.long)
+    lengths = torch.zeros(len(examples), 4, dtype=torch.long)  # source length, target length, source prefix, target prefix
     for b, ex in enumerate(examples):
         idx[b, :len(ex.source) + len(ex.target)] = torch.tensor(ex.source + ex.target)
         lengths[b] = torch.tensor([len(ex.source), len(ex.target), ex.source_prefix, ex.target_prefix])
     src_len, tgt_len, src_prefix, tgt_prefix = lengths.to(device).unbind(1)
-    return idx.to(device), src_len, src_len + tgt_len, src_prefix, tgt_prefix
+    return Batch(idx.to(device), src_len, src_len + tgt_len, src_prefix, tgt_prefix)
 
 
 # ----------------------------------------------------------------------------- the loss
 
-def target_loss(model, h, idx, src_len, seq_len):
+def target_loss(model, h, batch):
     """
     The summed cross-entropy of the target tokens (and the final <|endoftext|>), nothing else:
     position t predicts token t + 1 for t from the last source token to the one before the end.
     A sum, not a mean: the training step divides by all of its target tokens, however they were
     split into forward passes, so that every target token weighs the same.
     """
+    idx, src_len, seq_len = batch.idx, batch.src_len, batch.seq_len
     t = torch.arange(idx.size(1) - 1, device=idx.device)[None]
     predicts_target = (t >= (src_len - 1)[:, None]) & (t < (seq_len - 1)[:, None])  # (B, T-1)
     logits = model.logits(h[:, :-1][predicts_target])  # only those rows, in float32: (N, vocab)
     return F.cross_entropy(logits, idx[:, 1:][predicts_target], reduction="sum")
 
 
-def mean_loss(model, learned, examples, method, max_batch_tokens, backward=False, grad_checkpoint=False, compiled=None):
+def summed_loss(model, method, learned, examples, packing, n_targets, backward=False, grad_checkpoint=False):
     """
-    The mean loss over all the target tokens of `examples`, in as few forward passes as fit the
-    token budget: however they are split, every target token weighs the same. With `backward`,
-    the gradient of that mean is accumulated too (an optimizer step's). Returns a tensor: reading
-    it would wait for the GPU. The same for every method but the forward pass (METHODS[method].hidden).
-    compiled: a fast.CompiledBlocks to run the passes through, padded to few shapes (fast.ROUND).
+    target_loss summed over `examples`, in as few forward passes as fit the token budget (a
+    Packing); with `backward`, the gradient of that sum / n_targets accumulates too. A tensor:
+    reading it would wait for the GPU.
     """
-    extra = METHODS[method].slots(learned)
-    n_targets = sum(len(ex.target) for ex in examples)  # of the whole step, on every process
-    if dist.world > 1:  # this process's share: every world-th sequence, by length
-        examples = dist.share(sorted(examples, key=lambda ex: row_size(ex, extra)))
-    return dist.sum_(dist.together(lambda: passes(model, learned, examples, method, max_batch_tokens, n_targets,
-                                                  backward, grad_checkpoint, compiled))) / n_targets
-
-
-def passes(model, learned, examples, method, max_batch_tokens, n_targets, backward, grad_checkpoint, compiled):
-    """mean_loss's forward passes over `examples`: the summed loss (and with `backward`, the gradient of it / n_targets)."""
-    hidden, device = METHODS[method].hidden, model.wte.weight.device
-    extra = METHODS[method].slots(learned)
-    round_to = fast.ROUND if compiled else 1
+    device = model.wte.weight.device
     total = torch.zeros((), device=device)
-    for micro in micro_batches(examples, max_batch_tokens, extra, round_to) if examples else []:  # (a share may be none)
-        if compiled:  # a shape of few: the length rounded up, the rows filled up to the budget (or the step's rows)
-            length = max(row_size(ex, extra, round_to) for ex in micro)
-            rows = max(len(micro), min(max_batch_tokens // length, len(examples)))
-            idx, src_len, seq_len, sp, tp = make_batch(micro, device, rows, length - extra)
-        else:
-            idx, src_len, seq_len, sp, tp = make_batch(micro, device)
+    for micro in micro_batches(examples, *packing):
+        batch = make_batch(micro, device)
         try:
-            with compiled.on(model, (idx.size(0), idx.size(1) + extra), tqdm.write) if compiled else nullcontext():
-                loss = target_loss(model, *hidden(model, learned(), idx, src_len, seq_len, sp, tp, grad_checkpoint))
-                if backward:
-                    (loss / n_targets).backward()
+            loss = target_loss(model, *method.hidden(model, learned, batch, grad_checkpoint))
+            if backward:
+                (loss / n_targets).backward()
         except torch.OutOfMemoryError:
-            rows, length = idx.size(0), idx.size(1) + extra
+            rows, length = len(micro), max(row_size(ex, *packing[1:]) for ex in micro)
             raise UserError(f"out of GPU memory in a forward pass of {rows} x {length} = {rows * length} tokens; try "
-                            f"--max-batch-tokens {max(1, max_batch_tokens // 2)}, or --grad-checkpoint") from None
+                            f"--max-batch-tokens {max(1, packing.max_tokens // 2)}, or --grad-checkpoint") from None
         total += loss.detach()
     return total
 
 
+def mean_loss(model, method, learned, examples, packing, backward=False, grad_checkpoint=False):
+    """
+    The mean loss over all the target tokens of `examples`: every target token weighs the same,
+    however the passes split them. With `backward`, the gradient of that mean accumulates in what
+    is learned (an optimizer step's).
+    """
+    n_targets = sum(len(ex.target) for ex in examples)
+    # -- scale enters here (machinery/dist.py): under torchrun each process computes its share of the
+    # sequences, and the losses and gradients are summed over all the processes. Alone, this is all of them.
+    mine = dist.share(sorted(examples, key=row_size))
+    total = dist.together(lambda: summed_loss(model, method, learned, mine, packing, n_targets, backward, grad_checkpoint))
+    if backward:
+        dist.sum_gradients(learned)
+    return dist.sum_(total) / n_targets
+
+
 @torch.no_grad()
-def validation_loss(model, learned, examples, method, max_batch_tokens):
-    """The teacher-forced target loss on the validation slice, both directions."""
-    return mean_loss(model, learned, examples, method, max_batch_tokens).item()
+def validation_loss(model, method, learned, examples, packing):
+    """The teacher-forced target loss on pairs never trained on (the validation slice), both directions."""
+    return mean_loss(model, method, learned, examples, packing).item()
 
 
 def lr_at(step, lr, warmup, steps):
@@ -309,19 +203,20 @@ def lr_at(step, lr, warmup, steps):
 
 # ----------------------------------------------------------------------------- the loop
 
-def train_loop(args, model, learned, optimizer, batches, val_examples, run):
-    """Optimizer steps from where the run is (0, or a checkpoint's step) to --steps."""
-    compiled = fast.CompiledBlocks() if args.compile else None
-    if run.needs_validation(args.eval_every):  # where training starts from, or one a stop cut short
-        run.validated(validation_loss(model, learned, val_examples, args.method, args.max_batch_tokens), learned)
-    for step in range(run.step, args.steps):
-        lr = lr_at(step, args.lr, args.warmup, args.steps)
+def train_loop(model, method, learned, optimizer, batches, val_examples, run, *, packing, peak_lr, warmup, steps,
+               eval_every, save_every, grad_checkpoint):
+    """Optimizer steps from where the run is (0, or a checkpoint's step) to `steps`."""
+    def validate():  # a lower validation loss than any before also writes the best file
+        run.validated(validation_loss(model, method, learned, val_examples, packing), learned)
+
+    if run.needs_validation(eval_every):  # where training starts from, or one a stop cut short
+        validate()
+    for step in range(run.step, steps):
+        lr = lr_at(step, peak_lr, warmup, steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
         examples = batches[step]
-        loss = mean_loss(model, learned, examples, args.method, args.max_batch_tokens, backward=True,
-                         grad_checkpoint=args.grad_checkpoint, compiled=compiled)
-        dist.sum_gradients(learned)  # under torchrun: every process's share of the step, summed
+        loss = mean_loss(model, method, learned, examples, packing, backward=True, grad_checkpoint=grad_checkpoint)
         norm = torch.nn.utils.clip_grad_norm_(learned.parameters(), 1.0)
         loss, norm = torch.stack([loss, norm.float()]).tolist()  # the step's one wait for the GPU
         if not (math.isfinite(loss) and math.isfinite(norm)):
@@ -330,40 +225,17 @@ def train_loop(args, model, learned, optimizer, batches, val_examples, run):
         optimizer.zero_grad(set_to_none=True)
 
         done = step + 1
-        validating = done % args.eval_every == 0 or done == args.steps
-        run.step_done(done, loss, lr, sum(len(ex.source) + len(ex.target) for ex in examples), validating)
-        if validating:  # a validation loss lower than any before also writes prefix.safetensors
-            run.validated(validation_loss(model, learned, val_examples, args.method, args.max_batch_tokens), learned)
-        if done % args.save_every == 0 or done == args.steps:
+        validating = done % eval_every == 0 or done == steps
+        run.step_done(done, loss, lr, sum(row_size(ex) for ex in examples), validating)
+        if validating:
+            validate()
+        if done % save_every == 0 or done == steps:
             run.checkpoint(learned, optimizer)
 
 
-def load_examples(args, run, n_positions):
-    """The pairs, split, and made into training and validation examples; the held-out pairs to compare on."""
-    pairs, split, shots, record = dist.in_turn(lambda: data.load(args.data, args.rows, args.heldout, args.val_size,
-                                                                 args.seed, args.shots))  # process 0 may download it
-    if args.resume:
-        run.check_data(record)
-    if not split.train:
-        raise UserError("no pair is left to train on: every pair is held out, for validation, or a (near-)duplicate "
-                        "of a held-out or validation pair")
-    examples, too_long = make_examples([pairs[i] for i in split.train], args.max_len, args.method)
-    val_examples, _ = make_examples([pairs[i] for i in split.val], args.max_len, args.method)
-    if not examples or not val_examples:
-        raise UserError(f"every {'training' if not examples else 'validation'} pair is longer than --max-len "
-                        f"{args.max_len} tokens")
-    held_out = comparison.evaluation_pairs([pairs[i] for i in split.held], args.max_len, args.eval_size)
-    if not args.no_eval:
-        comparison.check_few_shot_room([pairs[i] for i in shots], held_out, n_positions, args.shots)
-        if args.method == "prompt":
-            comparison.check_prompt_room(held_out, n_positions, args.prefix_len, f"--prefix-len {args.prefix_len}",
-                                       "lower --prefix-len or --max-len, or add --no-eval")
-    print(f"training examples: {len(examples)} (both directions; {too_long} longer than {args.max_len} tokens skipped); "
-          f"validation examples: {len(val_examples)}")
-    return split, record, examples, val_examples, held_out, [pairs[i] for i in shots]
-
-
 def train(args, run):
+    """The run of `args` (main's command line) in `run` (its --out): data, model, the loop, then the comparison."""
+    method = METHODS[args.method]
     if args.resume:
         run.resume()  # the checkpoint, checked; run.restore puts it into what is learned, below
     config = dist.together(lambda: config_of(args.model))  # a small file: checked before the large ones load
@@ -372,40 +244,73 @@ def train(args, run):
 
     model = load_model(args)
     model.requires_grad_(False)  # GPT-2 stays frozen (but with --method finetune): only what is learned learns
-    method = METHODS[args.method]
-    learned = method.start(model, args.prefix_len, args.init, args.reparam, args.seed)
+    learned = method.start(model, Start(args.prefix_len, args.init, args.reparam, args.seed))
     optimizer = torch.optim.AdamW(learned.parameters(), lr=args.lr, weight_decay=0.0)
     if args.resume:
         run.restore(learned, optimizer)
     n_learned = sum(p.numel() for p in learned.parameters())
-    print(f"model {args.model} on {args.device} in {args.dtype}{', frozen' if method.frozen else ''}; training "
-          f"{n_learned:,} parameters: {method.what.format(P=args.prefix_len)}"
+    print(f"model {args.model} on {args.device} in {args.dtype}{', frozen' if method.FROZEN else ''}; training "
+          f"{n_learned:,} parameters: {method.WHAT.format(P=args.prefix_len)}"
           f"{', through the MLP' if args.reparam else ''}, peak learning rate {args.lr:g}")
+    packing = Packing(args.max_batch_tokens, method.POSITIONS_PER_VIRTUAL_TOKEN * args.prefix_len)
+    # -- speed enters here (mini_gpt2/fast.py): with --compile, the blocks of the training passes run through
+    # torch.compile, the passes padded to few shapes: lengths a multiple of fast.ROUND, rows up to the budget.
+    if args.compile and fast.compile_training(model, args.max_batch_tokens, -(-args.batch_size // dist.world), tqdm.write):
+        packing = packing._replace(round_to=fast.ROUND)
 
     meta = {"model": args.model, "steps": args.steps, "lr": args.lr, "batch": args.batch_size, "reparam": args.reparam,
             "init": args.init, "data": str(Path(args.data).resolve()) if args.data else "kaggle", "rows": args.rows,
             "heldout": args.heldout, "val_size": args.val_size, "seed": args.seed, "data_sha256": record["data_sha256"],
             "heldout_pairs": len(split.held), "val_pairs": len(split.val), "trainable_params": n_learned}
     run.start(record, lambda path, learned, **more: method.save(path, learned, model.config, **meta, **more),
-              method.files)
+              method.FILES, method.LEARNED)
     try:
-        train_loop(args, model, learned, optimizer, Batches(examples, args.batch_size, args.seed), val_examples, run)
+        train_loop(model, method, learned, optimizer, Batches(examples, args.batch_size, args.seed), val_examples, run,
+                   packing=packing, peak_lr=args.lr, warmup=args.warmup, steps=args.steps, eval_every=args.eval_every,
+                   save_every=args.save_every, grad_checkpoint=args.grad_checkpoint)
     except BaseException as e:  # Ctrl-C, a signal, a crash, out of memory, a loss that is not finite
         return run.stopped(e, learned, optimizer)
     run.finish(learned)
-    if dist.is_main() and plots.loss_png(run.log_path, run.out / "loss.png"):
+    if dist.is_main() and plots.loss_png(run.log_path, run.out / "loss.png", f"{args.method}, {args.model}"):
         print(f"loss curves: {run.out / 'loss.png'}")
     if args.no_eval:
         return 0
-    if not method.frozen:  # the comparison's 0-shot and 3-shot rows are of the model as released
+    if not method.FROZEN:  # the comparison's 0-shot and 3-shot rows are of the model as released
         del learned, optimizer
         model = load_model(args)
     try:
-        comparison.run(model, comparison.read_files([run.out / method.files[0]]), shots, held_out, run.out,
-                     args.eval_batch_size, comparison.settings_of(args, record))
+        comparison.run(model, comparison.read_files([run.out / method.FILES[0]]), shots, held_out, run.out,
+                       args.eval_batch_size, comparison.settings_of(args.model, args.seed, args.rows, args.heldout,
+                                                                    args.max_len, record))
     except KeyboardInterrupt as e:
         return run.stopped_in_comparison(e)
     return 0
+
+
+def load_examples(args, run, n_positions):
+    """The pairs, split, and made into training and validation examples; the held-out pairs and the few-shot examples."""
+    pairs, split, shots, record = dist.in_turn(lambda: data.load(args.data, args.rows, args.heldout, args.val_size,
+                                                                 args.seed, args.shots))  # process 0 may download it
+    if args.resume:
+        run.check_data(record)
+    if not split.train:
+        raise UserError("no pair is left to train on: every pair is held out, for validation, or a (near-)duplicate "
+                        "of a held-out or validation pair")
+    method = METHODS[args.method]
+    examples, too_long = make_examples([pairs[i] for i in split.train], args.max_len, method)
+    val_examples, _ = make_examples([pairs[i] for i in split.val], args.max_len, method)
+    if not examples or not val_examples:
+        raise UserError(f"every {'training' if not examples else 'validation'} pair is longer than --max-len "
+                        f"{args.max_len} tokens")
+    held_out = comparison.evaluation_pairs([pairs[i] for i in split.held], args.max_len, args.eval_size)
+    if not args.no_eval:
+        comparison.check_few_shot_room([pairs[i] for i in shots], held_out, n_positions, args.shots)
+        if method.POSITIONS_PER_VIRTUAL_TOKEN:
+            comparison.check_prompt_room(held_out, n_positions, method.POSITIONS_PER_VIRTUAL_TOKEN * args.prefix_len,
+                                         f"--prefix-len {args.prefix_len}", "lower --prefix-len or --max-len, or add --no-eval")
+    print(f"training examples: {len(examples)} (both directions; {too_long} longer than {args.max_len} tokens skipped); "
+          f"validation examples: {len(val_examples)}")
+    return split, record, examples, val_examples, held_out, [pairs[i] for i in shots]
 
 
 def load_model(args):
@@ -413,12 +318,138 @@ def load_model(args):
     return dist.in_turn(lambda: mini_gpt2.from_pretrained(args.model, device=args.device, dtype=cli.DTYPES[args.dtype]))
 
 
+def compare(args, out):
+    """
+    --eval-only: the comparison alone, on the learned files given (default: --out's own), with the
+    model and the split they were made with unless told otherwise.
+    """
+    paths = [methods.best_file_in(p) for p in args.learned or [out]]
+    for path in paths:
+        if not path.exists():
+            raise UserError(f"no file of what train.py learned at {path}: train first, or point --learned at one")
+    files = dist.together(lambda: comparison.read_files(paths))
+    meta = files[0][2]
+    args.model = args.model or meta.get("model", cli.DEFAULT_MODEL)
+    data.fill_split_settings(args, meta)  # the first file's split, unless told otherwise
+    config = dist.together(lambda: config_of(args.model))  # a small file: every learned file is checked against it
+    for path, _, file_meta in files:
+        check_fits(file_meta, config, path)
+    cli.note_if_slow(args.model, args.device)
+    pairs, split, shots, record = dist.in_turn(lambda: data.load(args.data, args.rows, args.heldout, args.val_size,
+                                                                 args.seed, args.shots))  # process 0 may download it
+    for _, _, file_meta in files:
+        comparison.check_split(file_meta, args.rows, args.heldout, args.seed, record)
+    held_out = comparison.evaluation_pairs([pairs[i] for i in split.held], args.max_len, args.eval_size)
+    examples = [pairs[i] for i in shots]
+    comparison.check_few_shot_room(examples, held_out, config.n_positions, args.shots)
+    for path, _, file_meta in files:
+        taken = METHODS[file_meta["method"]].POSITIONS_PER_VIRTUAL_TOKEN * int(file_meta.get("prefix_len", 0))
+        if taken:
+            comparison.check_prompt_room(held_out, config.n_positions, taken, path,
+                                         "lower --max-len or --eval-size, or leave this file out")
+    comparison.run(load_model(args), files, examples, held_out, out, args.eval_batch_size,
+                   comparison.settings_of(args.model, args.seed, args.rows, args.heldout, args.max_len, record))
+    return 0
+
+
+# ----------------------------------------------------------------------------- the command line
+
+def parse_args(argv=None):
+    ap = cli.ArgumentParser(prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help=f"gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a checkpoint folder "
+                    f"(default {cli.DEFAULT_MODEL}; with --eval-only, the learned file's own)")
+    ap.add_argument("--data", help="CSV with columns en,fr (default: the first --rows of the Kaggle dataset, downloaded)")
+    ap.add_argument("--rows", type=positive_int, help=f"read only the first N pairs (default {data.DEFAULT_ROWS})")
+    ap.add_argument("--heldout", type=natural_int, help="pairs held out for evaluation (at most a tenth; default 1000)")
+    ap.add_argument("--val-size", type=positive_int,
+                    help="pairs set aside from training to compute the validation loss on (at most a tenth; default 200)")
+    ap.add_argument("--out", help="output folder (default runs/<method>)")
+    ap.add_argument("--steps", type=positive_int, default=5000, help="optimizer steps (default 5000)")
+    ap.add_argument("--batch-size", type=positive_int, default=32, help="sequences per optimizer step (default 32)")
+    ap.add_argument("--max-batch-tokens", type=positive_int, default=3072,
+                    help="padded tokens per forward pass: a step's sequences are packed into as few passes as fit "
+                    "(default 3072: GPT-2 XL in bfloat16 then needs about 11 GiB of GPU memory; see docs/gpu.md)")
+    ap.add_argument("--lr", type=positive_float, help="peak learning rate (default: the method's, "
+                    + ", ".join(f"{m} {M.LR:g}" for m, M in METHODS.items())
+                    + f"; {METHODS['prefix'].REPARAM_LR:g} with --reparam)")
+    ap.add_argument("--warmup", type=natural_int, default=100,
+                    help="linear warm-up steps, then linear decay to 0 (default 100)")
+    ap.add_argument("--method", choices=list(METHODS), default="prefix",
+                    help="prefix: learned keys/values in every layer (Li & Liang; default); prompt: learned input "
+                    "embeddings, which take positions like tokens (the reference experiment's method); lora: low-rank "
+                    "updates of the attention's query and value weights (Hu et al.); finetune: every weight")
+    ap.add_argument("--prefix-len", type=positive_int, default=10, help="virtual tokens per prefix (default 10)")
+    ap.add_argument("--max-len", type=positive_int, default=128, help="skip pairs longer than this many tokens (default 128)")
+    ap.add_argument("--reparam", action="store_true", help="train through the paper's MLP reparameterisation")
+    ap.add_argument("--init", choices=["words", "random"], default="words",
+                    help="start from what the model makes of the words 'French:'/'English:' (their keys/values, or "
+                    "with --method prompt their embeddings; default) or random")
+    ap.add_argument("--grad-checkpoint", action="store_true", help="recompute activations during backward: less memory, more time")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                    help="run the training passes through torch.compile: minutes of compiling first, then faster steps "
+                    "on a GPU; for long runs (default off; see docs/gpu.md)")
+    ap.add_argument("--save-every", type=positive_int, default=250, help="checkpoint every N steps (default 250)")
+    ap.add_argument("--eval-every", type=positive_int,
+                    help="validation loss every N steps, and at the end (default: with each checkpoint)")
+    cli.add_device_args(ap)
+    ap.add_argument("--seed", type=cli.seed, help="seeds the split, the data order and random init (default 0; "
+                    "with --eval-only, the learned file's own, as --data, --rows, --heldout and --val-size are)")
+    ap.add_argument("--resume", action="store_true", help="continue the run saved in --out (--lr, --steps, --warmup, "
+                    "--save-every, --eval-every, --device, --dtype, --max-batch-tokens, --grad-checkpoint, --compile may "
+                    "change; the rest must be as before)")
+    ap.add_argument("--overwrite", action="store_true", help="start a new run in an --out that holds one, replacing it")
+    ap.add_argument("--no-eval", action="store_true", help="stop after training, without the comparison")
+    comparison.add_args(ap)
+    args = ap.parse_args(argv)
+    cli.settle_device(ap, args)
+    if args.resume and args.overwrite:
+        ap.error("--resume continues the run in --out and --overwrite replaces it: give one of them")
+    if args.eval_only and (args.resume or args.overwrite):
+        ap.error("--eval-only trains nothing, so --resume and --overwrite do not apply")
+    if args.learned and not args.eval_only:
+        ap.error("--learned names the files --eval-only evaluates; a training run evaluates its own")
+    if args.heldout == 0 and not args.no_eval:
+        ap.error("--heldout 0 leaves nothing to evaluate: hold some pairs out, or add --no-eval")
+    if args.reparam and args.method != "prefix":
+        ap.error(f"--reparam trains --method prefix through an MLP; it does not apply to --method {args.method}")
+    if args.lr is not None and args.lr > MAX_LR:
+        ap.error(f"--lr {args.lr:g}: AdamW moves every number by about the rate per step, so rates above {MAX_LR:g} "
+                 "only diverge (the defaults are 0.05 and below)")
+    method = METHODS[args.method]
+    args.lr = args.lr or (method.REPARAM_LR if args.reparam else method.LR)
+    args.eval_every = args.eval_every or args.save_every
+    args.out = args.out or f"runs/{args.method}"
+    if not args.eval_only:  # --eval-only fills them from the learned file first
+        data.fill_split_settings(args, {})
+        args.model = args.model or cli.DEFAULT_MODEL
+    return args
+
+
+def check_lengths(args, n_positions):
+    """--max-len and --prefix-len against the model's positions (its config.json alone), before anything large loads."""
+    if args.max_len > n_positions:
+        raise UserError(f"--max-len {args.max_len}: a sequence length of at most {n_positions} fits this model")
+    method = METHODS[args.method]
+    taken = method.POSITIONS_PER_VIRTUAL_TOKEN * args.prefix_len + method.PROMPT_POSITIONS
+    if method.LEARNS_TOKENS and (args.prefix_len > n_positions or taken + args.max_len > n_positions):
+        with_prompts = f" (the two prompts take {taken} positions, plus --max-len {args.max_len})" if taken else ""
+        raise UserError(f"--prefix-len {args.prefix_len}: too long a prefix length for this model's {n_positions} "
+                        f"positions{with_prompts}")
+    if not method.LEARNS_TOKENS and taken + args.max_len > n_positions:
+        raise UserError(f"--max-len {args.max_len}: with the zero-shot prompt's {taken} positions around the source, "
+                        f"at most {n_positions - taken} fits this model")
+    if args.warmup > args.steps:
+        print(f"note: --warmup {args.warmup} is longer than --steps {args.steps}: the learning rate rises to "
+              f"{lr_at(args.steps - 1, args.lr, args.warmup, args.steps):.3g} at the last step and never reaches the "
+              f"peak {args.lr:g}")
+
+
 def main(argv=None):
     args = parse_args(argv)
     args.device = dist.setup(args.device)  # under torchrun: join the others, on a GPU of this process's own
     with Run(args.out, vars(args)) as run:  # claims --out before anything large loads
         if args.eval_only:
-            return comparison.eval_only(args, run.out)
+            return compare(args, run.out)
         cli.note_if_slow(args.model, args.device)
         return train(args, run)
 

@@ -1,11 +1,13 @@
 """
-Translate between French and English with the prefixes train.py learned.
+Translate between French and English with the prefixes train.py learned (or what another
+--method learned: --learned names its file).
 
     python translate.py "Bonjour! Je m'appelle Sully."          # -> English
     python translate.py "Hello! My name is Sully." "Merci."     # each to the other language
     cat sentences.txt | python translate.py --to fr             # one line in, one line out
+    python translate.py --learned runs/lora "Merci."            # with what a run of --method lora learned
 
-The language of each input is guessed (--to overrides); the model is the one the prefixes were
+The language of each input is guessed (--to overrides); the model is the one the file was
 trained for unless --model says otherwise. Every input is checked before the model loads.
 """
 
@@ -17,16 +19,17 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from machinery import cli
+import methods
 import mini_gpt2
+from machinery import cli
 from machinery.cli import natural_float, positive_int
+from machinery.learned_file import check_fits
+from methods import METHODS
 from mini_gpt2 import UserError
-from methods import METHODS, best_file_in
 from mini_gpt2.load import config_of
 from prefix import check_room, encode_sentence, max_new_tokens_for
-from machinery.learned_file import check_fits, load_prefixes
 
-DEFAULT_PREFIX = Path("runs/prefix/prefix.safetensors")  # where train.py writes
+DEFAULT_PREFIX = Path("runs/prefix/prefix.safetensors")  # where train.py writes its prefixes
 
 FRENCH_HINTS = set("le la les un une des du de et est je tu il elle nous vous ils elles ne pas que qui au aux "
                    "ce cette son sa ses mon ma mes pour dans sur avec c'est j'ai suis sont été très bonjour merci "
@@ -57,9 +60,9 @@ def main(argv=None):
     ap = cli.ArgumentParser(prog="translate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("text", nargs="*", help="phrases to translate (default: one per line from stdin)")
     ap.add_argument("--to", choices=["en", "fr"], help="target language (default: the other one)")
-    ap.add_argument("--prefix", help=f"the file of what train.py learned, of any --method (prefix.safetensors, "
-                    f"lora.safetensors), or a fine-tuned model folder (default {DEFAULT_PREFIX}, or --model if that is "
-                    "a fine-tuned model)")
+    ap.add_argument("--learned", "--prefix", help=f"the file of what train.py learned, of any --method "
+                    f"(prefix.safetensors, lora.safetensors, ...), its run's --out folder, or a fine-tuned model folder "
+                    f"(default {DEFAULT_PREFIX}, or --model if that is a fine-tuned model)")
     ap.add_argument("--model", help="model size or checkpoint folder (default: the one the prefix was trained for); a "
                     "model folder that train.py --method finetune wrote translates by itself")
     ap.add_argument("--max-new-tokens", type=positive_int,
@@ -74,30 +77,31 @@ def main(argv=None):
     if args.top_k is not None and args.temperature == 0:
         ap.error("--top-k has no effect with greedy decoding: give --temperature above 0 too")
 
-    prefix_path = best_file_in(args.prefix or (args.model if finetuned(args.model) else DEFAULT_PREFIX))
-    if not prefix_path.exists():
-        raise UserError(f"no prefix file at {prefix_path}: train one first with `python train.py` "
-                        "(or point --prefix at one)")
+    path = methods.best_file_in(args.learned or (args.model if finetuned(args.model) else DEFAULT_PREFIX))
+    if not path.exists():
+        raise UserError(f"no prefix file at {path}: train one first with `python train.py` "
+                        "(or point --learned at one)")
     texts = args.text or read_stdin()
     if not texts:
         raise UserError("nothing to translate: give phrases as arguments or one per line on stdin")
 
-    learned, names, meta = load_prefixes(prefix_path)
+    learned, meta = methods.load(path)
     method = METHODS[meta["method"]]
-    if meta["method"] == "finetune":  # the folder is the model, and translates by itself
-        name, learned = prefix_path, None
-    else:
+    if method.FROZEN:
         name = args.model or meta.get("model", cli.DEFAULT_MODEL)
+    else:  # the folder is the model itself, and translates by itself
+        name, learned = path, None
     config = config_of(name)
-    check_fits(meta, config, prefix_path)  # before the (large) model loads, as are the inputs
+    check_fits(meta, config, path)  # before the (large) model loads, as are the inputs
     todo = [i for i, t in enumerate(texts) if t.strip()]  # a blank line in gives a blank line out
     sources = {i: encode_sentence(texts[i]) for i in todo}
     limits = {i: args.max_new_tokens or max_new_tokens_for(sources[i]) for i in todo}
-    check_room(config.n_positions, list(sources.values()), list(limits.values()),
-               taken=method.positions(int(meta.get("prefix_len", 0))), numbers=[i + 1 for i in todo])
+    taken = method.POSITIONS_PER_VIRTUAL_TOKEN * int(meta.get("prefix_len", 0)) + method.PROMPT_POSITIONS
+    check_room(config.n_positions, list(sources.values()), list(limits.values()), taken=taken,
+               numbers=[i + 1 for i in todo])
     cli.note_if_slow(str(name), args.device)
     model = mini_gpt2.from_pretrained(name, device=args.device, dtype=cli.DTYPES[args.dtype])
-    translator = method.translator(model, learned, names)
+    translate = method.translator(model, learned)
     generator = None
     if args.seed is not None:
         generator = torch.Generator(model.wte.weight.device).manual_seed(args.seed)
@@ -109,9 +113,9 @@ def main(argv=None):
         for target in ("en", "fr"):  # each direction of the batch as one
             rows = [i for i, t in targets.items() if t == target]
             if rows:
-                out = translator([texts[i] for i in rows], [sources[i] for i in rows], "fr" if target == "en" else "en",
-                                 target, [limits[i] for i in rows], temperature=args.temperature, top_k=args.top_k,
-                                 generator=generator)
+                out = translate([texts[i] for i in rows], "fr" if target == "en" else "en", target,
+                                [limits[i] for i in rows], temperature=args.temperature, top_k=args.top_k,
+                                generator=generator)
                 for i, text in zip(rows, out):
                     lines[i - b] = text.replace("\n", " ")
         print("\n".join(lines), flush=True)

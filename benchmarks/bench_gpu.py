@@ -38,7 +38,7 @@ from machinery import comparison  # noqa: E402
 from methods import prompting  # noqa: E402
 import mini_gpt2  # noqa: E402
 from benchmarks.bench_model import decoding_speed  # noqa: E402
-from benchmarks.bench_prefix import examples, hf_step, our_step, reference  # noqa: E402
+from benchmarks.bench_prefix import compiled_model, examples, hf_step, our_step, reference  # noqa: E402
 from benchmarks.common import (bandwidth, median_times, parser, peak_memory, peak_tflops,  # noqa: E402
                                random_checkpoint, sample_pairs, setup)
 from methods import METHODS  # noqa: E402
@@ -100,9 +100,9 @@ def training_rows(folder, model, device, dtype, seq_len, repeats):
         idx = torch.tensor([s + t for s, t, _, _ in batch], device=device)
         setting = f"{len(batch)} x {seq_len} tokens, budget {budget}{' (default)' if budget == default else ''}"
         peft, _ = hf_step(folder, idx, device, dtype, reference("prefix", 10)[1])
-        compiled = fast.CompiledBlocks()
+        compiled_copy, compiled = compiled_model(folder, device, dtype, budget, len(batch))
         steps = {"eager": our_step(model, 10, batch, device, max_batch_tokens=budget),
-                 "compiled": our_step(model, 10, batch, device, max_batch_tokens=budget, compiled=compiled),
+                 "compiled": our_step(compiled_copy, 10, batch, device, max_batch_tokens=budget, compiled=True),
                  "peft": peft}
         times = median_times(steps, repeats, device)  # the first (untimed) run of "compiled" compiles it
         tokens, cell = cells(steps["eager"], batch, False, times["eager"])
@@ -126,7 +126,7 @@ def training_rows(folder, model, device, dtype, seq_len, repeats):
                 set_fused_attention(model, True)
             rows.append(("prefix training, attention written out", setting, cell, "", ""))
             rows += other_methods(folder, model, device, dtype, batch, budget, setting, repeats, cells)
-        del peft, steps, compiled
+        del peft, steps, compiled, compiled_copy
         if torch.device(device).type == "cuda":
             torch.cuda.empty_cache()
     return rows
@@ -177,14 +177,14 @@ def evaluation_rows(model, device, n, repeats):
     texts = [fr for _, fr in pairs[3:]]
     sources = [encode_sentence(t) for t in texts]
     limits = [max_new_tokens_for(s) for s in sources]
-    methods = {"prefix": METHODS["prefix"].translator(model, kv, NAMES), "3-shot": prompting.FewShot(model, pairs[:3])}
+    methods = {"prefix": METHODS["prefix"].translator(model, kv), "3-shot": prompting.FewShot(model, pairs[:3])}
     rows, out = [], {}
 
     def run(name, graphs):
         def fn():
             fast.GRAPHS = graphs
             try:
-                out[(name, graphs)] = comparison.translate_all(methods[name], texts, sources, "fr", "en", limits, 16)
+                out[(name, graphs)] = comparison.translate_all(methods[name], texts, "fr", "en", limits, 16)
             finally:
                 fast.GRAPHS = True
         return fn

@@ -25,19 +25,21 @@ import train  # noqa: E402
 from benchmarks.bench_prefix import examples  # noqa: E402
 from benchmarks.common import SIZES, random_checkpoint  # noqa: E402
 from mini_gpt2 import GPTConfig, from_pretrained  # noqa: E402
-from methods import TOKENS  # noqa: E402
+from methods import METHODS  # noqa: E402
 from prefix import NAMES, Prefixes  # noqa: E402
 
 
 def distances(model, method, reparam, lr, steps, B, T):
     """RMS distance of the learned tensor from its start after each of `steps` AdamW steps (as train.py takes them)."""
-    init = TOKENS[method].random(model, NAMES, 10, torch.Generator().manual_seed(0))
+    init = METHODS[method].init_random(model, NAMES, 10, torch.Generator().manual_seed(0))
     prefixes = Prefixes(init, reparam=reparam)
     start = prefixes.fold()
     opt = torch.optim.AdamW(prefixes.parameters(), lr=lr, weight_decay=0.0)
     out = []
     for step in range(steps):
-        train.mean_loss(model, prefixes, examples(B, T, seed=step), method, 10**9, backward=True)
+        M = METHODS[method]
+        train.mean_loss(model, M, prefixes, examples(B, T, seed=step), train.Packing(10**9, M.POSITIONS_PER_VIRTUAL_TOKEN * 10),
+                        backward=True)
         torch.nn.utils.clip_grad_norm_(prefixes.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -63,9 +65,9 @@ def main():
           f"initialises them, prefix length 10, batch 8 x 32 random tokens\n")
     runs = [("keys/values directly", "prefix", False, 1e-3), ("keys/values through the MLP", "prefix", True, 1e-3),
             ("input embeddings (prompt)", "prompt", False, 1e-3),
-            ("keys/values directly", "prefix", False, train.DEFAULT_LR["direct"]),
-            ("keys/values through the MLP", "prefix", True, train.DEFAULT_LR["reparam"]),
-            ("input embeddings (prompt)", "prompt", False, train.DEFAULT_LR["prompt"])]
+            ("keys/values directly", "prefix", False, METHODS["prefix"].LR),
+            ("keys/values through the MLP", "prefix", True, METHODS["prefix"].REPARAM_LR),
+            ("input embeddings (prompt)", "prompt", False, METHODS["prompt"].LR)]
     marks = [m for m in (1, 10, 30, 100, 300, 1000) if m <= args.steps]
     print("| learned | lr | " + " | ".join(f"after {m} step{'s' * (m > 1)}" for m in marks) + " | per step, in units of lr |")
     print("|---|---:|" + "---:|" * len(marks) + "---:|")

@@ -29,7 +29,7 @@ def saved_bytes(n_layer, width, B, T, P, dtype, grad_checkpoint):
     kv = (torch.randn(2, n_layer, 2, c.n_head, P, c.head_dim) * 0.5).requires_grad_()
     batch = make_batch(examples(B, T), "cpu")
     with SavedBytes(list(model.parameters())) as saved:
-        loss = target_loss(model, *prefix_hidden(model, kv, *batch, grad_checkpoint=grad_checkpoint))
+        loss = target_loss(model, prefix_hidden(model, kv, batch, grad_checkpoint=grad_checkpoint), batch)
     loss.backward()
     return saved.total
 

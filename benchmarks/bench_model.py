@@ -89,7 +89,7 @@ def few_shot_speed(model, n, batch_size, repeats, device):
 
     def shared():
         few.heads.clear()  # the examples' keys/values are computed anew on every run
-        out["shared"] = comparison.translate_all(few, texts, sources, "fr", "en", limits, batch_size)
+        out["shared"] = comparison.translate_all(few, texts, "fr", "en", limits, batch_size)
 
     times = median_times({"plain": plain, "shared": shared}, repeats, device)
     return n / times["plain"], n / times["shared"], out["plain"] == out["shared"]

@@ -33,6 +33,7 @@ from benchmarks.common import median_times, parser, peak_memory, random_checkpoi
 from mini_gpt2 import EOT  # noqa: E402
 from methods import lora  # noqa: E402
 from methods import METHODS  # noqa: E402
+from prefix import Example, Start  # noqa: E402
 
 
 class SavedBytes:
@@ -73,17 +74,24 @@ def examples(B, T, seed=0):
     """B training examples of T tokens: half source, half target (ending in <|endoftext|>), both directions."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, EOT, (B, T), generator=g).tolist()
-    return [train.Example(row[:T // 2], row[T // 2:-1] + [EOT], b % 2, 1 - b % 2) for b, row in enumerate(ids)]
+    return [Example(row[:T // 2], row[T // 2:-1] + [EOT], b % 2, 1 - b % 2) for b, row in enumerate(ids)]
 
 
-def our_step(model, P, batch, device, max_batch_tokens=10**9, grad_checkpoint=False, method="prefix", compiled=None):
-    """One optimizer step as train.py takes it, with any method (compiled: a fast.CompiledBlocks, as --compile)."""
-    learned = METHODS[method].start(model, P, "random", False, 0)
+def compiled_model(folder, device, dtype, max_batch_tokens, rows):
+    """A model of its own whose training passes run compiled, as train.py --compile makes them. -> (model, its CompiledBlocks)"""
+    model = mini_gpt2.from_pretrained(folder, device=device, dtype=dtype).requires_grad_(False)
+    return model, fast.compile_training(model, max_batch_tokens, rows)
+
+
+def our_step(model, P, batch, device, max_batch_tokens=10**9, grad_checkpoint=False, method="prefix", compiled=False):
+    """One optimizer step as train.py takes it, with any method (compiled: on a compiled_model, packed as --compile packs)."""
+    M = METHODS[method]
+    learned = M.start(model, Start(P, "random", False, 0))
+    packing = train.Packing(max_batch_tokens, M.POSITIONS_PER_VIRTUAL_TOKEN * P, fast.ROUND if compiled else 1)
     opt = torch.optim.AdamW(learned.parameters(), lr=1e-3)
 
     def step():
-        train.mean_loss(model, learned, batch, method, max_batch_tokens, backward=True,
-                        grad_checkpoint=grad_checkpoint, compiled=compiled)
+        train.mean_loss(model, M, learned, batch, packing, backward=True, grad_checkpoint=grad_checkpoint)
         torch.nn.utils.clip_grad_norm_(learned.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -138,13 +146,15 @@ def compare(folder, model, B, T, P, device, dtype, repeats, methods, compiled=Fa
     """
     batch = examples(B, T)
     idx = torch.tensor([s + t for s, t, _, _ in batch], device=device)
-    models = {m: model if METHODS[m].frozen else mini_gpt2.from_pretrained(folder, device=device, dtype=dtype)
+    models = {m: model if METHODS[m].FROZEN else mini_gpt2.from_pretrained(folder, device=device, dtype=dtype)
               for m in methods}  # fine-tuning changes its model: one of its own
     steps = {m: our_step(models[m], P, batch, device, method=m) for m in methods}
-    if compiled:  # as train.py --compile: the first, untimed run of each compiles it
-        steps |= {f"{m} compiled": our_step(models[m], P, batch, device, method=m, compiled=fast.CompiledBlocks())
-                  for m in methods}
-    weights = {name: list(models[name.split()[0]].parameters()) for name in steps}
+    weights = {name: list(models[name].parameters()) for name in steps}
+    if compiled:  # as train.py --compile, each on a model of its own: the first, untimed run of each compiles it
+        for m in methods:
+            models[f"{m} compiled"], _ = compiled_model(folder, device, dtype, 10**9, B)
+            steps[f"{m} compiled"] = our_step(models[f"{m} compiled"], P, batch, device, method=m, compiled=True)
+            weights[f"{m} compiled"] = list(models[f"{m} compiled"].parameters())
     for m in methods:
         name, adapter = reference(m, P)
         if name not in steps:

@@ -21,9 +21,9 @@ sentence to translate, and lets it continue greedily until the end of the line:
 decodes greedily with the same length limit. BLEU is NLTK's, on tokens made by `bleu_tokens`
 (words and punctuation marks apart).
 
-    python train.py --eval-only --prefix runs/prefix/prefix.safetensors [runs/prompt/prefix.safetensors ...]
+    python train.py --eval-only --learned runs/prefix [runs/prompt/prompt.safetensors ...]
 
-train.py runs `run` after training; `--eval-only` runs `eval_only`, the comparison alone.
+train.py runs `run` after training, and with --eval-only, alone.
 """
 
 import json
@@ -38,19 +38,14 @@ import torch
 from nltk.translate.bleu_score import SmoothingFunction, corpus_bleu, sentence_bleu
 from tqdm import tqdm
 
-from machinery import cli
-from machinery import data
-from machinery import dist
-import mini_gpt2
-from machinery import plots
+import methods
+from machinery import dist, plots
 from machinery.cli import positive_int
-from methods import METHODS, best_file_in
+from methods import METHODS
+from methods.prompting import DIRECTIONS, FewShot, few_shot_head, few_shot_tail
 from mini_gpt2 import UserError, encode
 from mini_gpt2.files import write_bytes
 from prefix import encode_sentence, fits, max_new_tokens_for
-from methods.prompting import DIRECTIONS, FewShot, few_shot_head, few_shot_tail
-from mini_gpt2.load import config_of
-from machinery.learned_file import check_fits, load_prefixes
 
 N_EXAMPLES = 5  # examples per direction in results.md
 
@@ -63,10 +58,10 @@ class Pair(NamedTuple):
 
 def add_args(ap):
     g = ap.add_argument_group("evaluation (prefix files against zero- and few-shot prompting)")
-    g.add_argument("--eval-only", action="store_true", help="skip training; evaluate the files given by --prefix")
-    g.add_argument("--prefix", nargs="+", help="for --eval-only: files of any --method (prefix.safetensors, "
-                   "lora.safetensors), fine-tuned model folders, or training runs' --out folders, each a row of the "
-                   "table (default: --out's own)")
+    g.add_argument("--eval-only", action="store_true", help="skip training; evaluate the files given by --learned")
+    g.add_argument("--learned", "--prefix", nargs="+", help="for --eval-only: files of what train.py learned, of any "
+                   "--method (prefix.safetensors, lora.safetensors, ...), fine-tuned model folders, or training runs' "
+                   "--out folders, each a row of the table (default: --out's own)")
     g.add_argument("--eval-size", type=positive_int, default=500, help="held-out pairs to evaluate, each both ways (default 500)")
     g.add_argument("--shots", type=positive_int, default=3, help="examples in the few-shot prompt (default 3)")
     g.add_argument("--eval-batch-size", type=positive_int, default=16, help="sentences decoded together (default 16)")
@@ -167,9 +162,9 @@ def paired_bootstrap(hyps, baseline, references, seed, resamples=1000):
 
 # ----------------------------------------------------------------------------- the evaluation
 
-def translate_all(method, texts, sources, source, target, limits, batch_size, bar=None):
+def translate_all(translate, texts, source, target, limits, batch_size, bar=None):
     """
-    Every text (and its tokens, `sources`) through `method`, in batches of similar lengths (shortest
+    Every text through `translate` (a method's translator), in batches of similar lengths (shortest
     first); results in the texts' order. Under torchrun each process decodes every world-th batch,
     the very batches one process would, and all of them get every result.
     """
@@ -180,7 +175,7 @@ def translate_all(method, texts, sources, source, target, limits, batch_size, ba
         done = {}
         for rows in dist.share(batches):
             pick = lambda xs: [xs[i] for i in rows]  # noqa: E731
-            done |= dict(zip(rows, method(pick(texts), pick(sources), source, target, pick(limits))))
+            done |= dict(zip(rows, translate(pick(texts), source, target, pick(limits))))
             if bar is not None:
                 bar.update(len(rows) * dist.world)
         return done
@@ -192,22 +187,21 @@ def translate_all(method, texts, sources, source, target, limits, batch_size, ba
     return out
 
 
-def evaluate(methods, pairs, batch_size, baseline=None, seed=0):
+def evaluate(translators, pairs, batch_size, baseline=None, seed=0):
     """
-    Translate the held-out pairs (Pair) both ways with each method {name: method}; score each
-    direction and both together, and every other method against `baseline` (a name among them:
-    paired_bootstrap with `seed`). Returns (scores, outputs).
+    Translate the held-out pairs (Pair) both ways with each row's translator {name: translator};
+    score each direction and both together, and every other row against `baseline` (a name among
+    them: paired_bootstrap with `seed`). Returns (scores, outputs).
     """
     scores, outputs = {}, {}
-    bar = tqdm(total=2 * len(methods) * len(pairs), desc="evaluating", unit=" sentences")
+    bar = tqdm(total=2 * len(translators) * len(pairs), desc="evaluating", unit=" sentences")
     for source, target in DIRECTIONS:
-        texts, sources = [p.text[source] for p in pairs], [p.ids[source] for p in pairs]
-        limits = [max_new_tokens_for(s) for s in sources]  # the same limit for every method
-        for name, method in methods.items():
-            outputs[(name, source, target)] = translate_all(method, texts, sources, source, target, limits, batch_size,
-                                                            bar)
+        texts = [p.text[source] for p in pairs]
+        limits = [max_new_tokens_for(p.ids[source]) for p in pairs]  # the same limit for every row
+        for name, translate in translators.items():
+            outputs[(name, source, target)] = translate_all(translate, texts, source, target, limits, batch_size, bar)
     bar.close()
-    for name in methods:
+    for name in translators:
         for direction in [f"{s}->{t}" for s, t in DIRECTIONS] + ["both"]:
             picked = [(s, t) for s, t in DIRECTIONS if direction in (f"{s}->{t}", "both")]
             refs = [p.text[t] for s, t in picked for p in pairs]
@@ -292,10 +286,10 @@ def write_reports(out, scores, outputs, examples, prompts, pairs, settings, abou
 
 def read_files(paths):
     """
-    Each file (or fine-tuned model folder), read and checked once: [(path, learned, names,
-    metadata)] (learned_file.load_prefixes). A training run's --out stands for its best file.
+    Each file (or fine-tuned model folder), read and checked once: [(path, learned, metadata)]
+    (methods.load). A training run's --out stands for its best file.
     """
-    return [(Path(path), *load_prefixes(path)) for path in map(best_file_in, paths)]
+    return [(Path(path), *methods.load(path)) for path in map(methods.best_file_in, paths)]
 
 
 def evaluation_pairs(held_out, max_len, eval_size):
@@ -328,37 +322,36 @@ def check_few_shot_room(examples, pairs, n_positions, shots):
                             f"{n_positions}: lower --shots")
 
 
-def check_prompt_room(pairs, n_positions, prefix_len, who, fix):
+def check_prompt_room(pairs, n_positions, taken, who, fix):
     """
-    A one-line error, before the model loads, if learned prompts (`prefix_len` per language: 2P
-    positions), the longest held-out sentence and its translation would pass GPT-2's positions.
-    (The zero-shot prompt of lora and finetune is checked with the few-shot ones: check_few_shot_room.)
+    A one-line error, before the model loads, if learned prompts (`taken` positions: 2P), the
+    longest held-out sentence and its translation would pass GPT-2's positions. (The zero-shot
+    prompt of lora and finetune is checked with the few-shot ones: check_few_shot_room.)
     """
-    taken = 2 * prefix_len
     longest = max(len(p.ids[s]) + max_new_tokens_for(p.ids[s]) for p in pairs for s in ("en", "fr"))
     if taken + longest > n_positions:
         raise UserError(f"{who}: the prompts take {taken} positions, and with the longest held-out sentence and its "
                         f"translation the comparison needs {taken + longest}, more than GPT-2's {n_positions}: {fix}")
 
 
-def run(model, prefix_files, examples, pairs, out, batch_size, settings):
+def run(model, learned_files, examples, pairs, out, batch_size, settings):
     """
-    Evaluate zero-shot and few-shot prompting with `examples` ((en, fr) pairs), and each prefix file
-    (read_files; made for this model), on the same held-out pairs (evaluation_pairs), `batch_size`
-    sentences at a time: print the table; write results.json (with `settings`, whose "split" is
-    data.load's record), results.md and bleu.png to `out`.
+    Evaluate zero-shot and few-shot prompting with `examples` ((en, fr) pairs), and each learned
+    file (read_files; made for this model), on the same held-out pairs (evaluation_pairs),
+    `batch_size` sentences at a time: print the table; write results.json (with `settings`, whose
+    "split" is data.load's record), results.md and bleu.png to `out`.
     """
     few_shot = FewShot(model, examples)
     baseline = f"{len(examples)}-shot"
-    methods = {"0-shot": FewShot(model, []), baseline: few_shot}
+    translators = {"0-shot": FewShot(model, []), baseline: few_shot}
     files, about = [], {"0-shot": {"trainable_params": "0"}, baseline: {"trainable_params": "0"}}
-    for path, learned, names, meta in prefix_files:
-        row = meta["method"] if meta["method"] not in methods else f"{meta['method']} ({path})"
-        methods[row] = METHODS[meta["method"]].translator(model, learned, names)
+    for path, learned, meta in learned_files:
+        row = meta["method"] if meta["method"] not in translators else f"{meta['method']} ({path})"
+        translators[row] = METHODS[meta["method"]].translator(model, learned)
         files.append({"row": row, "path": str(path), "method": meta["method"], "metadata": meta})
         about[row] = about_file(path, meta)
     with torch.no_grad():
-        scores, outputs = evaluate(methods, pairs, batch_size, baseline, settings["seed"])
+        scores, outputs = evaluate(translators, pairs, batch_size, baseline, settings["seed"])
     settings = {"model": settings["model"], "files": files, "eval_size": len(pairs), "shots": len(examples)} | settings
     prompts = {f"{s}->{t}": few_shot.prompt(s, t) for s, t in DIRECTIONS}
     if not dist.is_main():  # process 0 writes and prints
@@ -370,57 +363,17 @@ def run(model, prefix_files, examples, pairs, out, batch_size, settings):
 
 
 def check_split(meta, rows, heldout, seed, split):
-    """Warn if the held-out pairs may not be the ones this prefix was kept from. split: data.load's record."""
+    """Warn if the held-out pairs may not be the ones this file was kept from. split: data.load's record."""
     now = {"rows": str(rows), "heldout": str(heldout), "seed": str(seed)}
     differ = [f"--{k} {meta[k]}" for k in now if k in meta and meta[k] != now[k]]
     if meta.get("data_sha256", split["data_sha256"]) != split["data_sha256"]:
         differ.insert(0, f"data ({meta.get('data', '?')})")
     if differ:
-        print(f"warning: the prefix was trained with other {', '.join(differ)}: its held-out pairs may differ from these")
+        print(f"warning: the {meta['method']} was trained with other {', '.join(differ)}: its held-out pairs may differ "
+              "from these")
 
 
-def settings_of(args, record):
+def settings_of(model, seed, rows, heldout, max_len, record):
     """What results.json records of train.py's settings, with the split (data.load's record)."""
-    return {"model": args.model, "seed": args.seed, "data": record["data"], "rows": args.rows, "heldout": args.heldout,
-            "heldout_pairs": len(record["heldout"]), "max_len": args.max_len, "split": record}
-
-
-def check_files(args, out):
-    """--eval-only's files, read and checked, with the model and split they were made for. -> (files, the model's config)."""
-    paths = [best_file_in(p) for p in args.prefix or [out]]
-    for path in paths:
-        if path == Path(out) and not args.prefix:
-            path = path / "prefix.safetensors"  # nothing learned there
-        if not path.exists():
-            raise UserError(f"no prefix file at {path}: train one first, or point --prefix at one")
-    files = read_files(paths)
-    meta = files[0][3]
-    args.model = args.model or meta.get("model", cli.DEFAULT_MODEL)
-    data.fill_split_settings(args, meta)  # the first file's split, unless told otherwise
-    config = config_of(args.model)  # a small file: every prefix is checked against it before the model loads
-    for path, _, _, file_meta in files:
-        check_fits(file_meta, config, path)
-    return files, config
-
-
-def eval_only(args, out):
-    """
-    train.py --eval-only (`args`: its command line): the comparison alone, on the prefix files given
-    (default: --out's own), with the model and split they were made with unless told otherwise.
-    """
-    files, config = dist.together(lambda: check_files(args, out))
-    cli.note_if_slow(args.model, args.device)
-    pairs, split, shots, record = dist.in_turn(lambda: data.load(args.data, args.rows, args.heldout, args.val_size,
-                                                                 args.seed, args.shots))  # process 0 may download it
-    for _, _, _, file_meta in files:
-        check_split(file_meta, args.rows, args.heldout, args.seed, record)
-    held_out = evaluation_pairs([pairs[i] for i in split.held], args.max_len, args.eval_size)
-    examples = [pairs[i] for i in shots]
-    check_few_shot_room(examples, held_out, config.n_positions, args.shots)
-    for path, _, _, file_meta in files:
-        if file_meta["method"] == "prompt":
-            check_prompt_room(held_out, config.n_positions, int(file_meta["prefix_len"]), path,
-                              "lower --max-len or --eval-size, or leave this file out")
-    model = dist.in_turn(lambda: mini_gpt2.from_pretrained(args.model, device=args.device, dtype=cli.DTYPES[args.dtype]))
-    run(model, files, examples, held_out, out, args.eval_batch_size, settings_of(args, record))
-    return 0
+    return {"model": model, "seed": seed, "data": record["data"], "rows": rows, "heldout": heldout,
+            "heldout_pairs": len(record["heldout"]), "max_len": max_len, "split": record}

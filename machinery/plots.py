@@ -37,8 +37,8 @@ def smooth(values, weight):
     return out
 
 
-def loss_png(log_path, path):
-    """Training loss (raw and smoothed) and validation loss against step, from log.csv. None without matplotlib."""
+def loss_png(log_path, path, title):
+    """Training loss (raw and smoothed) and validation loss against step, from log.csv, titled. None without matplotlib."""
     plt = _pyplot()
     if plt is None:
         return None
@@ -53,6 +53,7 @@ def loss_png(log_path, path):
         ax.plot(steps, smooth(losses, 0.98 if len(losses) > 200 else 0.8), color="tab:blue", label="training (smoothed)")
     if val:
         ax.plot(*zip(*val), color="tab:orange", marker="o", markersize=3, label="validation")
+    ax.set_title(title)
     ax.set_xlabel("step")
     ax.set_ylabel("loss per target token (nats)")
     ax.grid(alpha=0.3)

@@ -9,9 +9,9 @@ files, and says in one line what a stopped run kept. What it writes:
                              losses so far, the settings, the sha256 of the data
     log.csv                  a row per step: loss, lr, tokens, seconds, and val_loss where it was validated
                              (a row of its own for a validation no step row carries: step 0, or one a stop cut short)
-    prefix.safetensors       the learned numbers with the lowest validation loss so far (lora.safetensors for
-                             --method lora; for finetune, model/, a model folder in the hub's layout)
-    prefix-last.safetensors  those of the last step, if they are not the best (lora-last.safetensors, model-last/)
+    prefix.safetensors       the learned numbers with the lowest validation loss so far (prompt.safetensors,
+                             lora.safetensors; for finetune, model/, a model folder in the hub's layout)
+    prefix-last.safetensors  those of the last step, if they are not the best (prompt-last.safetensors, ...)
     split.json               which pairs did what (data.load's record)
 
 Resume rules: the settings that fix the data order and the shapes (SAME_RUN) and the data itself
@@ -36,8 +36,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from machinery import cli
-from machinery import dist
+from machinery import cli, dist
+from methods import METHODS
 from mini_gpt2 import UserError
 from mini_gpt2.files import atomic_write, os_problem, write_bytes
 
@@ -48,9 +48,8 @@ SAME_RUN = ("model", "data", "rows", "heldout", "val_size", "seed", "batch_size"
 MAY_CHANGE = ("steps", "lr", "warmup", "save_every", "eval_every", "grad_checkpoint", "device", "dtype",
               "max_batch_tokens", "compile")
 # What a run writes to --out; a new run refuses to replace them without --overwrite.
-RUN_FILES = ("checkpoint.pt", "log.csv", "prefix.safetensors", "prefix-last.safetensors", "lora.safetensors",
-             "lora-last.safetensors", "model", "model-last", "split.json", "loss.png", "results.json", "results.md",
-             "bleu.png")
+RUN_FILES = ("checkpoint.pt", "log.csv", *(name for m in METHODS.values() for name in m.FILES), "split.json", "loss.png",
+             "results.json", "results.md", "bleu.png")
 LOG_HEADER = ["step", "loss", "lr", "tokens", "seconds", "val_loss"]
 
 
@@ -202,15 +201,16 @@ class Run:
 
     # ------------------------------------------------------------------------- the run
 
-    def start(self, record, save, files):
+    def start(self, record, save, files, what):
         """
         The run starts: only now does --overwrite replace the earlier run's files (until here, a
         failed start leaves them as they were). split.json gets `record`; log.csv is opened, keeping
         on resume exactly the rows up to the checkpoint's step. save(path, learned, **metadata) writes
         the file of the learned numbers as they are (the run adds its speed and memory); `files` are
-        the best one's name and the last one's (the method's: METHODS[...].files).
+        the best one's name and the last one's, `what` what they hold in a word (the method's FILES
+        and LEARNED).
         """
-        self.data_sha256, self.save = record["data_sha256"], save
+        self.data_sha256, self.save, self.what = record["data_sha256"], save, what
         self.best_path, self.last_path = self.out / files[0], self.out / files[1]
         self.t0, self.tokens_seen = time.time(), 0
         dist.together(lambda: self._start(record) if self.main else None)
@@ -391,8 +391,7 @@ class Run:
         self.bar.close()
         best_step, best = min(self.history, key=lambda sv: (sv[1], sv[0]))
         last_step, last = self.history[-1]
-        best_path, last_path = self.best_path, self.last_path
-        what = {"prefix": "prefixes", "prompt": "prompts", "lora": "LoRA"}.get(self.settings["method"], "fine-tuned model")
+        best_path, last_path, what = self.best_path, self.last_path, self.what
         if best_step != last_step:
             self.save_learned(last_path, learned, last)
             print(f"{what}: {best_path} is the best (step {best_step}, validation loss {best:.4f}); "

@@ -13,16 +13,27 @@ any activation, of which fine-tuning keeps about 1.5 times as many as the other 
 
 What is saved is a model folder in the hub's layout (mini_gpt2.save_pretrained: model.safetensors
 and config.json, the float32 masters), which mini_gpt2.from_pretrained, translate.py --model and
-transformers all load.
+transformers all load. The names below are prefix.py's, for the same things.
 """
-
-import json
 
 import torch
 import torch.nn as nn
 
-from mini_gpt2 import UserError, save_pretrained
-from methods.prompting import causal_hidden
+from machinery import learned_file
+from methods.prompting import ZERO_SHOT_TOKENS, FewShot, causal_hidden
+from methods.prompting import zero_shot_example as example  # noqa: F401  (a translation follows the zero-shot prompt)
+from mini_gpt2 import UserError, from_pretrained, save_pretrained
+from mini_gpt2.load import config_of
+from prefix import NAMES
+
+WHAT = "every weight of the model"
+LEARNED = "fine-tuned model"
+FILES = ("model", "model-last")  # model folders
+LR = 5e-5  # Li & Liang's for fine-tuning GPT-2 (docs/training.md)
+FROZEN = False
+LEARNS_TOKENS = False
+POSITIONS_PER_VIRTUAL_TOKEN = 0
+PROMPT_POSITIONS = ZERO_SHOT_TOKENS  # the zero-shot prompt around the source
 
 
 class FullModel(nn.Module):
@@ -69,19 +80,33 @@ def key(name):
     return name.replace(".", "__")  # ParameterDict's keys may hold no dots
 
 
-def start(model):
+def start(model, how):
+    """Every weight, as the model has it: `how` (a prefix.Start) has nothing to say about it."""
     return FullModel(model)
 
 
-def finetune_hidden(model, learned, idx, src_len, seq_len, src_prefix, tgt_prefix, grad_checkpoint=False):
-    """The training forward: the zero-shot layout, the model's own weights learning."""
-    return causal_hidden(model, idx, src_len, seq_len, grad_checkpoint)
+def hidden(model, tuned, batch, grad_checkpoint=False):
+    """The training forward: the zero-shot layout, the model's own weights learning (tuned() puts the masters in)."""
+    tuned()
+    return causal_hidden(model, batch, grad_checkpoint)
 
 
-def save(path, learned, config, names, **metadata):
+def translator(model, folder):
+    """A fine-tuned model translates as zero-shot prompting does: the one in `folder` (loaded as `model` is), or None: `model`."""
+    w = model.wte.weight
+    return FewShot(model if folder is None else from_pretrained(folder, device=w.device, dtype=w.dtype), [])
+
+
+def save(path, tuned, config, **metadata):
     """The fine-tuned model, as a folder in the hub's layout; what it is and how it was made in model.safetensors' header."""
-    if not all(bool(torch.isfinite(m).all()) for m in learned.masters.values()):
+    if not learned_file.finite(tuned.masters.values()):
         raise UserError(f"the weights hold NaN or inf values; {path} was not written")
-    meta = {"method": "finetune", "names": json.dumps(list(names)), "n_layer": config.n_layer, "n_head": config.n_head,
-            "n_embd": config.n_embd, "model_vocab": config.vocab_size}
-    save_pretrained(path, learned.state(), config, meta | metadata)
+    save_pretrained(path, tuned.state(), config, learned_file.describe("finetune", NAMES, config, **metadata))
+
+
+def load(path, meta):
+    """A fine-tuned model folder, too large to read here (translator loads it): its config.json must give its sizes."""
+    config = config_of(path)
+    if [config.n_layer, config.n_head, config.n_embd] != learned_file.numbers(path, meta, "n_layer", "n_head", "n_embd"):
+        raise UserError(f"{path}: its config.json gives other sizes than its model.safetensors; {learned_file.FIX}")
+    return path

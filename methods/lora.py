@@ -13,6 +13,7 @@ model exactly; A from a small uniform draw, as loralib's. GPT-2 XL: 48 layers x 
 There are no learned tokens, so a translation reads as the zero-shot prompt continued
 (prompting.py): `fr: <source>\\nen:` then the target and <|endoftext|>, in training and in
 decoding. Full fine-tuning (finetune.py) reads the same; the two differ only in what learns.
+The names below are prefix.py's, for the same things.
 """
 
 import math
@@ -23,9 +24,21 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from methods.prompting import FewShot, causal_hidden
+from machinery import learned_file
+from methods.prompting import ZERO_SHOT_TOKENS, FewShot, causal_hidden
+from methods.prompting import zero_shot_example as example  # noqa: F401  (a translation follows the zero-shot prompt)
+from prefix import NAMES
 
 RANK, ALPHA = 4, 32
+
+WHAT = "LoRA's A and B on every layer's query and value"
+LEARNED = "LoRA"
+FILES = ("lora.safetensors", "lora-last.safetensors")
+LR = 2e-4  # the LoRA paper's for GPT-2 (docs/training.md)
+FROZEN = True
+LEARNS_TOKENS = False
+POSITIONS_PER_VIRTUAL_TOKEN = 0
+PROMPT_POSITIONS = ZERO_SHOT_TOKENS  # the zero-shot prompt around the source
 
 
 class LoRA(nn.Module):
@@ -79,7 +92,7 @@ def merge(model, lora):
     return model
 
 
-def start(model, rank=RANK, alpha=ALPHA, generator=None):
+def lora_start(model, rank=RANK, alpha=ALPHA, generator=None):
     """LoRA at its start, on the model's device: B = 0, so the model computes just what it did."""
     L, C = model.config.n_layer, model.config.n_embd
     bound = 1 / math.sqrt(C)  # loralib's kaiming_uniform_(a=sqrt(5)) for a fan-in of C
@@ -87,19 +100,35 @@ def start(model, rank=RANK, alpha=ALPHA, generator=None):
     return LoRA(A, torch.zeros(L, 2, C, rank), alpha).to(model.wte.weight.device)
 
 
-def lora_hidden(model, lora, idx, src_len, seq_len, src_prefix, tgt_prefix, grad_checkpoint=False):
+def start(model, how):
+    """LoRA at its start (a prefix.Start: A drawn from its seed), the paper's rank and alpha."""
+    return lora_start(model, generator=torch.Generator().manual_seed(how.seed))
+
+
+def hidden(model, lora, batch, grad_checkpoint=False):
     """The training forward: the zero-shot layout (its tokens are the examples'), with the updates attached."""
     with attached(model, lora):
-        return causal_hidden(model, idx, src_len, seq_len, grad_checkpoint)
+        return causal_hidden(model, batch, grad_checkpoint)
 
 
-class Translator:
-    """Zero-shot prompting of the model with a LoRA attached: how a LoRA file translates (comparison.py, translate.py)."""
+def translator(model, lora):
+    """Zero-shot prompting of the model with a LoRA attached: how a LoRA file translates."""
+    lora = lora.to(model.wte.weight.device)
+    prompting = FewShot(model, [])  # its cache of the "fr:" head is made with the updates attached
 
-    def __init__(self, model, lora):
-        self.model, self.lora = model, lora.to(model.wte.weight.device)
-        self.prompting = FewShot(model, [])  # its cache of the "fr:" head is made with the updates attached
+    def translate(texts, source, target, limits, **decoding):
+        with attached(model, lora):
+            return prompting(texts, source, target, limits, **decoding)
+    return translate
 
-    def __call__(self, texts, sources, source, target, limits, **sampling):
-        with attached(self.model, self.lora):
-            return self.prompting(texts, sources, source, target, limits, **sampling)
+
+def save(path, lora, config, **metadata):
+    learned_file.save(path, {"lora_A": lora.A, "lora_B": lora.B}, "lora", NAMES, config, rank=lora.A.size(2),
+                      alpha=lora.alpha, **metadata)
+
+
+def load(path, meta):
+    L, C, r = learned_file.numbers(path, meta, "n_layer", "n_embd", "rank")
+    (alpha,) = learned_file.numbers(path, meta, "alpha", kind=float)
+    found = learned_file.tensors(path, meta, {"lora_A": (L, 2, r, C), "lora_B": (L, 2, C, r)})
+    return LoRA(found["lora_A"], found["lora_B"], alpha)

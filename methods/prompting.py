@@ -1,7 +1,7 @@
 """
 Prompting the frozen model: zero-shot and few-shot prompts, the baselines of the comparison, and
-the layout LoRA and full fine-tuning train and decode in (methods.py), for methods without
-learned tokens read a translation as the zero-shot prompt continued:
+the layout LoRA and full fine-tuning train and decode in, for methods without learned tokens read
+a translation as the zero-shot prompt continued:
 
     fr: <French>
     en: <English>
@@ -20,6 +20,7 @@ import torch
 from mini_gpt2 import EOT, decode, encode
 from mini_gpt2.generate import generate
 from mini_gpt2.tokenizer import ids_containing
+from prefix import LANGUAGES, Example
 
 DIRECTIONS = (("fr", "en"), ("en", "fr"))  # (source, target)
 
@@ -48,18 +49,27 @@ def zero_shot_ids(text, source, target):
 ZERO_SHOT_TOKENS = max(len(zero_shot_ids("", s, t)) for s, t in DIRECTIONS)
 
 
-def causal_hidden(model, idx, src_len, seq_len, grad_checkpoint=False):
+def zero_shot_example(source, target, source_lang, target_lang):
     """
-    The training forward of the methods without learned tokens (lora.py, finetune.py): a
-    right-padded batch of zero-shot prompts, each followed by its target; plain causal attention
-    that never sees padding; positions 0, 1, 2, ... Returns what prefix.prefix_hidden does:
-    the hidden states (B, T, C), and idx, src_len, seq_len as they are.
+    The training sequence of a prefix.Sentence translated into another, for the methods without
+    learned tokens (lora.py, finetune.py): the zero-shot prompt, then the target and <|endoftext|>.
     """
-    t = torch.arange(idx.size(1), device=idx.device)
+    return Example(zero_shot_ids(source.text, source_lang, target_lang), target.ids + [EOT],
+                   LANGUAGES.index(source_lang), LANGUAGES.index(target_lang))
+
+
+def causal_hidden(model, batch, grad_checkpoint=False):
+    """
+    The training forward of the methods without learned tokens: a right-padded Batch of zero-shot
+    prompts, each followed by its target; plain causal attention that never sees padding;
+    positions 0, 1, 2, ... Returns what prefix.hidden does: the hidden states (B, T, C), and the
+    Batch as it is.
+    """
+    t = torch.arange(batch.idx.size(1), device=batch.idx.device)
     query, key = t[None, :, None], t[None, None, :]
-    mask = (key <= query) & (key < seq_len[:, None, None])  # (B, T, T)
-    h, _ = model.hidden(idx, None, mask, t, grad_checkpoint=grad_checkpoint)
-    return h, idx, src_len, seq_len
+    mask = (key <= query) & (key < batch.seq_len[:, None, None])  # (B, T, T)
+    h, _ = model.hidden(batch.idx, None, mask, t, grad_checkpoint=grad_checkpoint)
+    return h, batch
 
 
 class FewShot:
@@ -87,13 +97,13 @@ class FewShot:
         return self.heads[(source, target)]
 
     @torch.no_grad()
-    def __call__(self, texts, sources, source, target, limits, **sampling):
-        """Translate texts (all from `source` into `target`), at most limits[i] tokens each; `sources` is unused."""
+    def __call__(self, texts, source, target, limits, **decoding):
+        """Translate texts (all from `source` into `target`), at most limits[i] tokens each."""
         head, kv = self.head(source, target)
         # BPE never merges across ": " (a word's leading space starts a new piece), so the whole
         # prompt's tokens are exactly the head's tokens followed by the tail's.
         tails = [encode(few_shot_tail(t, target)) for t in texts]
         past = [(k.expand(len(texts), -1, -1, -1), v.expand(len(texts), -1, -1, -1)) for k, v in kv]
         out = generate(self.model, tails, limits, stop_ids=self.stop, past_kv=past, past_positions=[len(head)] * len(texts),
-                       **sampling)
+                       **decoding)
         return [decode(o).strip() for o in out]

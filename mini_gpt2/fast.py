@@ -2,36 +2,36 @@
 Speed, in one place: what it takes to run close to what a GPU can do, kept out of the files that
 explain the model. Two tricks, each checked against the plain code by the tests.
 
-1. Compiled training passes (train.py --compile; `compiled_blocks`). A transformer block is
+1. Compiled training passes (train.py --compile; `compile_training`). A transformer block is
    dozens of small operations (LayerNorm, the attention's reshapes, GELU, residual adds), each a
    kernel launch that reads and writes whole activations. torch.compile traces a block once and
    emits a few fused kernels instead. Each new input shape compiles anew, which takes seconds to a
-   minute, so the training passes come in few shapes (train.py rounds lengths up to a multiple of
-   ROUND and fills the rows to its token budget), and all the blocks share one compiled function
-   (their weights are its inputs): a new shape compiles twice (the first block's input needs no
-   gradient, the others' do), not once per layer.
+   minute, so a pass's rows and length are padded to few shapes (lengths a multiple of ROUND,
+   rows up to the token budget), and all the blocks share one compiled function (their weights
+   are its inputs; every block's input needs a gradient, the first one's made to): one
+   compilation a shape. A failure to compile is a note, and the training goes on uncompiled.
 
-2. Decoding with static shapes (`decode`, under every mini_gpt2.generate). A decoding step feeds
-   one token per row; it is bound by launching ~20 kernels per layer, not by arithmetic. With a
-   cache of fixed capacity, a mask over all of it and the write position held in a tensor, every
-   step has the same shapes and touches the same memory, so on CUDA the whole step is captured
-   once as a CUDA graph and replayed per token: one launch instead of a thousand. The loop also
-   asks the GPU only every CHECK_EVERY steps whether every row has finished, never per token.
-   On the CPU the same code runs, without the graph.
+2. Decoding with static shapes (`decode`, under mini_gpt2.generate on a GPU). A decoding step
+   feeds one token per row; it is bound by launching ~20 kernels per layer, not by arithmetic.
+   With a cache of fixed capacity, a mask over all of it and the write position held in a tensor,
+   every step has the same shapes and touches the same memory, so on CUDA the whole step is
+   captured once as a CUDA graph and replayed per token: one launch instead of a thousand. The
+   loop also asks the GPU only every CHECK_EVERY steps whether every row has finished, never per
+   token. generate.py's plain loop is what it computes, token for token (the tests hold them).
 """
 
-import importlib.util
+import contextlib
+import functools
 import time
 import warnings
-from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 
-from .model import Block, KVCache
+from .model import Block, KVCache, mask_bias
 from .tokenizer import EOT
 
-ROUND = 16  # compiled training passes: lengths rounded up to a multiple of this (a handful of shapes)
+ROUND = 16  # compiled training passes: lengths padded to a multiple of this (a handful of shapes)
 BACKEND = "inductor"  # torch.compile's; the tests use a lighter one
 CHECK_EVERY = 8  # decoding: steps between looks at whether every row has finished (each look waits for the GPU)
 GRAPHS = True  # decoding through CUDA graphs, on CUDA (False: never; the benchmarks compare the two)
@@ -39,39 +39,92 @@ GRAPHS = True  # decoding through CUDA graphs, on CUDA (False: never; the benchm
 
 # ----------------------------------------------------------------------------- 1. compiled training passes
 
-def can_compile(device):
-    """torch.compile with its default backend needs a CUDA GPU here and Triton (not on Windows, say)."""
-    return torch.device(device).type == "cuda" and importlib.util.find_spec("triton") is not None
+@functools.cache
+def compile_problem(device, backend):
+    """
+    None if torch.compile works on `device` with `backend`, else why not in a line: a tiny function
+    compiled and run forward and backward, once (a C compiler, Python's headers, Triton on a GPU).
+    """
+    try:
+        f = torch.compile(lambda x: torch.sin(2 * x).sum(), backend=backend, dynamic=False)
+        f(torch.ones(8, device=device, requires_grad=True)).backward()
+        return None
+    except Exception as e:  # whatever it raises: a missing compiler, headers, an inductor error
+        return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def compile_training(model, max_tokens, max_rows, say=print, backend=None):
+    """
+    From here on, `model`'s training passes (those autograd records) run its blocks through one
+    compiled Block.forward, padded to few shapes: the length to a multiple of ROUND, the rows up to
+    what `max_tokens` allows (at most `max_rows`, a step's sequences). Validation and decoding run
+    as they are. -> the CompiledBlocks, or None if torch.compile does not work here (said).
+    """
+    backend = backend or BACKEND
+    problem = compile_problem(str(model.wte.weight.device), backend)
+    if problem:
+        say(f"note: --compile: torch.compile does not work here ({problem}); the training runs uncompiled")
+        return None
+    compiled = CompiledBlocks(model, max_tokens, max_rows, say, backend)
+    for block in model.h:
+        block.forward = functools.partial(compiled, block)  # this block's forward, through the compiled one
+    return compiled
+
+
+def backward_compiled_now():
+    """Compile a pass's backward with its forward, not at its first use: a failure then shows where it can be caught."""
+    config = torch._functorch.config
+    if hasattr(config, "force_non_lazy_backward_lowering"):
+        return config.patch(force_non_lazy_backward_lowering=True)
+    return contextlib.nullcontext()
 
 
 class CompiledBlocks:
     """
-    One torch.compile'd Block.forward for all of a model's blocks, and a note of each shape it
-    compiled for and how long that took (the first pass of a shape is its compilation).
+    The compiled Block.forward of compile_training, and each shape it has met: (rows, length) ->
+    the seconds its first pass took, compilation and backward included (None until its backward ends).
     """
 
-    def __init__(self, backend=None):
-        # Every shape is a compilation of its own (dynamic=False): faster kernels, and the passes come in few shapes.
-        self.forward = torch.compile(Block.forward, backend=backend or BACKEND, dynamic=False)
-        self.shapes = {}  # (rows, length) -> seconds its first pass took
+    def __init__(self, model, max_tokens, max_rows, say, backend):
+        self.first, self.max_tokens, self.max_rows, self.say = model.h[0], max_tokens, max_rows, say
+        self.forward = torch.compile(Block.forward, backend=backend, dynamic=False)  # a new shape, a new compilation
+        self.shapes, self.failed = {}, None
         for name in ("recompile_limit", "cache_size_limit"):  # torch's cap on recompilations, renamed in 2.6
             if hasattr(torch._dynamo.config, name):
                 setattr(torch._dynamo.config, name, 64)
 
-    @contextmanager
-    def on(self, model, shape, say=print):
-        """Run `model`'s blocks compiled inside; say so, with the seconds, the first time a pass has this shape."""
-        first, t0 = shape not in self.shapes, time.time()
-        for block in model.h:
-            block.forward = self.forward.__get__(block)  # the block's own forward, compiled
+    def __call__(self, block, x, past=None, mask=None):
+        if self.failed or mask is None or not torch.is_grad_enabled():
+            return Block.forward(block, x, past, mask)
+        B, T, _ = x.shape
+        P = 0 if past is None else past[0].size(2)
+        length = -(-T // ROUND) * ROUND
+        rows = max(B, min(self.max_tokens // length, self.max_rows))
+        xp = F.pad(x, (0, 0, 0, length - T, 0, rows - B))
+        if not xp.requires_grad:  # the first block's input: made to need a gradient as the others do
+            xp.requires_grad_()
+        past_p = None if past is None else tuple(F.pad(t, (0, 0, 0, 0, 0, 0, 0, rows - B)) for t in past)
+        keys = torch.arange(length, device=x.device)
+        sees = torch.zeros(rows, 1, length, P + length, dtype=torch.bool, device=x.device)
+        sees[:, :, keys, P + keys] = True  # a padding or filler query sees its own key, never nothing
+        mask_p = mask_bias(sees, mask.dtype)
+        mask_p[:B, :, :T, :P + T] = mask
+        if block is self.first and (rows, length) not in self.shapes:
+            self.shapes[(rows, length)] = None
+            xp.register_hook(functools.partial(self.compiled, (rows, length), time.time()))
         try:
-            yield
-        finally:
-            for block in model.h:
-                del block.forward  # back to the class's plain forward (decoding, validation)
-        if first:
-            self.shapes[shape] = time.time() - t0
-            say(f"compiled the training pass for {shape[0]} x {shape[1]} tokens in {self.shapes[shape]:.1f} s")
+            with backward_compiled_now():
+                y, (k, v) = self.forward(block, xp, past_p, mask_p)
+        except torch._dynamo.exc.TorchDynamoException as e:  # compile never ends a run: the rest of it runs uncompiled
+            self.failed = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            self.say(f"note: --compile: compiling the training pass failed ({self.failed}); it runs uncompiled")
+            return Block.forward(block, x, past, mask)
+        return y[:B, :T], (k[:B, :, :P + T], v[:B, :, :P + T])
+
+    def compiled(self, shape, t0, grad):
+        """The first pass of a shape is through (its backward reached the first block): say what compiling it took."""
+        self.shapes[shape] = time.time() - t0
+        self.say(f"compiled the training pass for {shape[0]} x {shape[1]} tokens in {self.shapes[shape]:.1f} s")
 
 
 # ----------------------------------------------------------------------------- 2. decoding with static shapes

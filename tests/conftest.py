@@ -158,3 +158,29 @@ def fail_in_step(monkeypatch, n, error):
         return loss * float("nan") if backward and calls["n"] == n else loss
 
     monkeypatch.setattr(train, "mean_loss", mean_loss)
+
+
+def load_learned(path):
+    """methods.load, with the names the file records: (learned, names, metadata)."""
+    import json
+
+    import methods
+
+    learned, meta = methods.load(path)
+    return learned, json.loads(meta["names"]), meta
+
+
+def translate(model, learned, method, texts, targets, limits, **decoding):
+    """Each text into its target language ("en" or "fr") with the method's translator, in the texts' order."""
+    from methods import METHODS
+
+    translate = METHODS[method].translator(model, learned)
+    out = [None] * len(texts)
+    for target in ("en", "fr"):
+        rows = [i for i, t in enumerate(targets) if t == target]
+        if rows:
+            source = "fr" if target == "en" else "en"
+            for i, text in zip(rows, translate([texts[i] for i in rows], source, target, [limits[i] for i in rows],
+                                               **decoding)):
+                out[i] = text
+    return out

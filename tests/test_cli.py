@@ -8,11 +8,9 @@ import torch
 
 from machinery import data
 import prefix
-from machinery import learned_file
 import train
 from mini_gpt2 import UserError
-from machinery.learned_file import load_prefixes
-from tests.conftest import fail_in_step, one_line_error, run, train_args
+from tests.conftest import fail_in_step, load_learned, one_line_error, run, train_args
 
 def test_train_then_translate(tiny_ckpt, csv_file, tmp_path):
     out = tmp_path / "run"
@@ -25,7 +23,7 @@ def test_train_then_translate(tiny_ckpt, csv_file, tmp_path):
     held_texts = {text for line in held for text in pairs[lines.index(line)]}
     translations = json.loads((out / "results.json").read_text())["translations"]
     assert all(row["source"] in held_texts for rows in translations.values() for row in rows)  # held out, not trained on
-    kv, names, meta = load_prefixes(out / "prefix.safetensors")
+    kv, names, meta = load_learned(out / "prefix.safetensors")
     assert kv.shape == (2, 2, 2, 5, 3, 16) and meta["model"] == str(tiny_ckpt[0])
     log = list(csv.DictReader(open(out / "log.csv")))
     assert [int(row["step"]) for row in log] == [0, 1, 2, 3, 4, 5, 6]
@@ -55,8 +53,8 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_ckpt, csv_file, tmp_path, 
     for name in ("prefix.safetensors", "prefix-last.safetensors"):
         assert (straight / name).exists() == (interrupted / name).exists()
         if (straight / name).exists():
-            a, _, meta_a = load_prefixes(straight / name)
-            b, _, meta_b = load_prefixes(interrupted / name)
+            a, _, meta_a = load_learned(straight / name)
+            b, _, meta_b = load_learned(interrupted / name)
             assert torch.equal(a, b) and meta_a["step"] == meta_b["step"]
     logs = [list(csv.DictReader(open(d / "log.csv"))) for d in (straight, interrupted)]
     assert [int(row["step"]) for row in logs[1]] == [0, 1, 2, 3, 4, 5, 6]
@@ -86,7 +84,7 @@ def test_bad_inputs_give_one_line_errors(tiny_ckpt, csv_file, tmp_path):
     make_checkpoint(other, n_layer=3, n_head=4, n_embd=64)
     pfile = tmp_path / "p.safetensors"
     model_config = train.mini_gpt2.from_pretrained(ckpt, device="cpu").config
-    learned_file.save_prefixes(pfile, torch.zeros(2, 2, 2, 5, 3, 16), prefix.NAMES, model_config, model=str(ckpt))
+    prefix.save(pfile, prefix.Prefixes(torch.zeros(2, 2, 2, 5, 3, 16)), model_config, model=str(ckpt))
     assert "but this model has 3 layers" in one_line_error(run("translate.py", "--prefix", pfile, "--model", other, "Bonjour"))
     assert "input 2 is" in one_line_error(run("translate.py", "--prefix", pfile, "Bonjour", "mot " * 400))
     assert "nothing to translate" in one_line_error(run("translate.py", "--prefix", pfile, stdin=""))

@@ -13,8 +13,7 @@ import pytest
 import torch
 
 import train
-from machinery.learned_file import load_prefixes
-from tests.conftest import fail_in_step, one_line_error, train_args
+from tests.conftest import fail_in_step, load_learned, one_line_error, train_args
 from tests.ranks import processes
 
 
@@ -45,7 +44,7 @@ def same_run(a, b):
     for name in ("prefix.safetensors", "prefix-last.safetensors"):
         assert (a / name).exists() == (b / name).exists()
         if (a / name).exists():
-            (x, _, ma), (y, _, mb) = load_prefixes(a / name), load_prefixes(b / name)
+            (x, _, ma), (y, _, mb) = load_learned(a / name), load_learned(b / name)
             assert torch.allclose(x, y, atol=1e-5) and ma["step"] == mb["step"]
     logs = [[r for r in csv.DictReader(open(d / "log.csv"))] for d in (a, b)]
     assert [r["step"] for r in logs[0]] == [r["step"] for r in logs[1]]

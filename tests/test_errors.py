@@ -22,12 +22,12 @@ from safetensors.torch import save_file
 from machinery import cli
 import mini_gpt2
 import prefix
-from machinery import learned_file
+from methods import prompt
 import train
 import translate
 from mini_gpt2 import UserError, files
 from machinery.run_folder import RUN_FILES
-from tests.conftest import ROOT, fail_in_step, make_checkpoint, one_line_error, run, train_args
+from tests.conftest import ROOT, fail_in_step, load_learned, make_checkpoint, one_line_error, run, train_args
 from tests.http_server import Hub
 
 
@@ -151,7 +151,7 @@ def test_a_resumed_run_says_where_it_resumes(run_copy, tiny_ckpt, csv_file, call
 
 def write_prefix(path, model_config, kv=None, **meta):
     kv = torch.zeros(2, 2, 2, 5, 3, 16) if kv is None else kv
-    learned_file.save_prefixes(path, kv, prefix.NAMES, model_config, **meta)
+    prefix.save(path, prefix.Prefixes(kv), model_config, **meta)
     return path
 
 
@@ -182,7 +182,7 @@ def test_bad_prefix_file_is_refused_in_one_line(tiny_ckpt, tiny_config, tmp_path
         save_file({"prefixes": torch.zeros(2, 2, 2, 5, 4, 16)}, path, metadata=meta)
     elif damage == "folder":
         path.mkdir()
-    else:  # values that are not finite, written past save_prefixes (which refuses them)
+    else:  # values that are not finite, written past prefix.save (which refuses them)
         save_file({"prefixes": torch.full((2, 2, 2, 5, 3, 16), float(damage))}, path, metadata=meta)
     line = one_line_error(call(translate.main, "--prefix", path, "--model", tiny_ckpt[0], "Bonjour"))
     assert str(path) in line and problem in line
@@ -375,7 +375,8 @@ def test_overwrite_replaces_every_file_of_the_earlier_run_once_the_new_one_start
     out = tmp_path / "run"
     validation_losses(monkeypatch, [5.0, 4.0, 1.0, 3.0])  # steps 0, 2, 4, 6: the best is not the last
     assert call(train.main, *train_args(tiny_ckpt[0], csv_file, out)).returncode == 0
-    others = ("lora.safetensors", "lora-last.safetensors", "model", "model-last")  # the other methods' own
+    others = ("prompt.safetensors", "prompt-last.safetensors", "lora.safetensors", "lora-last.safetensors", "model",
+              "model-last")  # the other methods' own
     assert [name for name in RUN_FILES if not (out / name).exists() and name not in others] == []  # every file it writes
     before = snapshot(out)
     for cannot_start in (["--model", tmp_path / "no-such-model"], ["--data", tmp_path / "no-such.csv"]):
@@ -442,7 +443,7 @@ def test_ctrl_c_in_the_last_validation_stops_there_and_resume_finishes_the_run(t
     for name in ("prefix.safetensors", "prefix-last.safetensors"):  # as if never stopped
         assert (out / name).exists() == (straight / name).exists()
         if (out / name).exists():
-            (a, _, meta_a), (b, _, meta_b) = learned_file.load_prefixes(out / name), learned_file.load_prefixes(straight / name)
+            (a, _, meta_a), (b, _, meta_b) = load_learned(out / name), load_learned(straight / name)
             speed = lambda meta: {k: v for k, v in meta.items() if k != "tokens_per_s"}  # noqa: E731  (a timing)
             assert torch.equal(a, b) and speed(meta_a) == speed(meta_b)
     val = [[(row["step"], row["val_loss"]) for row in csv.DictReader(open(d / "log.csv")) if row["val_loss"]]
@@ -567,7 +568,7 @@ def test_prefixes_that_became_nan_are_never_checkpointed(tiny_ckpt, csv_file, tm
     assert "the prefixes hold NaN or inf values at step 3" in line and f"{out / 'checkpoint.pt'} holds step 2" in line
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert state["step"] == 2 and all(torch.isfinite(v).all() for v in state["prefixes"].values())
-    assert int(learned_file.load_prefixes(out / "prefix.safetensors")[2]["step"]) <= 2
+    assert int(load_learned(out / "prefix.safetensors")[2]["step"]) <= 2
 
 
 def test_nan_in_the_first_step_advice_works(tiny_ckpt, csv_file, tmp_path, call, monkeypatch):
@@ -722,7 +723,7 @@ def test_what_was_cut_to_fit_is_said_and_recorded(tiny_ckpt, csv_file, tmp_path,
     assert "note: --val-size 50 is more than a tenth of the 36 pairs: 3 are used" in r.stdout
     assert "note: --warmup 10 is longer than --steps 6: the learning rate rises to 0.03 at the last step and never " \
            "reaches the peak 0.05" in r.stdout
-    meta = learned_file.load_prefixes(out / "prefix.safetensors")[2]
+    meta = load_learned(out / "prefix.safetensors")[2]
     assert (meta["heldout"], meta["heldout_pairs"], meta["val_size"], meta["val_pairs"]) == ("4", "3", "50", "3")
     settings = json.loads((out / "results.json").read_text())["settings"]
     assert (settings["heldout"], settings["heldout_pairs"]) == (4, 3)
@@ -772,8 +773,8 @@ def test_a_prompt_file_that_leaves_the_comparison_no_room_is_refused_before_the_
                                                                                             csv_file, tmp_path, call):
     folder = never_read_model(tiny_ckpt, tmp_path)
     pfile = tmp_path / "prompt.safetensors"
-    learned_file.save_prefixes(pfile, torch.zeros(2, 495, tiny_config.n_embd), prefix.NAMES, tiny_config, "prompt",
-                              model=str(folder), data=str(csv_file))
+    prompt.save(pfile, prefix.Prefixes(torch.zeros(2, 495, tiny_config.n_embd)), tiny_config, model=str(folder),
+                data=str(csv_file))
     line = one_line_error(call(train.main, "--eval-only", "--prefix", pfile, "--max-len", 32, "--out", tmp_path / "o"))
     assert line.startswith(f"error: {pfile}: the prompts take 990 positions") and "leave this file out" in line
 
@@ -791,4 +792,4 @@ def test_translate_with_no_file_says_to_train_one_even_beside_a_fine_tuned_weigh
     save_file({"x": torch.zeros(1)}, str(tmp_path / "model.safetensors"), metadata={"method": "finetune"})
     line = one_line_error(call(translate.main, "Bonjour"))
     assert line == f"error: no prefix file at {translate.DEFAULT_PREFIX}: train one first with `python train.py` " \
-        "(or point --prefix at one)"
+        "(or point --learned at one)"

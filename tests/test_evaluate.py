@@ -11,7 +11,6 @@ from machinery import comparison
 from methods import prompting
 import methods
 import prefix
-from machinery import learned_file
 from mini_gpt2 import from_pretrained
 from tests.conftest import PAIRS, run
 
@@ -56,9 +55,9 @@ def test_eval_only_end_to_end_with_both_methods(tiny_ckpt, csv_file, tmp_path):
     g = torch.Generator().manual_seed(0)
     files = {"prefix": tmp_path / "A.safetensors", "prompt": tmp_path / "B.safetensors"}
     for method, path in files.items():
-        learned = methods.TOKENS[method].random(model, prefix.NAMES, 3, g)
-        learned_file.save_prefixes(path, learned, prefix.NAMES, model.config, method, model=str(tiny_ckpt[0]),
-                             data=str(csv_file), rows=200000, heldout=8, seed=0)
+        learned = methods.METHODS[method].init_random(model, prefix.NAMES, 3, g)
+        methods.METHODS[method].save(path, prefix.Prefixes(learned), model.config, model=str(tiny_ckpt[0]),
+                                     data=str(csv_file), rows=200000, heldout=8, seed=0)
     r = run("train.py", "--eval-only", "--prefix", files["prefix"], files["prompt"], "--data", csv_file, "--heldout", 8,
             "--eval-size", 3, "--out", tmp_path / "out")
     assert r.returncode == 0, r.stderr
@@ -165,7 +164,7 @@ def test_both_directions_is_the_corpus_bleu_of_all_their_sentences_together():
     answers = {"en": HYPOTHESES[:4], "fr": ["Bonjour! Je suis Sully.", "Merci beaucoup.", "Où est la gare?", "J'aime le pain."]}
 
     class Fixed:
-        def __call__(self, texts, sources, source, target, limits):
+        def __call__(self, texts, source, target, limits):
             return [answers[target][[p[{"en": 0, "fr": 1}[source]] for p in pairs].index(t)] for t in texts]
 
     scores, _ = comparison.evaluate({"fixed": Fixed()}, comparison.evaluation_pairs(pairs, 128, 4), 2)

@@ -17,11 +17,11 @@ import methods
 from methods import prompting
 from methods import prompt
 import train
+import prefix
 from mini_gpt2 import decode, encode, from_pretrained, generate
-from methods import translate
-from prefix import NAMES, Prefixes, encode_sentence, init_random, prefix_hidden
-from train import Example, make_batch
-from tests.conftest import one_line_error, run, train_args
+from prefix import NAMES, Example, Prefixes, init_random, prefix_hidden
+from train import make_batch
+from tests.conftest import one_line_error, run, train_args, translate
 
 
 @pytest.fixture(scope="module")
@@ -42,13 +42,15 @@ def some_examples(n=12):
              ("Where is the station, please? I am lost.", "Où est la gare, s'il vous plaît ? Je suis perdu."),
              ("Good night.", "Bonne nuit."), ("The sea is blue today.", "La mer est bleue aujourd'hui."),
              ("We are late.", "Nous sommes en retard.")]
-    return train.make_examples(pairs, 128)[0][:n]
+    return train.make_examples(pairs, 128, prefix)[0][:n]
 
 
 def gradient(model, learned, examples, max_batch_tokens, method="prefix", reparam=False):
     torch.manual_seed(0)  # the MLP of --reparam starts random: the same each time
     prefixes = Prefixes(learned, reparam=reparam)
-    loss = train.mean_loss(model, prefixes, examples, method, max_batch_tokens, backward=True)
+    M = methods.METHODS[method]
+    packing = train.Packing(max_batch_tokens, M.POSITIONS_PER_VIRTUAL_TOKEN * learned.size(1))
+    loss = train.mean_loss(model, M, prefixes, examples, packing, backward=True)
     return loss, torch.cat([p.grad.flatten() for p in prefixes.parameters()])
 
 
@@ -73,7 +75,7 @@ def test_typical_steps_take_one_or_two_passes():
 @pytest.mark.parametrize("method,reparam", [("prefix", False), ("prefix", True), ("prompt", False)])
 def test_packing_gives_the_gradient_of_one_pass(models, kv, method, reparam):
     model, examples = models[torch.float32], some_examples()
-    learned = kv if method == "prefix" else prompt.prompt_random(model, NAMES, 4, torch.Generator().manual_seed(0))
+    learned = kv if method == "prefix" else prompt.init_random(model, NAMES, 4, torch.Generator().manual_seed(0))
     one_loss, one = gradient(model, learned, examples, 10**6, method, reparam)
     loss, packed = gradient(model, learned, examples, 40, method, reparam)
     assert len(train.micro_batches(examples, 40)) >= 4
@@ -85,7 +87,7 @@ def test_the_loss_is_the_mean_over_all_target_tokens(models, kv):
     loss, _ = gradient(model, kv, examples, 40)
     with torch.no_grad():  # one big batch, by hand: every target token's cross-entropy, averaged
         batch = make_batch(examples, "cpu")
-        logits = model.logits(prefix_hidden(model, kv, *batch)[0])
+        logits = model.logits(prefix_hidden(model, kv, batch))
         idx, src_len, seq_len = batch[:3]
         terms = [torch.nn.functional.cross_entropy(logits[b, src_len[b] - 1:seq_len[b] - 1], idx[b, src_len[b]:seq_len[b]],
                                                    reduction="none") for b in range(len(examples))]
@@ -115,8 +117,7 @@ def test_bfloat16_generation_and_translation_run(models, kv):
     model = models[torch.bfloat16]
     out = generate(model, [encode(" The cat"), encode(" Bonjour, je")], 5, stop_ids=())
     assert [len(o) for o in out] == [5, 5]
-    texts = translate(model, kv, NAMES, "prefix", [encode_sentence("Bonjour!"), encode_sentence("Hello there.")],
-                      ["en", "fr"], [4, 4])
+    texts = translate(model, kv, "prefix", ["Bonjour!", "Hello there."], ["en", "fr"], [4, 4])
     assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
 
 
@@ -140,7 +141,7 @@ def test_shared_few_shot_cache_gives_the_plain_prompts_tokens(models, csv_file):
     few = prompting.FewShot(model, shots)
     texts = ["Où est la gare ?", "Il pleut aujourd'hui, et il fait froid.", "'s 42 « oui »", "Bonjour"]
     limits = [12, 12, 12, 12]
-    shared = few(texts, [encode_sentence(t) for t in texts], "fr", "en", limits)
+    shared = few(texts, "fr", "en", limits)
     plain = [encode(prompting.few_shot_prompt(few.examples, t, "fr", "en")) for t in texts]
     expected = [decode(o).strip() for o in generate(model, plain, limits, stop_ids=few.stop)]
     assert shared == expected
@@ -155,21 +156,18 @@ def test_few_shot_prompt_tokens_split_at_the_head(text):
     assert encode(head) + encode(tail) == encode(head + tail)
 
 
-def test_evaluation_puts_results_back_in_order(models, kv, monkeypatch):
-    model = models[torch.float32]
+def test_evaluation_puts_results_back_in_order():
     # in length order: 3, 1, 0, 2 (batches [3, 1], [0, 2]): neither the data's order nor its reverse
     pairs = [("Medium length here, yes.", "Longueur moyenne ici, oui."), ("Short one.", "Court un."),
              ("A rather long English sentence with many words in it.", "Une phrase française plutôt longue et pleine."),
              ("Hi.", "Oh.")]
     seen = []
 
-    def spy(self, texts, sources, source, target, limits):
+    def spy(texts, source, target, limits):  # a translator that says what it was given
         seen.append(list(limits))
         return [f"[{t}]" for t in texts]
 
-    monkeypatch.setattr(methods.TokenTranslator, "__call__", spy)
-    monkeypatch.setattr(prompting.FewShot, "__call__", spy)
-    rows = {"prefix": methods.METHODS["prefix"].translator(model, kv, NAMES), "1-shot": prompting.FewShot(model, pairs[:1])}
+    rows = {"prefix": spy, "1-shot": spy}
     scores, outputs = comparison.evaluate(rows, comparison.evaluation_pairs(pairs, 128, 4), 2)
     assert outputs[("prefix", "fr", "en")] == [f"[{fr}]" for _, fr in pairs]  # back in the data's order
     assert all(batch == sorted(batch) for batch in seen) and seen[0][0] == min(seen[0] + seen[1])
@@ -211,7 +209,7 @@ def test_activation_checkpointing_does_not_hold_every_layers_keys(models, kv):
     try:
         for ckpt in (False, True):
             alive, counts = [], []
-            prefix_hidden(model, kv.clone().requires_grad_(), *batch, grad_checkpoint=ckpt)
+            prefix_hidden(model, kv.clone().requires_grad_(), batch, grad_checkpoint=ckpt)
             assert counts[0] == (0 if ckpt else model.config.n_layer), (ckpt, counts)
     finally:
         for h in hooks:
@@ -234,11 +232,11 @@ def test_bench_gpu_runs_tiny_on_the_cpu(tmp_path):
 
 def test_the_prompt_methods_passes_count_its_2p_positions_in_the_budget(models, monkeypatch):
     model, examples = models[torch.float32], some_examples()
-    prompts = prompt.prompt_random(model, NAMES, 8, torch.Generator().manual_seed(0))  # 2P = 16 positions a row
+    prompts = prompt.init_random(model, NAMES, 8, torch.Generator().manual_seed(0))  # 2P = 16 positions a row
     shapes, real = [], model.hidden
     monkeypatch.setattr(model, "hidden", lambda idx, *a, **k: shapes.append(tuple(idx.shape)) or real(idx, *a, **k))
     budget = 120
     with torch.no_grad():
-        train.mean_loss(model, Prefixes(prompts), examples, "prompt", budget)
+        train.mean_loss(model, prompt, Prefixes(prompts), examples, train.Packing(budget, 16))
     assert len(shapes) > 1 and all(rows * length <= budget or rows == 1 for rows, length in shapes), shapes
     assert sum(rows for rows, _ in shapes) == len(examples)

@@ -17,17 +17,16 @@ import train
 import translate
 from methods import lora
 from mini_gpt2 import EOT, decode, encode, from_pretrained, generate, save_pretrained
-from methods import TOKENS
-from machinery.learned_file import load_prefixes
+from methods import METHODS
 from tests import reference
-from tests.conftest import train_args
+from tests.conftest import load_learned, train_args
 
 DIRECTIONS = (("fr", "en", "[start_french]", "[start_english]"), ("en", "fr", "[start_english]", "[start_french]"))
 
 
 RUNS = {"prefix": [], "prompt": ["--method", "prompt"], "reparam": ["--reparam", "--lr", "0.01"],
         "lora": ["--method", "lora", "--lr", "0.01"], "finetune": ["--method", "finetune", "--lr", "0.001"]}
-FILES = {"lora": "lora.safetensors", "finetune": "model"}
+FILES = {"prompt": "prompt.safetensors", "lora": "lora.safetensors", "finetune": "model"}
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +53,7 @@ def rows_by_line(csv_file):
 def test_the_saved_loss_is_transformers_nll_in_the_documented_layout(runs, tiny_ckpt, csv_file, run, tmp_path):
     """prefix.safetensors' val_loss, from train.py's own examples, is the NLL transformers' GPT-2 gives in that layout."""
     path = runs[run] / FILES.get(run, "prefix.safetensors")
-    learned, names, meta = load_prefixes(path)
+    learned, names, meta = load_learned(path)
     method = meta["method"]
     assert int(meta["step"]) == 2  # trained, and better than where it started
     record = json.loads((runs[run] / "split.json").read_text())
@@ -83,10 +82,11 @@ def test_the_saved_loss_is_transformers_nll_in_the_documented_layout(runs, tiny_
 
 @pytest.mark.parametrize("method", ["prefix", "prompt"])
 def test_translate_py_is_transformers_greedy_decoding_in_that_layout(runs, tiny_ckpt, call, method):
-    learned, names, _ = load_prefixes(runs[method] / "prefix.safetensors")
+    path = runs[method] / FILES.get(method, "prefix.safetensors")
+    learned, names, _ = load_learned(path)
     texts = {"fr": ["Bonjour! Je m'appelle Sully.", "Merci."], "en": ["Where is the station?", "Good night, my friend."]}
     for source, target, sp, tp in DIRECTIONS:
-        r = call(translate.main, "--prefix", runs[method] / "prefix.safetensors", "--to", target, "--max-new-tokens", 6,
+        r = call(translate.main, "--prefix", path, "--to", target, "--max-new-tokens", 6,
                  *texts[source])
         assert r.returncode == 0, r.stderr
         got = r.stdout.split("\n")[:-1]
@@ -117,18 +117,18 @@ def forced(tiny_ckpt, position, token):
 
 @pytest.mark.parametrize("method", ["prefix", "prompt"])
 def test_translation_stops_at_endoftext_and_keeps_what_came_before(runs, tiny_ckpt, method):
-    learned, names, _ = load_prefixes(runs[method] / "prefix.safetensors")
+    learned, names, _ = load_learned(runs[method] / FILES.get(method, "prefix.safetensors"))
     texts = ["Bonjour! Je m'appelle Sully.", "Il pleut aujourd'hui, et il fait froid."]
     sources = [reference.sentence(t) for t in texts]
     fr, en = names.index("[start_french]"), names.index("[start_english]")
-    free = TOKENS[method].translate_ids(from_pretrained(tiny_ckpt[0], device="cpu"), learned, sources, [fr, fr],
+    free = METHODS[method].translate_ids(from_pretrained(tiny_ckpt[0], device="cpu"), learned, sources, [fr, fr],
                                          [en, en], 12)
     # Target token i of a row sits at position taken + len(source) + i (the prompts' 2P positions come
     # first). The one at the longer source's first target position is made to predict <|endoftext|>:
     # that row stops after one token, the shorter one some tokens later, each with what came before.
     taken = 2 * learned.size(1) if method == "prompt" else 0
     q = taken + max(map(len, sources))
-    got = TOKENS[method].translate_ids(forced(tiny_ckpt, q, EOT), learned, sources, [fr, fr], [en, en], 12)
+    got = METHODS[method].translate_ids(forced(tiny_ckpt, q, EOT), learned, sources, [fr, fr], [en, en], 12)
     for source, g, f in zip(sources, got, free):
         k = q - (taken + len(source)) + 1  # the tokens before the one position q predicts
         assert len(f) >= k and g == f[:k], (g, f)
@@ -144,7 +144,7 @@ def test_few_shot_answers_stop_at_the_end_of_their_line(tiny_ckpt):
     free = generate(model, prompts, [12, 12], stop_ids=())  # the answers if nothing ended them
     q = max(map(len, prompts)) + 1  # the longer prompt's second answer token predicts the end of the line
     for newline in (198, 628):  # "\n" and "\n\n"
-        got = prompting.FewShot(forced(tiny_ckpt, q, newline), examples)(texts, [None, None], "fr", "en", [12, 12])
+        got = prompting.FewShot(forced(tiny_ckpt, q, newline), examples)(texts, "fr", "en", [12, 12])
         for prompt, g, f in zip(prompts, got, free):
             assert g == decode(f[:q - len(prompt) + 1]).strip(), (g, f)
         assert "\n" not in "".join(got) and got[0] != got[1]
@@ -191,7 +191,7 @@ def test_every_row_of_the_table_is_transformers_greedy_in_its_layout(runs, tiny_
     out = runs["prefix"]
     assert call(train.main, "--eval-only", "--out", out, "--eval-size", 2).returncode == 0
     results = json.loads((out / "results.json").read_text())
-    learned, names, _ = load_prefixes(out / "prefix.safetensors")
+    learned, names, _ = load_learned(out / "prefix.safetensors")
     ref, line_ends = tiny_ckpt[1], lambda t: t == EOT or "\n" in decode([t])
     for (source, target, sp, tp), direction in zip(DIRECTIONS, ("fr->en", "en->fr")):
         for row in results["translations"][direction]:

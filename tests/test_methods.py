@@ -16,10 +16,10 @@ from methods import prompting
 import train
 import translate
 from mini_gpt2 import EOT, decode, encode, from_pretrained, save_pretrained
-from machinery.learned_file import load_prefixes
-from tests.conftest import one_line_error, train_args
+from prefix import Example, Start
+from tests.conftest import load_learned, one_line_error, train_args
 from tests.test_prefix import examples, train_on_examples
-from train import Example, make_batch, target_loss
+from train import make_batch, target_loss
 
 
 @pytest.fixture
@@ -29,7 +29,7 @@ def model(tiny_ckpt):
 
 def trained_lora(model, seed=0):
     """A LoRA as if trained: B no longer zero."""
-    learned = lora.start(model, generator=torch.Generator().manual_seed(seed))
+    learned = lora.lora_start(model, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         learned.B.normal_(0, 0.3, generator=torch.Generator().manual_seed(seed + 1))
     return learned
@@ -41,7 +41,7 @@ IDX = torch.tensor([encode(" Bonjour! Je m'appelle Sully.")[:10], encode(" Hello
 # ----------------------------------------------------------------------------- LoRA
 
 def test_lora_starts_as_the_frozen_model_exactly_and_changes_it_once_trained(model):
-    learned = lora.start(model, generator=torch.Generator().manual_seed(0))
+    learned = lora.lora_start(model, generator=torch.Generator().manual_seed(0))
     assert float(learned.B.detach().abs().sum()) == 0 and float(learned.A.detach().abs().sum()) > 0
     assert learned.scale == lora.ALPHA / lora.RANK == 8
     with torch.no_grad():
@@ -54,8 +54,8 @@ def test_lora_starts_as_the_frozen_model_exactly_and_changes_it_once_trained(mod
 
 
 def test_only_a_and_b_move(model):
-    learned = lora.start(model, generator=torch.Generator().manual_seed(0))
-    losses = train_on_examples(model, learned, lora.lora_hidden, 20, lr=0.01)
+    learned = lora.lora_start(model, generator=torch.Generator().manual_seed(0))
+    losses = train_on_examples(model, learned, lora.hidden, 20, lr=0.01)
     assert losses[-1] < losses[0] and float(learned.B.detach().abs().sum()) > 0
 
 
@@ -88,7 +88,7 @@ def decoded_by_the_training_forward(model, hidden, learned, source, limit):
     while len(out) < limit:
         batch = make_batch([Example(source, out + [EOT], 0, 1)], "cpu")
         with torch.no_grad():
-            h, idx, src_len, seq_len = hidden(model, learned, *batch)
+            h, _ = hidden(model, learned, batch)
             logits = model.logits(h[0, len(source) - 1 + len(out)])
         token = logits.argmax().item()
         if token == EOT or "\n" in decode([token]):
@@ -101,13 +101,13 @@ def decoded_by_the_training_forward(model, hidden, learned, source, limit):
 def test_the_training_forward_is_the_decoding(tiny_ckpt, model, method):
     """Both read a translation as the zero-shot prompt continued: decoding gives what the training forward ranks first."""
     if method == "lora":
-        learned, hidden = trained_lora(model), lora.lora_hidden
-        row = lora.Translator(model, learned)
+        learned, hidden = trained_lora(model), lora.hidden
+        row = lora.translator(model, learned)
     else:
-        learned, hidden = finetune.start(model), finetune.finetune_hidden
+        learned, hidden = finetune.start(model, Start(4, "words", False, 0)), finetune.hidden
         row = prompting.FewShot(model, [])
     texts = ["Bonjour! Je m'appelle Sully.", "Merci"]
-    got = row(texts, None, "fr", "en", [8, 8])
+    got = row(texts, "fr", "en", [8, 8])
     for text, line in zip(texts, got):
         source = prompting.zero_shot_ids(text, "fr", "en")
         want = decoded_by_the_training_forward(model, hidden, learned, source, 8)
@@ -120,7 +120,7 @@ def test_lora_files_round_trip_and_are_checked(model, tmp_path):
     learned = trained_lora(model)
     path = tmp_path / "lora.safetensors"
     METHODS["lora"].save(path, learned, model.config, model="tiny")
-    loaded, names, meta = load_prefixes(path)
+    loaded, names, meta = load_learned(path)
     assert torch.equal(loaded.A, learned.A) and torch.equal(loaded.B, learned.B) and loaded.scale == learned.scale
     assert (meta["method"], meta["rank"], meta["alpha"]) == ("lora", str(lora.RANK), str(lora.ALPHA))
     with torch.no_grad():
@@ -135,11 +135,11 @@ def test_lora_files_round_trip_and_are_checked(model, tmp_path):
 
 def test_bfloat16_fine_tuning_keeps_float32_masters(tiny_ckpt):
     model = from_pretrained(tiny_ckpt[0], device="cpu", dtype=torch.bfloat16)
-    learned = finetune.start(model)
+    learned = finetune.start(model, Start(4, "words", False, 0))
     opt = torch.optim.AdamW(learned.parameters(), lr=1e-3)
     assert all(p.dtype == torch.float32 for p in learned.parameters())
     for _ in range(2):
-        loss = target_loss(model, *finetune.finetune_hidden(model, learned(), *make_batch(examples(), "cpu")))
+        loss = target_loss(model, *finetune.hidden(model, learned, make_batch(examples(), "cpu")))
         loss.backward()
         assert all(p.grad is None for p in model.parameters())  # each gradient went to its master
         assert all(m.grad is not None and m.grad.dtype == torch.float32 for m in learned.parameters())
@@ -169,7 +169,7 @@ def test_a_fine_tuned_folder_loads_in_mini_gpt2_and_in_transformers_alike(finetu
         a, b = ours(IDX), theirs(IDX).logits
         moved = (a - from_pretrained(tiny_ckpt[0], device="cpu")(IDX)).abs().max()
     assert (a - b).abs().max() <= 1e-4 and moved > 1e-3  # the same logits, and not the model it started from
-    meta = load_prefixes(folder)[2]
+    meta = load_learned(folder)[2]
     assert meta["method"] == "finetune" and int(meta["step"]) in (0, 1, 2) and "val_loss" in meta
 
 
@@ -185,8 +185,8 @@ def test_translate_py_with_lora_and_fine_tuned_models(finetuned, tiny_ckpt, csv_
 
 
 def test_method_arguments(call, tmp_path):
-    assert train.parse_args(["--method", "lora"]).lr == train.DEFAULT_LR["lora"] == 2e-4
-    assert train.parse_args(["--method", "finetune"]).lr == train.DEFAULT_LR["finetune"]
+    assert train.parse_args(["--method", "lora"]).lr == lora.LR == 2e-4
+    assert train.parse_args(["--method", "finetune"]).lr == finetune.LR
     r = call(train.main, "--method", "lora", "--reparam", "--out", tmp_path / "o")
     assert "it does not apply to --method lora" in one_line_error(r, status=2)
 

@@ -5,13 +5,13 @@ import inspect
 import pytest
 import torch
 
+import prefix
 from mini_gpt2 import EOT, UserError, encode, from_pretrained
-from methods import translate
-from prefix import (NAMES, Prefixes, as_past, encode_sentence, init_from_words, init_random, max_new_tokens_for,
+from prefix import (NAMES, Example, Prefixes, as_past, encode_sentence, init_from_words, init_random, max_new_tokens_for,
                     prefix_hidden, translate_ids)
-from machinery.learned_file import check_fits, load_prefixes, save_prefixes
-from train import Example, make_batch, target_loss
-from tests.conftest import make_checkpoint
+from machinery.learned_file import check_fits
+from train import make_batch, target_loss
+from tests.conftest import load_learned, make_checkpoint, translate
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +40,8 @@ def test_prefix_shape_is_per_layer_keys_and_values(model, kv):
 
 def test_batched_training_forward_equals_decoding_through_the_cache(model, kv):
     batch = make_batch(examples(), "cpu")
-    idx, src_len, seq_len, sp, tp = batch
     with torch.no_grad():
-        batched = model.logits(prefix_hidden(model, kv, *batch)[0])  # (B, T, vocab)
+        batched = model.logits(prefix_hidden(model, kv, batch))  # (B, T, vocab)
         for b, (s, t, si, ti) in enumerate(examples()):
             # reading order: [source prefix] source[:-1], then [target prefix], then the rest
             cache = as_past(kv[si][None])
@@ -80,33 +79,33 @@ def test_greedy_translation_follows_the_training_forward(model, kv):
     for s, si, ti, gen in zip(sources, src, tgt, out):
         batch = make_batch([Example(s, gen, si, ti)], "cpu")
         with torch.no_grad():
-            logits = model.logits(prefix_hidden(model, kv, *batch)[0])[0]
+            logits = model.logits(prefix_hidden(model, kv, batch))[0]
         assert logits[len(s) - 1:len(s) - 1 + len(gen)].argmax(-1).tolist() == gen
 
 
 def test_translate_gives_text(model, kv):
-    out = translate(model, kv, NAMES, "prefix", [encode_sentence("Bonjour!"), encode_sentence("Hello")], ["en", "fr"], [4, 4])
+    out = translate(model, kv, "prefix", ["Bonjour!", "Hello"], ["en", "fr"], [4, 4])
     assert len(out) == 2 and all(isinstance(t, str) for t in out)
 
 
 def test_loss_counts_target_tokens_only(model, kv):
     batch = make_batch(examples(), "cpu")
-    idx, src_len, seq_len, sp, tp = batch
-    h = prefix_hidden(model, kv, *batch)[0]
+    idx, src_len, seq_len = batch.idx, batch.src_len, batch.seq_len
+    h = prefix_hidden(model, kv, batch)
     h2 = h.clone()
     for b in range(3):  # scramble what lies outside the target predictions: the loss must not move
         h2[b, : src_len[b] - 1] = torch.randn_like(h2[b, : src_len[b] - 1])
         h2[b, seq_len[b] - 1:] = torch.randn_like(h2[b, seq_len[b] - 1:])
-    assert torch.equal(target_loss(model, h, idx, src_len, seq_len), target_loss(model, h2, idx, src_len, seq_len))
+    assert torch.equal(target_loss(model, h, batch), target_loss(model, h2, batch))
     logits = model.logits(h)
     manual = sum(torch.nn.functional.cross_entropy(logits[b, src_len[b] - 1:seq_len[b] - 1], idx[b, src_len[b]:seq_len[b]],
                                                    reduction="sum") for b in range(3))
-    assert torch.allclose(target_loss(model, h, idx, src_len, seq_len), manual, atol=1e-4)
+    assert torch.allclose(target_loss(model, h, batch), manual, atol=1e-4)
 
 
 def train_on_examples(model, learned, hidden, steps, lr):
     """
-    AdamW on the target loss of examples(), through `hidden` (prefix_hidden or prompt_hidden):
+    AdamW on the target loss of examples(), through `hidden` (a method's):
     checks at every step that gradients reach only `learned`, and at the end that the model's
     weights are bit-identical; returns the losses.
     """
@@ -115,7 +114,7 @@ def train_on_examples(model, learned, hidden, steps, lr):
     batch = make_batch(examples(), "cpu")
     losses = []
     for _ in range(steps):
-        loss = target_loss(model, *hidden(model, learned(), *batch))
+        loss = target_loss(model, *hidden(model, learned, batch))
         loss.backward()
         assert all(p.grad is None for p in model.parameters())
         assert all(p.grad is not None for p in learned.parameters())
@@ -131,7 +130,7 @@ def train_on_examples(model, learned, hidden, steps, lr):
 def test_training_moves_only_the_prefix_and_halves_the_loss(model, kv, reparam):
     prefixes = Prefixes(kv, reparam=reparam)
     assert torch.equal(prefixes.fold(), kv)  # both forms start at the initialisation
-    losses = train_on_examples(model, prefixes, prefix_hidden, 60, lr=0.05 if not reparam else 0.01)
+    losses = train_on_examples(model, prefixes, prefix.hidden, 60, lr=0.05 if not reparam else 0.01)
     assert losses[-1] <= losses[0] / 2, losses[::10]
 
 
@@ -140,27 +139,27 @@ def test_activation_checkpointing_gives_the_same_gradients(model, kv):
     grads = []
     for ckpt in (False, True):
         p = kv.clone().requires_grad_()
-        target_loss(model, *prefix_hidden(model, p, *batch, grad_checkpoint=ckpt)).backward()
+        target_loss(model, prefix_hidden(model, p, batch, grad_checkpoint=ckpt), batch).backward()
         grads.append(p.grad)
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
 
 
 def test_save_load_round_trip_and_size_check(tmp_path, model, kv):
     path = tmp_path / "p.safetensors"
-    save_prefixes(path, kv, NAMES, model.config, model="tiny")
-    kv2, names, meta = load_prefixes(path)
+    prefix.save(path, Prefixes(kv), model.config, model="tiny")
+    kv2, names, meta = load_learned(path)
     check_fits(meta, model.config, path)
     assert torch.equal(kv2, kv) and names == list(NAMES) and meta["model"] == "tiny" and meta["prefix_len"] == "4"
     other = make_checkpoint(tmp_path / "other", n_layer=3, n_head=4, n_embd=64)
     with pytest.raises(UserError, match=r"trained for tiny \(2 layers, 5 heads, width 80\), but this model has 3 layers"):
-        check_fits(load_prefixes(path)[2], from_pretrained(tmp_path / "other").config, path)
+        check_fits(load_learned(path)[2], from_pretrained(tmp_path / "other").config, path)
     del other
 
 
 def test_translate_refuses_inputs_past_the_context(model, kv):
     with pytest.raises(UserError, match="input 2 is .* tokens"):
-        sources = [encode_sentence("Bonjour"), encode_sentence("mot " * 400)]
-        translate(model, kv, NAMES, "prefix", sources, ["en", "en"], [max_new_tokens_for(s) for s in sources])  # 400 + 808 > 1024
+        texts = ["Bonjour", "mot " * 400]
+        translate(model, kv, "prefix", texts, ["en", "en"], [max_new_tokens_for(encode_sentence(t)) for t in texts])  # 400 + 808 > 1024
 
 
 def test_the_length_rule_counts_both_sentences_and_the_end():
@@ -169,9 +168,9 @@ def test_the_length_rule_counts_both_sentences_and_the_end():
     assert fits([1] * 50, [2] * 77, 128) and not fits([1] * 50, [2] * 78, 128)  # 50 + 77 + <|endoftext|> = 128
     import train
 
-    examples, too_long = train.make_examples([("a " * 10, "b " * 10)], 21)
+    examples, too_long = train.make_examples([("a " * 10, "b " * 10)], 21, prefix)
     assert len(examples) == 2 and too_long == 0 and len(examples[0].source) + len(examples[0].target) == 21
-    assert train.make_examples([("a " * 10, "b " * 10)], 20) == ([], 2)
+    assert train.make_examples([("a " * 10, "b " * 10)], 20, prefix) == ([], 2)
 
 
 def test_the_reparameterisation_gives_each_virtual_token_its_own_embedding(kv):

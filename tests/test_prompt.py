@@ -6,15 +6,23 @@ the same training path, the same file format, the identities each initialisation
 import pytest
 import torch
 
+import prefix
 import train
+from machinery.learned_file import check_fits
+from methods import METHODS, prompt
 from mini_gpt2 import EOT, encode, from_pretrained, generate
-from methods import METHODS, translate
-from prefix import NAMES, Prefixes, encode_sentence, init_from_words, init_word_ids
-from machinery.learned_file import check_fits, load_prefixes, save_prefixes
-from methods.prompt import prompt_from_words, prompt_hidden, prompt_random, prompt_translate_ids
-from train import Example, make_batch, target_loss
-from tests.conftest import one_line_error, train_args
+from prefix import NAMES, Example, Prefixes, init_from_words, init_word_ids
+from methods.prompt import prompt_hidden
+from train import make_batch, target_loss
+from tests.conftest import load_learned, one_line_error, train_args, translate
 from tests.test_prefix import examples, train_on_examples
+
+prompt_from_words, prompt_random, prompt_translate_ids = prompt.init_from_words, prompt.init_random, prompt.translate_ids
+
+
+def positions(method, P):
+    """The positions a translation takes beyond its sentences' tokens, with prefixes or prompts of P."""
+    return method.POSITIONS_PER_VIRTUAL_TOKEN * P + method.PROMPT_POSITIONS
 
 
 @pytest.fixture(scope="module")
@@ -29,13 +37,14 @@ def prompts(model):
 
 def test_prompt_shape_is_input_embeddings(model, prompts):
     assert prompts.shape == (2, 4, model.config.n_embd)
-    assert METHODS["prompt"].positions(4) == 8 and METHODS["prefix"].positions(4) == 0
+    assert positions(METHODS["prompt"], 4) == 8 and positions(METHODS["prefix"], 4) == 0
 
 
 def test_batched_prompt_forward_equals_decoding_through_the_cache(model, prompts):
     batch = make_batch(examples(), "cpu")
     with torch.no_grad():
-        h, tokens, src_len, seq_len = prompt_hidden(model, prompts, *batch)
+        h, laid_out = prompt_hidden(model, prompts, batch)
+        src_len, seq_len = laid_out.src_len, laid_out.seq_len
         batched = model.logits(h)  # (B, T + 2P, vocab)
         P = prompts.size(1)
         for b, (s, t, si, ti) in enumerate(examples()):
@@ -53,13 +62,13 @@ def test_batched_prompt_forward_equals_decoding_through_the_cache(model, prompts
 def test_prompt_loss_counts_the_target_tokens_predicted_after_the_target_prompt(model, prompts):
     batch = make_batch(examples(), "cpu")
     with torch.no_grad():
-        h, tokens, src_len, seq_len = prompt_hidden(model, prompts, *batch)
+        h, laid_out = prompt_hidden(model, prompts, batch)
         logits = model.logits(h)
         P, total = prompts.size(1), 0.0
         for b, (s, t, _, _) in enumerate(examples()):
             first = 2 * P + len(s) - 1  # the target prompt's last vector predicts the first target token
             total += torch.nn.functional.cross_entropy(logits[b, first:first + len(t)], torch.tensor(t), reduction="sum")
-        assert torch.allclose(target_loss(model, h, tokens, src_len, seq_len), total, atol=1e-4)
+        assert torch.allclose(target_loss(model, h, laid_out), total, atol=1e-4)
 
 
 # What each prompt starts from, written out here rather than read from prefix.py: the text's first P tokens.
@@ -101,7 +110,7 @@ def test_a_prefix_from_words_holds_the_words_keys_and_values(tiny_ckpt, model):
 
 
 def test_training_moves_only_the_prompts(model, prompts):
-    losses = train_on_examples(model, Prefixes(prompts), prompt_hidden, 40, lr=0.05)
+    losses = train_on_examples(model, Prefixes(prompts), prompt.hidden, 40, lr=0.05)
     assert losses[-1] <= losses[0] * 2 / 3, losses[::10]  # it learns (less than the prefixes do: see test_prefix)
 
 
@@ -113,21 +122,21 @@ def test_prompt_decoding_follows_the_training_forward(model, prompts):
     for s, si, ti, gen in zip(sources, src, tgt, out):
         batch = make_batch([Example(s, gen + [EOT], si, ti)], "cpu")
         with torch.no_grad():
-            logits = model.logits(prompt_hidden(model, prompts, *batch)[0])[0]
+            logits = model.logits(prompt_hidden(model, prompts, batch)[0])[0]
         first = 2 * P + len(s) - 1
         assert logits[first:first + len(gen)].argmax(-1).tolist() == gen
 
 
 def test_one_file_format_for_both(tmp_path, model, prompts):
     path = tmp_path / "p.safetensors"
-    save_prefixes(path, prompts, NAMES, model.config, "prompt", model="tiny")
-    learned, names, meta = load_prefixes(path)
+    prompt.save(path, Prefixes(prompts), model.config, model="tiny")
+    learned, names, meta = load_learned(path)
     check_fits(meta, model.config, path)
     assert torch.equal(learned, prompts) and meta["method"] == "prompt" and meta["prefix_len"] == "4"
-    assert len(translate(model, learned, names, meta["method"], [encode_sentence("Bonjour")], ["en"], [3])) == 1
+    assert len(translate(model, learned, meta["method"], ["Bonjour"], ["en"], [3])) == 1
     kv = init_from_words(model, NAMES, 4)
-    save_prefixes(path, kv, NAMES, model.config, "prefix")
-    assert load_prefixes(path)[2]["method"] == "prefix"
+    prefix.save(path, Prefixes(kv), model.config)
+    assert load_learned(path)[2]["method"] == "prefix"
 
 
 def test_train_and_translate_with_prompts(tiny_ckpt, csv_file, tmp_path, call):
@@ -137,12 +146,12 @@ def test_train_and_translate_with_prompts(tiny_ckpt, csv_file, tmp_path, call):
     r = call(train.main, *train_args(tiny_ckpt[0], csv_file, out, "--method", "prompt", "--steps", 2))
     assert r.returncode == 0, r.stderr
     assert "input-embedding prompts" in r.stdout and "| prompt | both |" in r.stdout and "| 0-shot | both |" in r.stdout
-    assert load_prefixes(out / "prefix.safetensors")[2]["method"] == "prompt"
-    r = call(translate_script.main, "--prefix", out / "prefix.safetensors", "--max-new-tokens", 3, "Bonjour", "Hello")
+    assert load_learned(out / "prompt.safetensors")[2]["method"] == "prompt"
+    r = call(translate_script.main, "--prefix", out / "prompt.safetensors", "--max-new-tokens", 3, "Bonjour", "Hello")
     assert r.returncode == 0 and len(r.stdout.splitlines()) == 2, r.stderr
 
 
 def test_prompt_arguments(call, tmp_path):
-    assert train.parse_args(["--method", "prompt"]).lr == train.DEFAULT_LR["prompt"]
+    assert train.parse_args(["--method", "prompt"]).lr == prompt.LR
     r = call(train.main, "--method", "prompt", "--reparam", "--out", tmp_path / "o")
     assert "--reparam trains --method prefix through an MLP" in one_line_error(r, status=2)

@@ -15,10 +15,11 @@ import torch.nn.functional as F
 from machinery import data
 import train
 from mini_gpt2 import decode, from_pretrained
-from prefix import prefix_hidden
-from machinery.learned_file import load_prefixes
-from train import Example, make_batch
-from tests.conftest import ROOT, fail_in_step, train_args
+import prefix
+from methods import prompt
+from prefix import Example, prefix_hidden
+from train import make_batch
+from tests.conftest import ROOT, fail_in_step, load_learned, train_args
 
 
 def log_rows(out):
@@ -38,11 +39,11 @@ def fake_validation(monkeypatch, losses):
 def test_validation_loss_is_the_teacher_forced_loss_on_the_slice(tiny_ckpt, csv_file, tmp_path):
     out = tmp_path / "run"
     assert train.main(train_args(tiny_ckpt[0], csv_file, out, "--no-eval")) == 0
-    kv, _, meta = load_prefixes(out / "prefix.safetensors")
+    kv, _, meta = load_learned(out / "prefix.safetensors")
     record = json.loads((out / "split.json").read_text())
     pairs, lines, _ = data.read_pairs(csv_file)
     val_pairs = [pairs[lines.index(line)] for line in record["validation"]]
-    examples, _ = train.make_examples(val_pairs, 128)
+    examples, _ = train.make_examples(val_pairs, 128, prefix)
     assert len(examples) == 2 * len(val_pairs)  # both directions
 
     model = from_pretrained(tiny_ckpt[0], device="cpu")
@@ -50,7 +51,7 @@ def test_validation_loss_is_the_teacher_forced_loss_on_the_slice(tiny_ckpt, csv_
     with torch.no_grad():  # one example at a time, by hand: the sum of its target tokens' cross-entropies
         for src, tgt, sp, tp in examples:
             batch = make_batch([Example(src, tgt, sp, tp)], "cpu")
-            logits = model.logits(prefix_hidden(model, kv, *batch)[0])[0]
+            logits = model.logits(prefix_hidden(model, kv, batch))[0]
             total += F.cross_entropy(logits[len(src) - 1:len(src) + len(tgt) - 1], torch.tensor(tgt), reduction="sum").item()
             n += len(tgt)
     logged = dict(val_losses(out))[int(meta["step"])]
@@ -95,11 +96,11 @@ def check_best(out, steps):
     """prefix.safetensors is the lowest logged validation loss; prefix-last.safetensors the last, if it differs."""
     losses = val_losses(out)
     best_step, best = min(losses, key=lambda sv: (sv[1], sv[0]))
-    kv, _, meta = load_prefixes(out / "prefix.safetensors")
+    kv, _, meta = load_learned(out / "prefix.safetensors")
     assert (int(meta["step"]), float(meta["val_loss"])) == (best_step, best)
     assert (out / "prefix-last.safetensors").exists() == (best_step != steps)
     if best_step != steps:
-        last, _, last_meta = load_prefixes(out / "prefix-last.safetensors")
+        last, _, last_meta = load_learned(out / "prefix-last.safetensors")
         assert int(last_meta["step"]) == steps and not torch.equal(last, kv)
     return best_step
 
@@ -145,13 +146,13 @@ def test_a_run_still_improving_says_so(tiny_ckpt, csv_file, tmp_path, capsys, mo
 
 def test_learning_rate_defaults_differ_as_documented():
     direct, reparam = train.parse_args([]).lr, train.parse_args(["--reparam"]).lr
-    prompt = train.parse_args(["--method", "prompt"]).lr
-    assert (direct, reparam, prompt) == tuple(train.DEFAULT_LR[k] for k in ("direct", "reparam", "prompt"))
+    prompt_lr = train.parse_args(["--method", "prompt"]).lr
+    assert (direct, reparam, prompt_lr) == (prefix.LR, prefix.REPARAM_LR, prompt.LR)
     assert direct / reparam >= 100
     assert train.parse_args(["--reparam", "--lr", "0.003"]).lr == 0.003
     readme = (ROOT / "README.md").read_text()
     section = readme[readme.index("### Learning rates"):readme.index("### Memory and precision")]
-    assert f"`{direct:g}`" in section and f"`{reparam:g}`" in section and f"`{prompt:g}`" in section
+    assert f"`{direct:g}`" in section and f"`{reparam:g}`" in section and f"`{prompt_lr:g}`" in section
 
 
 def is_png(path):
@@ -231,10 +232,10 @@ def test_a_resumed_run_sees_the_data_in_the_same_order(tiny_ckpt, csv_file, tmp_
     seen = []
     real = train.mean_loss
 
-    def spy(model, prefixes, examples, *args, backward=False, **kwargs):
+    def spy(model, method, learned, examples, *args, backward=False, **kwargs):
         if backward:
             seen.append(sorted((tuple(s), tuple(t)) for s, t, _, _ in examples))
-        return real(model, prefixes, examples, *args, backward=backward, **kwargs)
+        return real(model, method, learned, examples, *args, backward=backward, **kwargs)
 
     monkeypatch.setattr(train, "mean_loss", spy)
     args = ["--no-eval", "--steps", 8, "--batch-size", 8, "--save-every", 100]
