@@ -1,6 +1,6 @@
 """
 mini_gpt2 against transformers' GPT-2 on the same random weights: load time, greedy decoding speed
-at batch 1 and 16 (and against the step-by-step decoding the static shapes of fast.py replaced),
+at batch 1 and 16 (and fast.py's static-shape decoding against generate.py's plain loop),
 and the 3-shot evaluation against the way it was first written. Prints figures and ratios;
 asserts nothing.
 
@@ -27,7 +27,7 @@ from machinery import comparison  # noqa: E402
 from methods import prompting  # noqa: E402
 import mini_gpt2  # noqa: E402
 from mini_gpt2 import fast  # noqa: E402
-from tests.reference import generate_step_by_step  # noqa: E402
+from mini_gpt2.generate import prefill  # noqa: E402
 from benchmarks.common import best_time, median_times, parser, random_checkpoint, sample_pairs, setup  # noqa: E402
 from prefix import encode_sentence, max_new_tokens_for  # noqa: E402
 
@@ -63,6 +63,12 @@ def decoding_speed(ours, hf, B, prompt_len, new_tokens, repeats, device, generat
     n = B * new_tokens
     same = sum(a == b for r, q in zip(out["ours"], out["hf"]) for a, b in zip(r, q)) / n
     return {name: n / t for name, t in times.items()}, same
+
+
+def static_generate(model, prompts, new_tokens):
+    """generate with fast.decode's static shapes (what a GPU runs as CUDA graphs; on the CPU, step by step)."""
+    h, cache, keys_valid, next_pos = prefill(model, prompts, room=new_tokens)
+    return fast.decode(model, h[:, -1], cache, keys_valid, next_pos, [new_tokens] * len(prompts), ())
 
 
 def plain_few_shot(model, few, texts, source, target, limits, batch_size):
@@ -132,13 +138,17 @@ def main():
             print(f"| {B} | {speed['ours']:.1f} | {speed['hf']:.1f} | {speed['ours'] / speed['hf']:.2f} | {same:.0%} |",
                   flush=True)
 
-        for B in args.batch_sizes:  # the static shapes (fast.decode) against the loop they replaced, on the same prompts
+        for B in args.batch_sizes:  # the static shapes (fast.decode) against generate.py's plain loop, on the same prompts
             prompts = torch.randint(0, 50256, (B, args.prompt_len), generator=g).tolist()
-            t = median_times({"static": lambda: mini_gpt2.generate(ours, prompts, args.new_tokens, stop_ids=()),
-                              "step": lambda: generate_step_by_step(ours, prompts, args.new_tokens, stop_ids=())},
-                             args.repeats, device)
-            print(f"batch {B}: static-shape decoding {B * args.new_tokens / t['static']:.1f} tokens/s, the step-by-step "
-                  f"loop it replaced (tests/reference.py) {B * args.new_tokens / t['step']:.1f}, x{t['step'] / t['static']:.2f}")
+            fast.GRAPHS = False  # the plain loop, on a GPU too
+            try:
+                t = median_times({"static": lambda: static_generate(ours, prompts, args.new_tokens),
+                                  "plain": lambda: mini_gpt2.generate(ours, prompts, args.new_tokens, stop_ids=())},
+                                 args.repeats, device)
+            finally:
+                fast.GRAPHS = True
+            print(f"batch {B}: static-shape decoding {B * args.new_tokens / t['static']:.1f} tokens/s, generate.py's plain "
+                  f"loop {B * args.new_tokens / t['plain']:.1f}, x{t['plain'] / t['static']:.2f}")
 
         plain, shared, same = few_shot_speed(ours, args.eval_sentences, 16, args.repeats, device)
         print(f"\n3-shot evaluation, {args.eval_sentences} sentences fr->en, batches of 16: plain prompts "

@@ -129,16 +129,95 @@ class CompiledBlocks:
 
 # ----------------------------------------------------------------------------- 2. decoding with static shapes
 
-class StaticKVCache(KVCache):
-    """A layer's KVCache that writes at the position held in `at` (a tensor) and returns its whole capacity."""
+CAPACITY = 64  # a captured step's cache holds a multiple of this many entries: calls of similar lengths share it
 
-    def __init__(self, cache, at):
-        self.k, self.v, self.len, self.at = cache.k, cache.v, cache.len, at
+
+def uses_graphs(device):
+    """Whether decoding on `device` runs its steps as captured CUDA graphs (only CUDA has them)."""
+    return device.type == "cuda" and GRAPHS
+
+
+class StaticKVCache(KVCache):
+    """A layer's cache of fixed capacity that writes at the position held in `at` (a tensor) and returns all of it."""
+
+    def __init__(self, k, v, at):
+        self.k, self.v, self.at, self.len = k, v, at, 0
 
     def update(self, k, v):
         self.k.index_copy_(2, self.at, k)
         self.v.index_copy_(2, self.at, v)
         return self.k, self.v
+
+
+class Step:
+    """
+    One decoding step of static shapes for `rows` rows and a cache of `capacity` entries: the
+    buffers it reads and writes in place (each layer's keys and values, the new token, its
+    position, which entries are real, where this step writes), and its output, the logits.
+    Captured as a CUDA graph at its first run, replayed at every later one, across calls.
+    """
+
+    def __init__(self, model, rows, capacity):
+        c, w = model.config, model.wte.weight
+        self.model, self.graph = model, None
+        self.k = torch.zeros(c.n_layer, rows, c.n_head, capacity, c.head_dim, device=w.device, dtype=w.dtype)
+        self.v = torch.zeros_like(self.k)  # zeros: attention reads all of it, and masking cannot cancel a NaN
+        self.tok = torch.zeros(rows, 1, dtype=torch.long, device=w.device)
+        self.pos = torch.zeros(rows, 1, dtype=torch.long, device=w.device)
+        self.valid = torch.zeros(rows, capacity, dtype=torch.bool, device=w.device)
+        self.at = torch.zeros(1, dtype=torch.long, device=w.device)
+
+    def load(self, cache, keys_valid, next_pos):
+        """A prefill's cache, which of its keys are real and each row's next position, into the buffers."""
+        n = cache[0].len
+        for layer, c in enumerate(cache):
+            self.k[layer, :, :, :n] = c.k[:, :, :n]
+            self.v[layer, :, :, :n] = c.v[:, :, :n]
+        self.valid.zero_()
+        self.valid[:, :keys_valid.size(1)] = keys_valid
+        self.pos.copy_(next_pos[:, None])
+        self.at.fill_(n)
+
+    def run(self):
+        """The step on the buffers as they are now -> the logits (rows, vocab): from the graph, once it is captured."""
+        if self.graph:
+            self.graph.replay()  # computes the captured step anew into the same output tensor
+            return self.out
+        if self.graph is None and uses_graphs(self.tok.device):
+            try:
+                self.graph, self.out = capture(compute_step, self.model, self.k, self.v, self.tok, self.pos, self.valid,
+                                               self.at)
+                return self.out
+            except RuntimeError as e:  # a GPU or driver that cannot capture this: on without graphs, as on a CPU
+                warnings.warn(f"decoding without CUDA graphs ({str(e).splitlines()[0]})")
+                self.graph = False
+        return compute_step(self.model, self.k, self.v, self.tok, self.pos, self.valid, self.at)
+
+
+def compute_step(model, k, v, tok, pos, valid, at):
+    """One new token per row (tok at pos), written into the caches at `at`, attending to every real entry: -> logits."""
+    caches = [StaticKVCache(k[layer], v[layer], at) for layer in range(k.size(0))]
+    out, _ = model.hidden(tok, caches, valid[:, None, :], pos)
+    return model.logits(out[:, -1])
+
+
+class Graphs:
+    """
+    The captured steps of decoding, kept for the calls that follow: one per (rows, capacity), the
+    `keep` used last (each holds a cache of its own). A translator's life (an evaluation's
+    batches, translate.py's inputs) captures a handful of times, not once a batch.
+    """
+
+    def __init__(self, keep=2):
+        self.steps, self.keep = {}, keep
+
+    def step(self, model, rows, capacity):
+        key = (rows, capacity)
+        step = self.steps.pop(key, None) or Step(model, rows, capacity)
+        self.steps[key] = step  # the latest last
+        while len(self.steps) > self.keep:
+            del self.steps[next(iter(self.steps))]
+        return step
 
 
 def pick(logits, temperature, top_k, generator):
@@ -156,33 +235,18 @@ def pick(logits, temperature, top_k, generator):
 
 
 @torch.no_grad()
-def decode(model, h, cache, keys_valid, next_pos, limits, stop_ids, temperature=0.0, top_k=None, generator=None):
+def decode(model, h, cache, keys_valid, next_pos, limits, stop_ids, temperature=0.0, top_k=None, generator=None,
+           graphs=None):
     """
-    The tokens after a prefill (mini_gpt2.generate): h (B, C) the last position's hidden state,
-    cache a KVCache per layer with room for max(limits) more entries, keys_valid (B, S) which of
-    its entries are real, next_pos (B,) each row's next position. Returns one list of new token
-    ids per row.
+    generate.decode with static shapes: the same arguments and tokens, the steps run on the
+    buffers of a Step from `graphs` (a Graphs; None: one for this call). Returns one list of new
+    token ids per row.
     """
     B, device, steps = h.size(0), h.device, max(limits)
-    head = model.lm_head.weight.float()  # float32 logits, as GPT.logits computes them, with wte converted once
-    logits_of = lambda h: F.linear(h.float(), head)  # noqa: E731  (B, C) -> (B, vocab)
-    logits = logits_of(h)
+    step = (graphs or Graphs()).step(model, B, -(-(cache[0].len + steps) // CAPACITY) * CAPACITY)
+    step.load(cache, keys_valid, next_pos)
+    logits = model.logits(h)
 
-    # The buffers every step reads and writes in place: the same memory, the same shapes.
-    at = torch.tensor([cache[0].len], device=device)  # where this step's keys/values go
-    static = [StaticKVCache(c, at) for c in cache]
-    for c in cache:  # attention now reads the whole capacity: masking cannot cancel a NaN left in unused memory
-        c.k[:, :, c.len:].zero_()
-        c.v[:, :, c.len:].zero_()
-    valid = torch.zeros(B, cache[0].k.size(2), dtype=torch.bool, device=device)  # (B, capacity)
-    valid[:, :keys_valid.size(1)] = keys_valid
-    tok, pos = torch.zeros(B, 1, dtype=torch.long, device=device), next_pos[:, None].clone()
-
-    def step():  # one new token per row, attending to every real entry of the cache
-        out, _ = model.hidden(tok, static, valid[:, None, :], pos)
-        return logits_of(out[:, -1])
-
-    graph, use_graph = None, uses_graphs(device)
     stop = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
     limit = torch.tensor(limits, device=device)
     new = torch.zeros(B, steps, dtype=torch.long, device=device)  # what each step picked
@@ -198,20 +262,12 @@ def decode(model, h, cache, keys_valid, next_pos, limits, stop_ids, temperature=
         alive[:, t] = ~done
         if t == steps - 1 or ((t + 1) % CHECK_EVERY == 0 and bool(done.all())):
             break
-        tok.copy_(new[:, t:t + 1].masked_fill(done[:, None], EOT))  # finished rows run on a harmless token
-        valid.index_fill_(1, at, True)  # the new token sees itself
-        if not use_graph:
-            logits = step()
-        elif graph is None:
-            try:
-                graph, logits = _capture(step, device)
-            except RuntimeError as e:  # a GPU or driver that cannot capture this: on without graphs, as on a CPU
-                warnings.warn(f"decoding without CUDA graphs ({str(e).splitlines()[0]})")
-                use_graph, logits = False, step()
-        else:
-            graph.replay()  # computes the captured step anew: `logits` is its output, filled in place
-        at += 1
-        pos += (~done & (limit > t + 1))[:, None]  # a row finished, or at its limit, stays: never past GPT-2's positions
+        # Written into the step's buffers, never rebound: a captured graph reads them where they were.
+        step.tok.copy_(new[:, t:t + 1].masked_fill(done[:, None], EOT))  # finished rows run on a harmless token
+        step.valid.index_fill_(1, step.at, True)  # the new token sees itself
+        logits = step.run()
+        step.at += 1
+        step.pos += (~done & (limit > t + 1))[:, None]  # a row finished, or at its limit, stays: never past GPT-2's positions
 
     # Draws after the step at which every row had finished are undone, so that the generator ends
     # where a loop that looked every step would have left it (the next call draws the same).
@@ -222,11 +278,6 @@ def decode(model, h, cache, keys_valid, next_pos, limits, stop_ids, temperature=
     return [row[:n] for row, n in zip(picked, lengths)]
 
 
-def uses_graphs(device):
-    """Whether decoding on `device` runs its steps as a captured CUDA graph (only CUDA has them)."""
-    return device.type == "cuda" and GRAPHS
-
-
 def default_generator(device):
     """The generator torch draws from on `device` when given none (None where we cannot say: mps)."""
     if device.type == "cuda":
@@ -234,20 +285,21 @@ def default_generator(device):
     return torch.default_generator if device.type == "cpu" else None
 
 
-def _capture(step, device):
+def capture(fn, *buffers):
     """
-    Run `step` once on a side stream (CUDA graphs want that warm-up), then capture it; -> (graph,
-    its output). All on `device`'s own streams, whichever GPU is current. Each capture waits for
-    the GPU and empties PyTorch's cache of freed memory: it costs about a step, once per batch.
+    fn(*buffers) as a CUDA graph: run once on a side stream (CUDA graphs want that warm-up), then
+    captured; -> (graph, its output). Replaying it computes fn anew on the same buffers, wherever
+    their contents changed in place, into the same output. All on the buffers' GPU's own streams.
     """
+    device = buffers[-1].device
     with torch.cuda.device(device):
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
-            step()  # writes the same keys/values the captured step will
+            fn(*buffers)  # writes the same keys/values the captured step will
         torch.cuda.current_stream(device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=torch.cuda.Stream(device)):
-            out = step()
+            out = fn(*buffers)
         graph.replay()
     return graph, out

@@ -1,23 +1,23 @@
 """
-Text generation with a KV cache: the prompt runs through the model once, then each step feeds
-only the newest token and reads everything earlier from the cache.
+Text generation with a KV cache: the prompt runs through the model once (`prefill`), then each
+step picks every row's next token, writes its keys/values into the cache and reads everything
+earlier from it (`decode`), until each row stops.
 
 Prompts of different lengths share a batch by left-padding: the pads sit before the prompt, are
 masked out as keys, and do not count as positions, so each row computes exactly what it would
-compute alone. The steps after the prompt run with static shapes (fast.decode), which is what
-lets a GPU replay each one as a single CUDA graph.
+compute alone.
 """
 
 import torch
 
-from .fast import decode
+from . import fast
 from .model import KVCache
 from .tokenizer import EOT
 
 
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, *, temperature=0.0, top_k=None, stop_ids=(EOT,),
-             past_kv=None, past_valid=None, past_positions=None, generator=None, embeds=None):
+             past_kv=None, past_valid=None, past_positions=None, generator=None, embeds=None, graphs=None):
     """
     prompts:        list of token-id lists, lengths may differ
     max_new_tokens: int, or one int per prompt
@@ -29,6 +29,7 @@ def generate(model, prompts, max_new_tokens, *, temperature=0.0, top_k=None, sto
                     where the prompt's positions start
     embeds:         None, or per prompt a (len(prompt), C) tensor fed in place of its tokens'
                     embeddings (learned prompt vectors among words, say); its ids then only count
+    graphs:         on a GPU, a fast.Graphs that keeps its captured steps for later calls
     returns one list of new token ids per prompt
     """
     B, n_pos = len(prompts), model.config.n_positions
@@ -41,6 +42,10 @@ def generate(model, prompts, max_new_tokens, *, temperature=0.0, top_k=None, sto
             raise ValueError(f"{s + len(p)} prompt positions + {m} new tokens is more than GPT-2's {n_pos} positions")
 
     h, cache, keys_valid, next_pos = prefill(model, prompts, past_kv, past_valid, past_positions, max(limits), embeds)
+    # -- speed enters here (fast.py): on a GPU the same steps, each replayed as one captured CUDA graph
+    if fast.uses_graphs(h.device):
+        return fast.decode(model, h[:, -1], cache, keys_valid, next_pos, limits, stop_ids, temperature, top_k,
+                           generator, graphs)
     return decode(model, h[:, -1], cache, keys_valid, next_pos, limits, stop_ids, temperature, top_k, generator)
 
 
@@ -81,3 +86,31 @@ def prefill(model, prompts, past_kv=None, past_valid=None, past_positions=None, 
     causal = torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=S - T)
     h, cache = model.hidden(idx, past_kv, keys_valid[:, None, :] & causal, pos, embeds=vectors)
     return h, cache, keys_valid, start + valid.sum(1)
+
+
+@torch.no_grad()
+def decode(model, h, cache, keys_valid, next_pos, limits, stop_ids=(EOT,), temperature=0.0, top_k=None, generator=None):
+    """
+    The tokens after a prefill, one step at a time. h (B, C): the prompt's last hidden state;
+    cache: a KVCache per layer with room for max(limits) more entries; keys_valid (B, S): which of
+    its entries are real; next_pos (B,): each row's next position. Returns one list of new token
+    ids per row: each ends before a stop id, or at its limit.
+    """
+    B = h.size(0)
+    logits = model.logits(h)  # (B, vocab), float32
+    out, done = [[] for _ in range(B)], [False] * B
+    pos = next_pos.clone()
+    for t in range(max(limits)):
+        tok = fast.pick(logits, temperature, top_k, generator)  # every row's next token (B,)
+        for b, token in enumerate(tok.tolist()):
+            done[b] = done[b] or token in stop_ids or t >= limits[b]
+            if not done[b]:
+                out[b].append(token)
+        if all(done) or t == max(limits) - 1:
+            break
+        keys_valid = torch.cat([keys_valid, keys_valid.new_ones(B, 1)], dim=1)  # the new token's key is real
+        h, cache = model.hidden(tok[:, None], cache, keys_valid[:, None, :], pos[:, None])  # its keys/values: cached
+        logits = model.logits(h[:, -1])
+        # the next position, but for a finished row (or one at its limit): it stays within GPT-2's positions
+        pos += torch.tensor([not done[b] and t + 1 < limits[b] for b in range(B)], device=pos.device)
+    return out

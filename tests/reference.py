@@ -89,41 +89,6 @@ def greedy(ref, method, learned, sp, tp, source, max_new_tokens):
 
 
 @torch.no_grad()
-def generate_step_by_step(model, prompts, max_new_tokens, *, temperature=0.0, top_k=None, stop_ids=(EOT,),
-                          past_kv=None, past_valid=None, past_positions=None, generator=None, embeds=None):
-    """
-    mini_gpt2.generate as it was before decoding took static shapes: a cache that grows by one
-    entry a step, attention over exactly the entries so far, a look at the new tokens every step.
-    The static decoding (mini_gpt2/fast.py) must give the same tokens, sampling included.
-    """
-    from mini_gpt2.fast import pick
-    from mini_gpt2.generate import prefill
-
-    B = len(prompts)
-    limits = [max_new_tokens] * B if isinstance(max_new_tokens, int) else list(max_new_tokens)
-    h, cache, keys_valid, next_pos = prefill(model, prompts, past_kv, past_valid, past_positions, max(limits), embeds)
-    head = model.lm_head.weight.float()
-    logits = F.linear(h[:, -1].float(), head)
-    out, device = [[] for _ in range(B)], logits.device
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    stop, limit = torch.tensor(list(stop_ids), dtype=torch.long, device=device), torch.tensor(limits, device=device)
-    for step in range(max(limits)):
-        tok = pick(logits, temperature, top_k, generator)
-        done |= torch.isin(tok, stop) | (limit <= step)
-        tok = tok.masked_fill(done, EOT)
-        for b in range(B):
-            if not done[b]:
-                out[b].append(tok[b].item())
-        if bool(done.all()) or step == max(limits) - 1:
-            break
-        keys_valid = torch.cat([keys_valid, torch.ones(B, 1, dtype=torch.bool, device=device)], dim=1)
-        h, cache = model.hidden(tok[:, None], cache, keys_valid[:, None, :], next_pos[:, None])
-        logits = F.linear(h[:, -1].float(), head)
-        next_pos = next_pos + 1
-    return out
-
-
-@torch.no_grad()
 def greedy_text(ref, ids, max_new_tokens, stop):
     """Plain greedy continuation of a text's tokens, recomputed from scratch per token; stop(token) ends it (unreturned)."""
     out = []

@@ -1,18 +1,19 @@
 """
-mini_gpt2/fast.py held to the plain code: decoding with static shapes gives the tokens of the
-step-by-step decoding it replaced (tests/reference.py), and compiled training passes give the
-eager losses and gradients, compiling only for a new shape (twice: see fast.py).
+mini_gpt2/fast.py held to the plain code: decoding with static shapes, through captured steps,
+gives the tokens of generate.py's plain loop (sampling included), and compiled training passes
+give the eager losses and gradients, compiling once for a new shape.
+
+On the CPU a captured step is a ReplayedGraph: it replays on the very tensors it was captured
+with, as a CUDA graph does, so a buffer rebound instead of written in place is seen as stale.
 """
 
 import pytest
 import torch
 
-import prefix
 import train
-from methods import METHODS, prompt, prompting
+from methods import METHODS, prompting
 from mini_gpt2 import encode, fast, from_pretrained, generate
 from prefix import NAMES, Prefixes, Start, encode_sentence
-from tests import reference
 from tests.conftest import train_args
 from tests.test_gpu_ready import some_examples
 
@@ -25,74 +26,106 @@ def model(tiny_ckpt):
 PROMPTS = [encode(" The cat sat on"), encode(" Bonjour, je m'appelle Sully et"), encode(" 42")]  # a left-padded batch
 
 
-def both(module, monkeypatch, fn):
-    """fn() with decoding as it is, then with the step-by-step reference in its place (module.generate)."""
-    ours = fn()
-    monkeypatch.setattr(module, "generate", reference.generate_step_by_step)
-    theirs = fn()
-    monkeypatch.undo()
-    return ours, theirs
+class ReplayedGraph:
+    """
+    A captured CUDA graph's semantics, on the CPU: capturing runs fn once on its buffers; replay()
+    runs fn again on the very tensors it was captured with, into the same output tensor. What was
+    written into those tensors in place is seen; a name rebound to another tensor is not.
+    """
+
+    def __init__(self, fn, buffers):
+        self.fn, self.buffers, self.replays = fn, buffers, 0
+        self.out = fn(*buffers)
+
+    def replay(self):
+        self.out.copy_(self.fn(*self.buffers))
+        self.replays += 1
 
 
-def test_greedy_and_sampled_tokens_are_the_step_by_step_ones(model, monkeypatch):
+@pytest.fixture
+def graphs(monkeypatch):
+    """Decoding as on a GPU (fast.decode, its steps captured), on the CPU: -> the list of graphs captured."""
+    captured = []
+
+    def capture(fn, *buffers):
+        captured.append(ReplayedGraph(fn, buffers))
+        return captured[-1], captured[-1].out
+
+    monkeypatch.setattr(fast, "uses_graphs", lambda device: True)
+    monkeypatch.setattr(fast, "capture", capture)
+    return captured
+
+
+def both(fn, monkeypatch):
+    """fn() with generate.py's plain decoding, then with fast.decode's captured steps in its place."""
+    plain = fn()
+    with monkeypatch.context() as m:
+        captured = []
+        m.setattr(fast, "uses_graphs", lambda device: True)
+        m.setattr(fast, "capture", lambda fn, *b: captured.append(ReplayedGraph(fn, b)) or (captured[-1], captured[-1].out))
+        graphed = fn()
+    assert captured  # the graph path ran
+    return plain, graphed
+
+
+def test_greedy_and_sampled_tokens_are_the_plain_loops(model, monkeypatch):
     free = generate(model, PROMPTS, 20, stop_ids=())
     stops = (free[0][5], free[2][11])  # rows end at different steps, between two looks and on one
     for kwargs in ({}, {"temperature": 1.3}, {"temperature": 0.8, "top_k": 40}):
         for stop_ids in ((), stops):
-            g = torch.Generator().manual_seed(7)
-            # twice with one generator: the second call must start where the reference's would
-            fn = lambda: [generate(model, PROMPTS, [20, 9, 20], stop_ids=stop_ids, generator=g, **kwargs)  # noqa: E731
-                          for _ in range(2)]
-            g.manual_seed(7)
-            ours = fn()
-            g.manual_seed(7)
-            theirs = [reference.generate_step_by_step(model, PROMPTS, [20, 9, 20], stop_ids=stop_ids, generator=g,
-                                                      **kwargs) for _ in range(2)]
-            assert ours == theirs, (kwargs, stop_ids)
-    assert ours[0] != ours[1]  # the second call drew other tokens: the generator went on
+            g = torch.Generator()
+
+            def fn():  # twice with one generator: the second call must start where the plain loop's would
+                g.manual_seed(7)
+                return [generate(model, PROMPTS, [20, 9, 20], stop_ids=stop_ids, generator=g, **kwargs) for _ in range(2)]
+            plain, graphed = both(fn, monkeypatch)
+            assert plain == graphed, (kwargs, stop_ids)
+    assert plain[0] != plain[1]  # the second call drew other tokens: the generator went on
 
 
-def test_the_generator_ends_where_the_step_by_step_decoding_left_it(model):
+def test_the_generator_ends_where_the_plain_loop_left_it(model, monkeypatch):
     """Every row stops early, between two looks: the draws made after that are undone, so what follows draws the same."""
     free = generate(model, PROMPTS, 20, stop_ids=())
     stops = (free[0][2], free[1][3], free[2][1])
-    results = []
-    for decode in (generate, reference.generate_step_by_step):
+
+    def fn():
         g = torch.Generator().manual_seed(5)
-        first = decode(model, PROMPTS, 20, stop_ids=stops, temperature=1.0, top_k=1, generator=g)  # draws, greedily
-        results.append((first, decode(model, PROMPTS, 12, stop_ids=(), temperature=1.5, generator=g)))
-    assert results[0] == results[1] and max(map(len, results[0][0])) < fast.CHECK_EVERY
+        first = generate(model, PROMPTS, 20, stop_ids=stops, temperature=1.0, top_k=1, generator=g)  # draws, greedily
+        return first, generate(model, PROMPTS, 12, stop_ids=(), temperature=1.5, generator=g)
+    plain, graphed = both(fn, monkeypatch)
+    assert plain == graphed and max(map(len, plain[0])) < fast.CHECK_EVERY
 
 
-def test_prefix_and_prompt_translation_are_the_step_by_step_ones(model, monkeypatch):
+def test_prefix_and_prompt_translation_are_the_plain_loops(model, monkeypatch):
     sources = [encode_sentence(t) for t in ("Bonjour! Je m'appelle Sully.", "Merci", "Where is the station, please?")]
     g = torch.Generator()
-    for method, module in (("prefix", prefix), ("prompt", prompt)):
+    for method in ("prefix", "prompt"):
         learned = METHODS[method].init_random(model, NAMES, 4, torch.Generator().manual_seed(0))
         for kwargs in ({}, {"temperature": 1.0, "generator": g}):
             def fn():
                 g.manual_seed(3)
                 return METHODS[method].translate_ids(model, learned, sources, [0, 0, 1], [1, 1, 0], [9, 4, 12], **kwargs)
-            ours, theirs = both(module, monkeypatch, fn)
-            assert ours == theirs and any(ours), (method, kwargs)
+            plain, graphed = both(fn, monkeypatch)
+            assert plain == graphed and any(plain), (method, kwargs)
 
 
-def test_zero_and_few_shot_with_the_examples_cache_are_the_step_by_step_ones(model, monkeypatch):
+def test_zero_and_few_shot_with_the_examples_cache_are_the_plain_loops(model, monkeypatch):
     texts = ["Où est la gare ?", "Il pleut aujourd'hui, et il fait froid.", "Bonjour"]
     for examples in ([], [("Thank you.", "Merci."), ("The cat sleeps.", "Le chat dort.")]):
         few = prompting.FewShot(model, examples)
-        ours, theirs = both(prompting, monkeypatch, lambda: few(texts, "fr", "en", [10, 6, 10]))
-        assert ours == theirs and any(ours)
+        plain, graphed = both(lambda: few(texts, "fr", "en", [10, 6, 10]), monkeypatch)
+        assert plain == graphed and any(plain)
 
 
-def test_bfloat16_decoding_picks_by_float32_logits(tiny_ckpt):
+def test_bfloat16_decoding_picks_by_float32_logits(tiny_ckpt, monkeypatch):
     """bfloat16 weights, but the logits that choose each token are float32 (rounded to bfloat16, near-ties would flip)."""
     model = from_pretrained(tiny_ckpt[0], device="cpu", dtype=torch.bfloat16)
     prompts = [encode(t) for t in (" The cat", " Bonjour, je", " 42 is", " Où est la gare", " We are late")]
-    assert generate(model, prompts, 24, stop_ids=()) == reference.generate_step_by_step(model, prompts, 24, stop_ids=())
+    plain, graphed = both(lambda: generate(model, prompts, 24, stop_ids=()), monkeypatch)
+    assert plain == graphed
 
 
-def test_decoding_looks_at_the_gpu_only_every_few_steps(model, monkeypatch):
+def test_decoding_looks_at_the_gpu_only_every_few_steps(model, monkeypatch, graphs):
     """Each read of a tensor's value waits for the GPU: 32 more tokens may add 32 / CHECK_EVERY of them, not 32."""
     reads = []
     for name in ("__bool__", "__int__", "item", "tolist"):
@@ -105,6 +138,39 @@ def test_decoding_looks_at_the_gpu_only_every_few_steps(model, monkeypatch):
         return len(reads)
 
     assert count(8 + 32 * fast.CHECK_EVERY // 8) - count(8) == 32 // fast.CHECK_EVERY
+
+
+def test_the_graph_path_replays_one_step_per_token(model, graphs):
+    """Captured at the second step (the first runs on the prefill's logits), replayed for the 18 after it."""
+    generate(model, PROMPTS, [20, 9, 20], stop_ids=())
+    assert len(graphs) == 1 and graphs[0].replays == 18
+
+
+def test_captured_steps_are_kept_across_calls(model, graphs):
+    """Batches of one size and similar lengths share one capture; another size captures anew; the last two are kept."""
+    kept = fast.Graphs(keep=2)
+    for limit in (20, 12, 30, 20):  # prompt + limit within one CAPACITY: one cache, one graph
+        generate(model, PROMPTS, limit, stop_ids=(), graphs=kept)
+    assert len(graphs) == 1
+    generate(model, PROMPTS[:2], 20, stop_ids=(), graphs=kept)  # two rows: a step of its own
+    generate(model, PROMPTS, fast.CAPACITY + 10, stop_ids=(), graphs=kept)  # a larger cache: another, the first let go
+    assert len(graphs) == 3 and len(kept.steps) == 2
+    generate(model, PROMPTS, 20, stop_ids=(), graphs=kept)  # captured again: it was let go
+    assert len(graphs) == 4
+    want = generate(model, PROMPTS, 20, stop_ids=())  # a call of its own
+    assert len(graphs) == 5 and generate(model, PROMPTS, 20, stop_ids=(), graphs=kept) == want and len(graphs) == 5
+
+
+def test_a_gpu_that_cannot_capture_decodes_without_graphs(model, monkeypatch):
+    def capture(fn, *buffers):
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore")
+
+    want = generate(model, PROMPTS, 12, stop_ids=())
+    monkeypatch.setattr(fast, "uses_graphs", lambda device: True)
+    monkeypatch.setattr(fast, "capture", capture)
+    with pytest.warns(UserWarning, match=r"decoding without CUDA graphs \(CUDA error: operation not permitted when "
+                                         r"stream is capturing\)$"):
+        assert generate(model, PROMPTS, 12, stop_ids=()) == want
 
 
 # ----------------------------------------------------------------------------- compiled training passes
@@ -214,42 +280,3 @@ def test_compiled_passes_of_lora_and_fine_tuning_are_the_eager_ones(tmp_path, me
     assert torch.allclose(loss, loss_c, atol=1e-5) and torch.allclose(g, g_c, atol=1e-5, rtol=1e-4)
     # one compilation a shape (and the check that compiling works), not one a layer
     assert counting.compilations <= len(blocks.shapes) + 1, (counting.compilations, blocks.shapes)
-
-
-class ReplayedGraph:
-    """What a captured CUDA graph does, on the CPU: replay() runs the captured step anew into the same output tensor."""
-
-    def __init__(self, step):
-        self.step, self.replays = step, 0
-
-    def replay(self):
-        self.out.copy_(self.step())
-        self.replays += 1
-
-
-def test_the_graph_path_replays_one_step_per_token_and_gives_the_same_tokens(model, monkeypatch):
-    """The CUDA-graph branch of decode, run on the CPU: its inputs are updated in place, its output read after each replay."""
-    graphs = []
-
-    def capture(step, device):
-        graphs.append(ReplayedGraph(step))
-        graphs[-1].out = step()
-        return graphs[-1], graphs[-1].out
-
-    want = generate(model, PROMPTS, [20, 9, 20], stop_ids=())
-    monkeypatch.setattr(fast, "uses_graphs", lambda device: True)
-    monkeypatch.setattr(fast, "_capture", capture)
-    assert generate(model, PROMPTS, [20, 9, 20], stop_ids=()) == want
-    assert len(graphs) == 1 and graphs[0].replays == 18  # captured at the second step, replayed for the 18 after it
-
-
-def test_a_gpu_that_cannot_capture_decodes_without_graphs(model, monkeypatch):
-    def capture(step, device):
-        raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore")
-
-    want = generate(model, PROMPTS, 12, stop_ids=())
-    monkeypatch.setattr(fast, "uses_graphs", lambda device: True)
-    monkeypatch.setattr(fast, "_capture", capture)
-    with pytest.warns(UserWarning, match=r"decoding without CUDA graphs \(CUDA error: operation not permitted when "
-                                         r"stream is capturing\)$"):
-        assert generate(model, PROMPTS, 12, stop_ids=()) == want
