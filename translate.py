@@ -25,7 +25,7 @@ from machinery import cli
 from machinery.cli import natural_float, positive_int
 from machinery.learned_file import check_fits
 from methods import METHODS
-from mini_gpt2 import UserError
+from mini_gpt2 import UserError, fast
 from mini_gpt2.load import config_of
 from prefix import check_room, encode_sentence, max_new_tokens_for
 
@@ -102,6 +102,7 @@ def main(argv=None):
     cli.note_if_slow(str(name), args.device)
     model = mini_gpt2.from_pretrained(name, device=args.device, dtype=cli.DTYPES[args.dtype])
     translate = method.translator(model, learned)
+    graphs = fast.Graphs()  # on a GPU, batches of one size and similar lengths replay one captured step
     generator = None
     if args.seed is not None:
         generator = torch.Generator(model.wte.weight.device).manual_seed(args.seed)
@@ -115,7 +116,7 @@ def main(argv=None):
             if rows:
                 out = translate([texts[i] for i in rows], "fr" if target == "en" else "en", target,
                                 [limits[i] for i in rows], temperature=args.temperature, top_k=args.top_k,
-                                generator=generator)
+                                generator=generator, graphs=graphs)
                 for i, text in zip(rows, out):
                     lines[i - b] = text.replace("\n", " ")
         print("\n".join(lines), flush=True)

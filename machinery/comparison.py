@@ -43,7 +43,7 @@ from machinery import dist, plots
 from machinery.cli import positive_int
 from methods import METHODS
 from methods.prompting import DIRECTIONS, FewShot, few_shot_head, few_shot_tail
-from mini_gpt2 import UserError, encode
+from mini_gpt2 import UserError, encode, fast
 from mini_gpt2.files import write_bytes
 from prefix import encode_sentence, fits, max_new_tokens_for
 
@@ -170,12 +170,13 @@ def translate_all(translate, texts, source, target, limits, batch_size, bar=None
     """
     order = sorted(range(len(texts)), key=lambda i: limits[i])
     batches = [order[b:b + batch_size] for b in range(0, len(order), batch_size)]
+    graphs = fast.Graphs()  # on a GPU, batches of one size and similar lengths replay one captured step
 
     def mine():
         done = {}
         for rows in dist.share(batches):
             pick = lambda xs: [xs[i] for i in rows]  # noqa: E731
-            done |= dict(zip(rows, translate(pick(texts), source, target, pick(limits))))
+            done |= dict(zip(rows, translate(pick(texts), source, target, pick(limits), graphs=graphs)))
             if bar is not None:
                 bar.update(len(rows) * dist.world)
         return done

@@ -164,7 +164,7 @@ def test_both_directions_is_the_corpus_bleu_of_all_their_sentences_together():
     answers = {"en": HYPOTHESES[:4], "fr": ["Bonjour! Je suis Sully.", "Merci beaucoup.", "Où est la gare?", "J'aime le pain."]}
 
     class Fixed:
-        def __call__(self, texts, source, target, limits):
+        def __call__(self, texts, source, target, limits, **decoding):
             return [answers[target][[p[{"en": 0, "fr": 1}[source]] for p in pairs].index(t)] for t in texts]
 
     scores, _ = comparison.evaluate({"fixed": Fixed()}, comparison.evaluation_pairs(pairs, 128, 4), 2)

@@ -280,3 +280,15 @@ def test_compiled_passes_of_lora_and_fine_tuning_are_the_eager_ones(tmp_path, me
     assert torch.allclose(loss, loss_c, atol=1e-5) and torch.allclose(g, g_c, atol=1e-5, rtol=1e-4)
     # one compilation a shape (and the check that compiling works), not one a layer
     assert counting.compilations <= len(blocks.shapes) + 1, (counting.compilations, blocks.shapes)
+
+
+def test_an_evaluation_captures_a_handful_of_times_not_once_a_batch(model, graphs):
+    from machinery import comparison
+    from prefix import max_new_tokens_for
+
+    words = "le chat dort sur la chaise et le chien mange dans la cuisine".split()
+    texts = [" ".join(words[:1 + i % 12]) + f" {i}." for i in range(42)]  # 11 batches of 4, of many lengths
+    limits = [max_new_tokens_for(encode_sentence(t)) for t in texts]
+    comparison.translate_all(prompting.FewShot(model, []), texts, "fr", "en", limits, 4)
+    assert 1 <= len(graphs) <= 3  # rows of 4, and of 2 for the last batch; caches of one or two capacities
+    assert sum(g.replays for g in graphs) > 11 * 4  # and replayed for every batch

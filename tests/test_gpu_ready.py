@@ -163,7 +163,7 @@ def test_evaluation_puts_results_back_in_order():
              ("Hi.", "Oh.")]
     seen = []
 
-    def spy(texts, source, target, limits):  # a translator that says what it was given
+    def spy(texts, source, target, limits, **decoding):  # a translator that says what it was given
         seen.append(list(limits))
         return [f"[{t}]" for t in texts]
 
