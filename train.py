@@ -38,6 +38,7 @@ from machinery.run_folder import LossNotFinite, Run
 from methods import METHODS
 from mini_gpt2 import EOT, UserError, fast
 from mini_gpt2.load import config_of
+from mini_gpt2.tokenizer import encoding
 from prefix import Batch, Sentence, Start, encode_sentence, fits
 
 MAX_LR = 10.0  # AdamW moves each number by about the rate per step: more than this is a typo
@@ -446,6 +447,7 @@ def check_lengths(args, n_positions):
 
 def main(argv=None):
     args = parse_args(argv)
+    encoding()  # GPT-2's tokenizer, before any data: without its files, one line says where they go
     args.device = dist.setup(args.device)  # under torchrun: join the others, on a GPU of this process's own
     with Run(args.out, vars(args)) as run:  # claims --out before anything large loads
         if args.eval_only:

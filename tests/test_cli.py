@@ -103,3 +103,23 @@ def test_help():
 def test_guess_language(text, lang):
     import translate
     assert translate.guess_language(text) == lang
+
+
+def test_without_the_tokenizer_files_help_works_and_the_rest_is_one_line(tiny_ckpt, csv_file, tmp_path, monkeypatch):
+    """No tokenizer files and no way to fetch them (an empty cache, a proxy that refuses): nothing breaks before it speaks."""
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty"))
+    for proxy in ("HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy"):
+        monkeypatch.setenv(proxy, "http://127.0.0.1:9")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    for script in ("train.py", "translate.py"):
+        r = run(script, "--help")
+        assert r.returncode == 0 and "usage:" in r.stdout and not r.stderr, r.stderr
+    pfile = tmp_path / "p.safetensors"  # prefixes for the tiny model, written without the tokenizer
+    prefix.save(pfile, prefix.Prefixes(torch.zeros(2, 2, 2, 5, 3, 16)), train.config_of(tiny_ckpt[0]), model=str(tiny_ckpt[0]))
+    for r in (run("train.py", *train_args(tiny_ckpt[0], csv_file, tmp_path / "run")),
+              run("translate.py", "--learned", pfile, "Bonjour")):
+        line = one_line_error(r)
+        assert "set TIKTOKEN_CACHE_DIR to a folder that holds them" in line, line
+        assert "vocab.bpe as 6d1cbeee0f20b3d9449abfede4726ed8212e3aee" in line and "encoder.json as 6c7ea1a7e38e3" in line
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())  # nothing began

@@ -184,3 +184,12 @@ def test_held_out_pairs_longer_than_training_allowed_are_not_evaluated(capsys):
     assert pairs[0].ids == {"en": prefix.encode_sentence("Thank you."), "fr": prefix.encode_sentence("Merci.")}
     assert "1 held-out pairs longer than --max-len 64 left out" in capsys.readouterr().out
     assert len(comparison.evaluation_pairs(held, 64, 1)) == 1  # and --eval-size of them
+
+
+def test_the_zero_shot_prompt_takes_the_positions_it_says():
+    """ZERO_SHOT_TOKENS, written out (nothing is tokenized at import), is what the tokenizer counts: the empty sentence's."""
+    assert prompting.ZERO_SHOT_TOKENS == max(len(prompting.zero_shot_ids("", s, t)) for s, t in prompting.DIRECTIONS)
+    for text in ("Bonjour", "Il pleut.", "« Oui »"):
+        for s, t in prompting.DIRECTIONS:
+            extra = len(prompting.zero_shot_ids(text, s, t)) - len(prefix.encode_sentence(text))
+            assert 0 <= extra <= prompting.ZERO_SHOT_TOKENS
