@@ -271,8 +271,10 @@ def train(args, run):
                    save_every=args.save_every, grad_checkpoint=args.grad_checkpoint)
     except BaseException as e:  # Ctrl-C, a signal, a crash, out of memory, a loss that is not finite
         return run.stopped(e, learned, optimizer)
-    run.finish(learned)
-    if dist.is_main() and plots.loss_png(run.log_path, run.out / "loss.png", f"{args.method}, {args.model}"):
+    run.finish(learned, math.log(model.config.vocab_size))  # the loss of guessing: every token alike
+    title = (f"{args.method} ({method.WHAT.format(P=args.prefix_len)}), {args.model}, {Path(record['data']).name}: "
+             f"{len(examples):,} examples, {args.steps} steps of {args.batch_size}")
+    if dist.is_main() and plots.loss_png(run.log_path, run.out / "loss.png", title):
         print(f"loss curves: {run.out / 'loss.png'}")
     if args.no_eval:
         return 0

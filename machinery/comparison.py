@@ -213,26 +213,45 @@ def evaluate(translators, pairs, batch_size, baseline=None, seed=0):
     return scores, outputs
 
 
-def table(scores, about=None, baseline="3-shot"):
+# The score columns of the table: header -> key in results.json's scores; the terminal shows the first, the
+# sacreBLEU and chrF++ ones (the whole table is in results.md).
+SCORES = {"corpus BLEU": "corpus", "mean sentence BLEU (smoothed)": "sentence_smoothed",
+          "mean sentence BLEU (whitespace, unsmoothed)": "sentence_whitespace", "sacreBLEU": "sacrebleu", "chrF++": "chrf++"}
+ON_THE_TERMINAL = ("corpus BLEU", "sacreBLEU", "chrF++")
+ABOUT = {"trainable parameters": "trainable_params", "file": "file_size", "training tokens/s": "tokens_per_s",
+         "training peak memory": "peak_memory"}
+WIDTH = 20  # the terminal table's longest row name: it fits 100 columns
+
+
+def table(scores, about=None, baseline="3-shot", terminal=False):
     """
-    A Markdown table: method x direction, every score, and per method (`about` {row: {...}}) what
-    it learned, its file's size and its training run's speed and peak memory.
+    A Markdown table: method x direction, every score (terminal: the three MT papers report, in at
+    most 100 columns), the difference from `baseline` with its interval, and per method (`about`
+    {row: {...}}; not on the terminal) what it learned, its file's size, its run's speed and memory.
     """
-    lines = ["| method | direction | pairs | corpus BLEU | mean sentence BLEU (smoothed) | mean sentence BLEU (whitespace, "
-             f"unsmoothed) | sacreBLEU | chrF++ | corpus BLEU - {baseline} [95% CI] | trainable parameters | file | "
-             "training tokens/s | training peak memory |", "|---|---|---:|" + "---:|" * 10]
-    f = lambda s, k: f"{s[k]:.2f}" if k in s else "-"  # noqa: E731
+    columns = [h for h in SCORES if h in ON_THE_TERMINAL or not terminal]
+    extra = [] if terminal else list(ABOUT)
+    headers = ["method", "direction", "pairs", *columns, f"corpus BLEU - {baseline} [95% CI]", *extra]
+    lines = ["| " + " | ".join(headers) + " |", "|---|---|" + "---:|" * (len(headers) - 2)]
     for key, s in scores.items():
         method, direction = key.rsplit(" ", 1)
+        if terminal and len(method) > WIDTH:
+            method = method[:WIDTH - 1] + "…"
         delta = f"{s['delta']:+.2f} [{s['delta_low']:+.2f}, {s['delta_high']:+.2f}]" if "delta" in s else "-"
-        a = (about or {}).get(method, {})
-        lines.append(f"| {method} | {direction} | {s['pairs']} | {s['corpus']:.2f} | {s['sentence_smoothed']:.2f} | "
-                     f"{s['sentence_whitespace']:.2f} | {f(s, 'sacrebleu')} | {f(s, 'chrf++')} | {delta} | "
-                     f"{a.get('trainable_params', '-')} | {a.get('file_size', '-')} | {a.get('tokens_per_s', '-')} | "
-                     f"{a.get('peak_memory', '-')} |")
+        a = (about or {}).get(key.rsplit(" ", 1)[0], {})
+        cells = [method, direction, str(s["pairs"]), *(f"{s[SCORES[h]]:.2f}" if SCORES[h] in s else "-" for h in columns),
+                 delta, *(str(a.get(ABOUT[h], "-")) for h in extra)]
+        lines.append("| " + " | ".join(cells) + " |")
     if "sacrebleu" not in next(iter(scores.values())):
         lines.append("\nsacreBLEU and chrF++: not computed, sacrebleu is not installed (pip install sacrebleu)")
     return "\n".join(lines)
+
+
+def what_was_compared(settings):
+    """The model, the data and how much of it, in a line: for results.md and bleu.png."""
+    data = "the Kaggle data" if settings["data"] == "kaggle" else Path(settings["data"]).name
+    return (f"{settings['model']}, {data} ({settings['rows_read']:,} pairs read), {settings['eval_size']} held-out pairs "
+            f"each way")
 
 
 def about_file(path, meta):
@@ -266,13 +285,17 @@ def write_reports(out, scores, outputs, examples, prompts, pairs, settings, abou
                "split": split, "translations": samples}
     write_bytes(out / "results.json", json.dumps(results, ensure_ascii=False, indent=2).encode())
 
+    learned = "".join(f"\n- {f['row']}: `{f['path']}`, {f['metadata'].get('steps', '?')} steps of "
+                      f"{f['metadata'].get('batch', '?')} sequences on {Path(f['metadata'].get('data', '?')).name}"
+                      for f in settings["files"])
     md = [f"# {' against '.join(names)}", "",
-          f"Model `{settings['model']}`, {settings['eval_size']} held-out pairs each way, greedy decoding, at most "
-          f"twice the source length plus 8 tokens. BLEU in percent (NLTK; words and punctuation marks as tokens), "
-          f"sacreBLEU and chrF++ with sacreBLEU's own tokens ({(mt_signatures() or {}).get('sacrebleu', 'not installed')})"
-          f"; the difference from the baseline with its 95% paired-bootstrap interval (1000 resamples).",
+          f"{what_was_compared(settings)}: greedy decoding, at most twice the source length plus 8 tokens. BLEU in percent "
+          f"(NLTK; words and punctuation marks as tokens), sacreBLEU and chrF++ with sacreBLEU's own tokens "
+          f"({(mt_signatures() or {}).get('sacrebleu', 'not installed')}); the difference from the baseline with its 95% "
+          f"paired-bootstrap interval (1000 resamples). What was learned:{learned or ' nothing (prompting only)'}",
           "", table(scores, about, f"{settings['shots']}-shot"), ""]
-    pictures = [(plots.bleu_png(scores, out / "bleu.png"), "BLEU by method and direction")]
+    pictures = [(plots.bleu_png(scores, out / "bleu.png", f"Corpus BLEU: {what_was_compared(settings)}"),
+                 "BLEU by method and direction")]
     pictures += [(out / "loss.png" if (out / "loss.png").exists() else None, "training and validation loss")]
     md += [f"![{what}]({path.name})\n" for path, what in pictures if path]
     md += ["## Examples", ""]
@@ -353,13 +376,14 @@ def run(model, learned_files, examples, pairs, out, batch_size, settings):
         about[row] = about_file(path, meta)
     with torch.no_grad():
         scores, outputs = evaluate(translators, pairs, batch_size, baseline, settings["seed"])
-    settings = {"model": settings["model"], "files": files, "eval_size": len(pairs), "shots": len(examples)} | settings
+    settings = {"model": settings["model"], "files": files, "eval_size": len(pairs), "shots": len(examples),
+                "rows_read": settings["split"]["rows_read"]} | settings
     prompts = {f"{s}->{t}": few_shot.prompt(s, t) for s, t in DIRECTIONS}
     if not dist.is_main():  # process 0 writes and prints
         return scores
     paths = write_reports(out, scores, outputs, examples, prompts, pairs, settings, about)
-    print("\n" + table(scores, about, baseline) + "\n")
-    print(f"results: {paths[0]} and {paths[1]}")
+    print("\n" + table(scores, about, baseline, terminal=True) + "\n")
+    print(f"results: {paths[0]} and {paths[1]} (the whole table)")
     return scores
 
 

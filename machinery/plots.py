@@ -53,7 +53,7 @@ def loss_png(log_path, path, title):
         ax.plot(steps, smooth(losses, 0.98 if len(losses) > 200 else 0.8), color="tab:blue", label="training (smoothed)")
     if val:
         ax.plot(*zip(*val), color="tab:orange", marker="o", markersize=3, label="validation")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=10)
     ax.set_xlabel("step")
     ax.set_ylabel("loss per target token (nats)")
     ax.grid(alpha=0.3)
@@ -61,8 +61,8 @@ def loss_png(log_path, path, title):
     return _save(plt, fig, path)
 
 
-def bleu_png(scores, path):
-    """Corpus BLEU of each method in each direction, as bars. None without matplotlib."""
+def bleu_png(scores, path, title):
+    """Corpus BLEU of each method in each direction, as bars, in percent, titled. None without matplotlib."""
     plt = _pyplot()
     if plt is None:
         return None
@@ -75,8 +75,9 @@ def bleu_png(scores, path):
         bars = ax.bar(x, [scores[f"{method} {d}"]["corpus"] for d in directions], width, label=method)
         ax.bar_label(bars, fmt="%.1f", fontsize=8)
     ax.set_xticks(range(len(directions)), directions)
-    ax.set_ylim(0, max([1.0] + [scores[k]["corpus"] * 1.15 for k in scores]))
-    ax.set_ylabel("corpus BLEU")
+    ax.set_ylim(0, max([10.0] + [scores[k]["corpus"] * 1.15 for k in scores]))  # percent: 0 to 10 at least
+    ax.set_title(title, fontsize=10)
+    ax.set_ylabel("corpus BLEU (%)")
     ax.grid(axis="y", alpha=0.3)
     ax.legend()
     return _save(plt, fig, path)

@@ -80,7 +80,8 @@ class Run:
         self.seconds_before = 0.0           # the time of the run before a resume
         self.replaced = []                  # the files of an earlier run that --overwrite replaces
         self.row, self.log, self.bar = None, None, None
-        self.t0, self.tokens_seen = time.time(), 0
+        self.t0 = self.t0_steps = time.time()
+        self.tokens_seen = 0
 
     # ------------------------------------------------------------------------- the folder
 
@@ -212,7 +213,8 @@ class Run:
         """
         self.data_sha256, self.save, self.what = record["data_sha256"], save, what
         self.best_path, self.last_path = self.out / files[0], self.out / files[1]
-        self.t0, self.tokens_seen = time.time(), 0
+        self.t0 = self.t0_steps = time.time()
+        self.tokens_seen = 0
         dist.together(lambda: self._start(record) if self.main else None)
 
     def _start(self, record):
@@ -255,7 +257,7 @@ class Run:
 
     def tokens_per_s(self):
         """Training speed since this process started training ("" before its first step)."""
-        return f"{self.tokens_seen / (time.time() - self.t0):.0f}" if self.tokens_seen else ""
+        return f"{self.tokens_seen / (time.time() - self.t0_steps):.0f}" if self.tokens_seen else ""
 
     def _write(self, row):
         if not self.main:
@@ -301,6 +303,10 @@ class Run:
         self._flush_row(f"{val_loss:.4f}")
         if self.bar:
             self.bar.set_postfix_str(f"val {val_loss:.3f}")
+        if self.tokens_seen == 0:  # the first validation, before any step: the time left and the speed count steps alone
+            self.t0_steps = time.time()
+            if self.bar:
+                self.bar.unpause()
 
     def checkpoint(self, learned, optimizer, alone=False):
         """
@@ -379,15 +385,16 @@ class Run:
               "command with --eval-only runs the comparison", file=sys.stderr)
         return cli.stop_status(e)
 
-    def finish(self, learned):
+    def finish(self, learned, chance):
         """
         After the last step: the last prefix goes to prefix-last.safetensors if it is not the best (which
-        prefix.safetensors holds). Say which is which, and whether the validation loss was still falling.
-        Under torchrun the others wait for it: what comes next (the comparison) reads those files.
+        prefix.safetensors holds). Say which is which, and whether the validation loss was still falling,
+        or no better than `chance` (the loss of guessing: ln of the vocabulary's size). Under torchrun
+        the others wait for it: what comes next (the comparison) reads those files.
         """
-        dist.together(lambda: self._finish(learned) if self.main else None)
+        dist.together(lambda: self._finish(learned, chance) if self.main else None)
 
-    def _finish(self, learned):
+    def _finish(self, learned, chance):
         self.bar.close()
         best_step, best = min(self.history, key=lambda sv: (sv[1], sv[0]))
         last_step, last = self.history[-1]
@@ -399,6 +406,9 @@ class Run:
         else:  # one from an earlier end of this run, if it was resumed for more steps, goes
             shutil.rmtree(last_path) if last_path.is_dir() else last_path.unlink(missing_ok=True)
             print(f"{what}: {best_path}, the last and the best (step {best_step}, validation loss {best:.4f})")
-        if len(self.history) >= 2 and round(last, 4) < round(self.history[-2][1], 4):
+        if best > chance - 0.05:  # a few hundredths from guessing, or worse: nothing to train longer for
+            print(f"note: the validation loss ({best:.4f}) is no better than chance ({chance:.4f}, every token alike): "
+                  "nothing has been learned (random weights, a learning rate far off, or far too few steps)")
+        elif len(self.history) >= 2 and round(last, 4) < round(self.history[-2][1], 4):
             print(f"note: the validation loss was still falling at the end ({self.history[-2][1]:.4f} at step "
                   f"{self.history[-2][0]}, {last:.4f} at step {last_step}): more --steps may help")

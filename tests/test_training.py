@@ -5,6 +5,7 @@ split with no near-duplicates across it, and the pictures.
 
 import csv
 import json
+import math
 import re
 import sys
 
@@ -12,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from machinery import data
+from machinery import data, run_folder
 import train
 from mini_gpt2 import decode, from_pretrained
 import prefix
@@ -144,6 +145,43 @@ def test_a_run_still_improving_says_so(tiny_ckpt, csv_file, tmp_path, capsys, mo
                      "more --steps may help"] if falling else [])
 
 
+def test_a_model_that_learned_nothing_is_called_that_and_not_told_to_train_longer(tiny_ckpt, csv_file, tmp_path, capsys,
+                                                                                  monkeypatch):
+    chance = math.log(50257)  # 10.8249: every token alike
+    fake_validation(monkeypatch, [chance + 0.03, chance + 0.01, chance - 0.01, chance - 0.02])  # still "falling"
+    assert train.main(train_args(tiny_ckpt[0], csv_file, tmp_path / "run", "--no-eval")) == 0
+    said = capsys.readouterr().out
+    assert "note: the validation loss (10.8049) is no better than chance (10.8249, every token alike): nothing has been " \
+           "learned" in said and "more --steps" not in said
+    fake_validation(monkeypatch, [chance, chance - 0.2, chance - 0.3, chance - 0.4])  # a tenth below: learning
+    assert train.main(train_args(tiny_ckpt[0], csv_file, tmp_path / "run2", "--no-eval")) == 0
+    said = capsys.readouterr().out
+    assert "chance" not in said and "more --steps may help" in said
+
+
+def test_the_time_left_leaves_the_first_validation_out(tiny_ckpt, csv_file, tmp_path, monkeypatch):
+    """On a clock of our own: the first validation takes 100 s, each step 1 s; the bar's elapsed time counts the steps."""
+    import tqdm.std
+
+    clock, seen = [1000.0], []
+    monkeypatch.setattr(tqdm.std, "time", lambda: clock[0])
+    monkeypatch.setattr(tqdm.std.tqdm, "__init__", tqdm.std.tqdm.__dict__["__init__"].func)  # bars on (conftest's off)
+    monkeypatch.setenv("TQDM_DISABLE", "")
+    validations = iter([100.0, 0.0, 0.0, 0.0])
+
+    def validation_loss(*a):
+        clock[0] += next(validations)
+        return 5.0
+
+    real_step, real_loss = run_folder.Run.step_done, train.mean_loss
+    monkeypatch.setattr(train, "validation_loss", validation_loss)
+    monkeypatch.setattr(train, "mean_loss", lambda *a, **k: clock.__setitem__(0, clock[0] + 1) or real_loss(*a, **k))
+    monkeypatch.setattr(run_folder.Run, "step_done", lambda self, step, *a: (real_step(self, step, *a),
+                                                                               seen.append(self.bar.format_dict)))
+    assert train.main(train_args(tiny_ckpt[0], csv_file, tmp_path / "run", "--no-eval")) == 0
+    assert [(d["n"], d["elapsed"]) for d in seen] == [(k, float(k)) for k in range(1, 7)]
+
+
 def test_learning_rate_defaults_differ_as_documented():
     direct, reparam = train.parse_args([]).lr, train.parse_args(["--reparam"]).lr
     prompt_lr = train.parse_args(["--method", "prompt"]).lr
@@ -161,12 +199,29 @@ def is_png(path):
     return path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and matplotlib.image.imread(path).ndim == 3
 
 
-def test_pictures_when_matplotlib_is_installed(tiny_ckpt, csv_file, tmp_path):
+def test_pictures_when_matplotlib_is_installed(tiny_ckpt, csv_file, tmp_path, monkeypatch, capsys):
+    """Each picture, and results.md, names the method, the model and the data; BLEU is drawn in percent."""
+    import matplotlib.axes
+
+    drawn = []  # (what was set, its value) for every axes drawn
+    for name in ("set_title", "set_ylabel", "set_ylim"):
+        real = getattr(matplotlib.axes.Axes, name)
+        monkeypatch.setattr(matplotlib.axes.Axes, name, lambda self, *a, real=real, name=name, **k: (
+            drawn.append((name, a)), real(self, *a, **k))[1])
     out = tmp_path / "run"
     assert train.main(train_args(tiny_ckpt[0], csv_file, out)) == 0
     assert is_png(out / "loss.png") and is_png(out / "bleu.png")
     md = (out / "results.md").read_text()
     assert "](bleu.png)" in md and "](loss.png)" in md
+    (_, (loss_title,)), (_, (bleu_title,)) = [d for d in drawn if d[0] == "set_title"]
+    for text in (loss_title, bleu_title, md):
+        assert str(tiny_ckpt[0]) in text and "pairs.csv" in text, text
+    assert "prefix" in loss_title and "6 steps of 4" in loss_title and "2 held-out pairs each way" in bleu_title
+    assert ("set_ylabel", ("corpus BLEU (%)",)) in drawn and ("set_ylim", (0, 10.0)) in drawn  # BLEU near 0 here
+    assert "- prefix: `" in md and "6 steps of 4 sequences on pairs.csv" in md
+    printed = capsys.readouterr().out
+    table = [line for line in printed.splitlines() if line.startswith("|")]
+    assert table and max(map(len, table)) <= 100 and "the whole table" in printed
 
 
 def test_no_matplotlib_no_pictures_and_nothing_fails(tiny_ckpt, csv_file, tmp_path, monkeypatch):
