@@ -188,8 +188,8 @@ def test_learning_rate_defaults_differ_as_documented():
     assert (direct, reparam, prompt_lr) == (prefix.LR, prefix.REPARAM_LR, prompt.LR)
     assert direct / reparam >= 100
     assert train.parse_args(["--reparam", "--lr", "0.003"]).lr == 0.003
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("### Learning rates"):readme.index("### Memory and precision")]
+    doc = (ROOT / "docs" / "training.md").read_text()
+    section = doc[doc.index("## Learning rates"):doc.index("## Steps, batches and passes")]
     assert f"`{direct:g}`" in section and f"`{reparam:g}`" in section and f"`{prompt_lr:g}`" in section
 
 
