@@ -75,13 +75,15 @@ class Batch(NamedTuple):
     """
     A training forward pass (train.make_batch): idx (B, T) the examples' tokens, right-padded;
     src_len and seq_len (B,) the source's length and the source + target's; src_prefix and
-    tgt_prefix (B,) which prefix each row starts with and switches to.
+    tgt_prefix (B,) which prefix each row starts with and switches to; targets, how many target
+    tokens the pass holds (a number, not a tensor: counting them would wait for the GPU).
     """
     idx: torch.Tensor
     src_len: torch.Tensor
     seq_len: torch.Tensor
     src_prefix: torch.Tensor
     tgt_prefix: torch.Tensor
+    targets: int
 
 
 class Start(NamedTuple):
@@ -201,7 +203,7 @@ def prefix_hidden(model, kv, batch, grad_checkpoint=False):
     Keys in every layer: [every prefix, n_prefixes * P] [the T tokens]. The prefixes are the same
     for every row (expanded views, not copies per row); the mask decides which of them a row sees.
     """
-    idx, src_len, seq_len, src_prefix, tgt_prefix = batch
+    idx, src_len, seq_len, src_prefix, tgt_prefix = batch[:5]
     B, T = idx.shape
     n, P = kv.size(0), kv.size(4)
     dev = idx.device

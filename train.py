@@ -131,8 +131,11 @@ def make_batch(examples, device):
     for b, ex in enumerate(examples):
         idx[b, :len(ex.source) + len(ex.target)] = torch.tensor(ex.source + ex.target)
         lengths[b] = torch.tensor([len(ex.source), len(ex.target), ex.source_prefix, ex.target_prefix])
-    src_len, tgt_len, src_prefix, tgt_prefix = lengths.to(device).unbind(1)
-    return Batch(idx.to(device), src_len, src_len + tgt_len, src_prefix, tgt_prefix)
+    if torch.device(device).type == "cuda":  # pinned: the copies to the GPU run beside it, without waiting
+        idx, lengths = idx.pin_memory(), lengths.pin_memory()
+    src_len, tgt_len, src_prefix, tgt_prefix = lengths.to(device, non_blocking=True).unbind(1)
+    return Batch(idx.to(device, non_blocking=True), src_len, src_len + tgt_len, src_prefix, tgt_prefix,
+                 sum(len(ex.target) for ex in examples))
 
 
 # ----------------------------------------------------------------------------- the loss
@@ -147,8 +150,9 @@ def target_loss(model, h, batch):
     idx, src_len, seq_len = batch.idx, batch.src_len, batch.seq_len
     t = torch.arange(idx.size(1) - 1, device=idx.device)[None]
     predicts_target = (t >= (src_len - 1)[:, None]) & (t < (seq_len - 1)[:, None])  # (B, T-1)
-    logits = model.logits(h[:, :-1][predicts_target])  # only those rows, in float32: (N, vocab)
-    return F.cross_entropy(logits, idx[:, 1:][predicts_target], reduction="sum")
+    b, t = predicts_target.nonzero_static(size=batch.targets).unbind(1)  # where they are (we know how many)
+    logits = model.logits(h[b, t])  # only those rows, in float32: (targets, vocab)
+    return F.cross_entropy(logits, idx[b, t + 1], reduction="sum")
 
 
 def summed_loss(model, method, learned, examples, packing, n_targets, backward=False, grad_checkpoint=False):

@@ -66,7 +66,7 @@ def prompt_hidden(model, prompts, batch, grad_checkpoint=False):
     prompts, so that train.target_loss finds the targets (the target prompt's last vector predicts
     the first).
     """
-    idx, src_len, seq_len, src_prefix, tgt_prefix = batch
+    idx, src_len, seq_len, src_prefix, tgt_prefix = batch[:5]
     B, T = idx.shape
     n, P, C = prompts.shape
     t = torch.arange(T + 2 * P, device=idx.device)[None]  # (1, T + 2P): the slots of a row

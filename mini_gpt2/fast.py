@@ -50,7 +50,15 @@ def compile_problem(device, backend):
         f(torch.ones(8, device=device, requires_grad=True)).backward()
         return None
     except Exception as e:  # whatever it raises: a missing compiler, headers, an inductor error
-        return (str(e).strip().splitlines() or [type(e).__name__])[0]
+        return why(e)
+
+
+def why(e):
+    """What went wrong, in a line: the innermost cause (torch.compile wraps the backend's own error), its type and words."""
+    while getattr(e, "inner_exception", None) or e.__cause__:
+        e = getattr(e, "inner_exception", None) or e.__cause__
+    line = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {line}" if line else type(e).__name__
 
 
 def compile_training(model, max_tokens, max_rows, say=print, backend=None):
@@ -116,7 +124,7 @@ class CompiledBlocks:
             with backward_compiled_now():
                 y, (k, v) = self.forward(block, xp, past_p, mask_p)
         except torch._dynamo.exc.TorchDynamoException as e:  # compile never ends a run: the rest of it runs uncompiled
-            self.failed = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            self.failed = why(e)
             self.say(f"note: --compile: compiling the training pass failed ({self.failed}); it runs uncompiled")
             return Block.forward(block, x, past, mask)
         return y[:B, :T], (k[:B, :, :P + T], v[:B, :, :P + T])

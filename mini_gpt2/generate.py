@@ -84,7 +84,9 @@ def prefill(model, prompts, past_kv=None, past_valid=None, past_positions=None, 
         return None, past_kv, keys_valid, start
     S = keys_valid.size(1)
     causal = torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=S - T)
-    h, cache = model.hidden(idx, past_kv, keys_valid[:, None, :] & causal, pos, embeds=vectors)
+    sees = keys_valid[:, None, :] & causal
+    sees[:, range(T), range(S - T, S)] = True  # a pad sees its own key, never nothing (its output is not used)
+    h, cache = model.hidden(idx, past_kv, sees, pos, embeds=vectors)
     return h, cache, keys_valid, start + valid.sum(1)
 
 

@@ -11,6 +11,7 @@ tokens: prefix-tuning (prefix.py) puts learned keys/values there, which is why a
 takes an explicit mask and explicit position ids.
 """
 
+import functools
 import math
 from dataclasses import dataclass, fields
 
@@ -48,6 +49,18 @@ CONFIGS = {
 }
 
 
+@functools.cache
+def float32_products(device):
+    """Whether torch.mm on `device` gives bfloat16 products in float32, gradients included (PyTorch 2.8 on, CUDA)."""
+    try:
+        with torch.enable_grad():
+            a = torch.ones(2, 2, device=device, dtype=torch.bfloat16, requires_grad=True)
+            torch.mm(a, a.t(), out_dtype=torch.float32).sum().backward()
+        return True
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
+
+
 class KVCache:
     """
     One layer's keys and values during generation, in buffers made once for `capacity` entries:
@@ -72,10 +85,13 @@ class KVCache:
 def mask_bias(visible, dtype):
     """
     A bool mask (True where a query may look) as what attention adds to its scores: 0, or the
-    most negative finite number. Not -inf: a row with nothing visible (a padding query) then gives
-    a harmless average instead of NaN. Made once per forward pass, not in every layer.
+    most negative finite number (not -inf, which turns a row that sees nothing into NaN; the
+    callers give every query at least its own key anyway). Its rows are laid out 16 numbers apart
+    at least, as fused attention kernels want them. Made once per forward pass, not in every layer.
     """
-    return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, torch.finfo(dtype).min)
+    S = visible.size(-1)
+    bias = torch.zeros(*visible.shape[:-1], -(-S // 16) * 16, dtype=dtype, device=visible.device)[..., :S]
+    return bias.masked_fill_(~visible, torch.finfo(dtype).min)
 
 
 def attention(q, k, v, mask=None):
@@ -228,9 +244,14 @@ class GPT(nn.Module):
         """
         lm_head in float32, on the hidden states given (B..., C) -> (B..., vocab_size). GPT-2's
         logits are tens in magnitude, where bfloat16 steps by 0.25: rounded to it, they would blur
-        the loss and flip near-ties in decoding.
+        the loss and flip near-ties in decoding. On a GPU, bfloat16 weights are multiplied as they
+        are, summed and returned in float32, with no float32 copy of wte (products of bfloat16
+        numbers are exact in float32).
         """
-        return F.linear(h.float(), self.lm_head.weight.float())
+        w = self.lm_head.weight
+        if h.is_cuda and w.dtype == torch.bfloat16 and float32_products(h.device):
+            return torch.mm(h.reshape(-1, h.size(-1)), w.t(), out_dtype=torch.float32).view(*h.shape[:-1], -1)
+        return F.linear(h.float(), w.float())
 
     def forward(self, idx, past_kv=None, attn_mask=None, position_ids=None):
         """Logits (B, T, vocab_size) for every position, in float32."""

@@ -14,7 +14,7 @@ import train
 from methods import METHODS, prompting
 from mini_gpt2 import encode, fast, from_pretrained, generate
 from prefix import NAMES, Prefixes, Start, encode_sentence
-from tests.conftest import train_args
+from tests.conftest import load_learned, train_args
 from tests.test_gpu_ready import some_examples
 
 
@@ -292,3 +292,35 @@ def test_an_evaluation_captures_a_handful_of_times_not_once_a_batch(model, graph
     comparison.translate_all(prompting.FewShot(model, []), texts, "fr", "en", limits, 4)
     assert 1 <= len(graphs) <= 3  # rows of 4, and of 2 for the last batch; caches of one or two capacities
     assert sum(g.replays for g in graphs) > 11 * 4  # and replayed for every batch
+
+
+class FailingFor:
+    """A torch.compile backend that fails for graphs of more than `nodes` nodes, as a missing compiler or an inductor error would."""
+
+    def __init__(self, nodes, error="cc: command not found"):
+        self.nodes, self.error = nodes, error
+
+    def __call__(self, gm, example_inputs):
+        from torch._dynamo.backends.registry import lookup_backend
+
+        if len(gm.graph.nodes) > self.nodes:
+            raise RuntimeError(self.error)
+        return lookup_backend("aot_eager")(gm, example_inputs)
+
+
+@pytest.mark.parametrize("nodes,note", [
+    (0, "note: --compile: torch.compile does not work here (RuntimeError: cc: command not found); the training runs "
+        "uncompiled"),
+    (10, "note: --compile: compiling the training pass failed (")])  # the tiny check passes, a block's graph fails
+def test_compile_never_ends_a_run(tiny_ckpt, csv_file, tmp_path, call, monkeypatch, nodes, note):
+    """Whatever fails to compile, and whenever: one note, and the run goes on uncompiled to the eager run's result."""
+    eager = tmp_path / "eager"
+    assert call(train.main, *train_args(tiny_ckpt[0], csv_file, eager, "--no-eval")).returncode == 0
+    monkeypatch.setattr(fast, "BACKEND", FailingFor(nodes))
+    out = tmp_path / "compiled"
+    r = call(train.main, *train_args(tiny_ckpt[0], csv_file, out, "--no-eval", "--compile"))
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    notes = [line for line in r.stdout.splitlines() if line.startswith("note: --compile")]
+    assert len(notes) == 1 and notes[0].startswith(note), r.stdout
+    a, b = (load_learned(d / "prefix.safetensors")[0] for d in (eager, out))
+    assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()

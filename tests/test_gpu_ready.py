@@ -240,3 +240,54 @@ def test_the_prompt_methods_passes_count_its_2p_positions_in_the_budget(models, 
         train.mean_loss(model, prompt, Prefixes(prompts), examples, train.Packing(budget, 16))
     assert len(shapes) > 1 and all(rows * length <= budget or rows == 1 for rows, length in shapes), shapes
     assert sum(rows for rows, _ in shapes) == len(examples)
+
+
+def test_no_query_ever_sees_nothing_and_every_mask_is_aligned(tiny_ckpt, monkeypatch):
+    """
+    Every mask the project builds: the training and validation passes of each method, compiled
+    passes with their padding and filler rows, prefills with left pads (with a cache before them
+    or none), decoding steps plain and static. Each query sees at least one key (fused kernels can
+    give NaN for one that sees none), and each mask's rows lie a multiple of 16 numbers apart.
+    """
+    import mini_gpt2.model
+    from methods import METHODS
+    from mini_gpt2 import fast
+    from prefix import Start
+    from tests.test_fast import Counting, ReplayedGraph
+
+    seen = []
+
+    def check(mask):
+        sees = mask > torch.finfo(mask.dtype).min
+        seen.append((bool(sees.any(-1).all()), mask.stride(-2) % 16 == 0, tuple(mask.shape)))
+
+    real = mini_gpt2.model.attention
+    monkeypatch.setattr(mini_gpt2.model, "attention", lambda q, k, v, mask=None: (
+        mask is None or check(mask), real(q, k, v, mask))[1])
+    examples = some_examples()
+    for method, M in METHODS.items():
+        for compiled in (False, True):
+            model = from_pretrained(tiny_ckpt[0], device="cpu").requires_grad_(False)
+            if compiled:  # the compiled block's masks, checked as it receives them
+                blocks = fast.compile_training(model, 200, len(examples), say=lambda line: None, backend=Counting())
+                inner = blocks.forward
+                blocks.forward = lambda block, x, past, mask, inner=inner: (check(mask), inner(block, x, past, mask))[1]
+            learned = M.start(model, Start(4, "random", False, 0))
+            packing = train.Packing(200, M.POSITIONS_PER_VIRTUAL_TOKEN * 4, fast.ROUND if compiled else 1)
+            train.mean_loss(model, M, learned, examples, packing, backward=True)
+            with torch.no_grad():  # a validation pass
+                train.mean_loss(model, M, learned, examples, packing)
+        assert len(seen) > 0
+    model = from_pretrained(tiny_ckpt[0], device="cpu").requires_grad_(False)
+    texts = ["Bonjour! Je m'appelle Sully.", "Merci", "Où est la gare, s'il vous plaît ?"]  # of three lengths: left pads
+    translators = [METHODS[m].translator(model, METHODS[m].init_random(model, NAMES, 4)) for m in ("prefix", "prompt")]
+    translators += [prompting.FewShot(model, []), lambda *a, **k: [generate(model, [encode(t) for t in texts], 6)]]
+    for graphs in (False, True):  # decoding plain, then static as on a GPU (captured steps replayed on the CPU)
+        with monkeypatch.context() as m:
+            if graphs:
+                m.setattr(fast, "uses_graphs", lambda device: True)
+                m.setattr(fast, "capture", lambda fn, *b: (lambda g: (g, g.out))(ReplayedGraph(fn, b)))
+            for translate in translators:
+                translate(texts, "fr", "en", [6, 6, 6])
+    assert len(seen) > 100 and all(ok for ok, _, _ in seen), [shape for ok, _, shape in seen if not ok][:5]
+    assert all(aligned for _, aligned, _ in seen), [shape for _, aligned, shape in seen if not aligned][:5]
