@@ -13,8 +13,18 @@ Rows:
   --grad-checkpoint, and with the attention written out instead of the fused kernel (model.py);
 - greedy decoding at batch 1 and 16: through CUDA graphs (mini_gpt2/fast.py), without, and
   transformers' generate, as tokens/s and as a share of what the device's memory bandwidth allows;
+- greedy decoding in the steady state: tokens/s from the slope between two lengths (what each
+  further token costs, the prompt and the capture left out), through CUDA graphs and without;
 - evaluation: sentences/s for the prefixes and for 3-shot prompting, with and without CUDA graphs,
-  on the same sentences, and how many translations the two give differently.
+  on the same sentences, and how many translations the two give differently;
+- attention: the gradient of a pass with 64 keys and padding rows (the shape of pytorch#196678)
+  through each fused kernel, finite or not, with this project's masks and with a query that sees
+  nothing; and which kernel PyTorch picks for a training pass;
+- the default run end to end: train.py itself, compiled and not, on a generated CSV for a few
+  hundred steps and a small comparison, its wall time split into loading, compiling, training and
+  evaluating, and extrapolated to the default 5,000 steps and 500 pairs each way.
+
+The table is written after each group of rows, so a run cut short keeps what it measured.
 
 MFU counts the matrix products of a step: 4 x (12 n_layer n_embd^2) per token (forward, and
 backward into the activations: frozen weights need no gradient of their own), 6 x with
@@ -24,6 +34,7 @@ bf16 dense). Needs transformers, peft, nltk, and GPT-2's tokenizer files (on a m
 internet, TIKTOKEN_CACHE_DIR pointing at them).
 """
 
+import functools
 import os
 import shutil
 import sys
@@ -43,7 +54,7 @@ from benchmarks.common import (bandwidth, median_times, parser, peak_memory, pea
                                random_checkpoint, sample_pairs, setup)
 from methods import METHODS  # noqa: E402
 from mini_gpt2 import fast  # noqa: E402
-from prefix import NAMES, encode_sentence, init_random, max_new_tokens_for  # noqa: E402
+from prefix import NAMES, Example, encode_sentence, init_random, max_new_tokens_for, prefix_hidden  # noqa: E402
 
 
 def step_flops(config, batch, grad_checkpoint, weights_learn=False):
@@ -199,11 +210,183 @@ def evaluation_rows(model, device, n, repeats):
     return rows
 
 
+def steady_decoding_rows(model, device, short, long, repeats):
+    """What each further token costs: greedy decoding of `short` and of `long` new tokens, tokens/s from the slope."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())  # read once a step, whatever the batch
+    bw, rows, g = bandwidth(device), [], torch.Generator().manual_seed(2)
+    for B in (1, 16):
+        prompts = torch.randint(0, 50256, (B, 16), generator=g).tolist()
+        kept = fast.Graphs()  # both lengths replay the steps captured once (the capture left out, as the prompt is)
+
+        def decode(n, graphs):
+            fast.GRAPHS = graphs
+            try:
+                mini_gpt2.generate(model, prompts, n, stop_ids=(), graphs=kept)
+            finally:
+                fast.GRAPHS = True
+
+        speed = {}
+        for graphs in (True, False):
+            t = median_times({n: functools.partial(decode, n, graphs) for n in (short, long)}, repeats, device)
+            speed[graphs] = B * (long - short) / max(t[long] - t[short], 1e-9)
+        share = f" ({speed[True] / (B * bw / weights):.0%} of the memory-bandwidth bound)" if bw else ""
+        rows.append(("greedy decoding, steady state", f"batch {B}, tokens {short + 1} to {long} (the slope)",
+                     f"{speed[True]:,.1f} tokens/s{share}", f"no CUDA graph {speed[False]:,.1f} tokens/s",
+                     f"{speed[True] / speed[False]:.2f}"))
+    return rows
+
+
+def attention_rows(model, device, dtype):
+    """
+    The gradient of attention with 64 keys through each kernel PyTorch has (cuDNN, flash, efficient,
+    math): with a query that sees nothing (pytorch#196678: NaN from cuDNN's backward), and a prefix
+    training pass of 44 tokens after 20 prefix keys with padding rows, as this project masks it.
+    Which kernel PyTorch picks for that pass, too.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from train import make_batch, target_loss
+
+    c, rows = model.config, []
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, c.n_head, 64, c.head_dim, generator=g).to(device, dtype) for _ in range(3))
+    sees = torch.ones(2, 1, 64, 64, dtype=torch.bool, device=device).tril()
+    sees[1, :, 40:] = False  # queries 40 on of row 1 see nothing
+    mask = torch.zeros(sees.shape, dtype=dtype, device=device).masked_fill(~sees, torch.finfo(dtype).min)
+    kv = init_random(model, NAMES, 10, torch.Generator().manual_seed(0))
+    lengths = [(22, 22), (10, 12), (5, 6), (30, 14)]  # 44 tokens at most: 64 keys with both prefixes; the others padded
+    examples = [Example(list(range(1000, 1000 + s)), list(range(2000, 2000 + t - 1)) + [50256], b % 2, 1 - b % 2)
+                for b, (s, t) in enumerate(lengths)]
+    batch = make_batch(examples, device)
+
+    def sdpa_grad():
+        qq = q.clone().requires_grad_()
+        torch.nn.functional.scaled_dot_product_attention(qq, k, v, attn_mask=mask).float().sum().backward()
+        return qq.grad
+
+    def pass_grad():
+        p = kv.clone().requires_grad_()
+        target_loss(model, prefix_hidden(model, p, batch), batch).backward()
+        return p.grad
+
+    for what, fn in (("SDPA backward, 64 keys, a query that sees nothing", sdpa_grad),
+                     ("prefix training pass, 20 + 44 keys, padding rows, this project's masks", pass_grad)):
+        cells = []
+        for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                        SDPBackend.MATH):
+            try:
+                with sdpa_kernel([backend]):
+                    grad = fn()
+                cells.append(f"{backend.name.lower()}: {'finite' if bool(torch.isfinite(grad).all()) else 'NaN or inf'}")
+            except RuntimeError as e:
+                cells.append(f"{backend.name.lower()}: not available ({str(e).splitlines()[0][:40]})")
+        rows.append(("attention gradient", what, "; ".join(cells), "", ""))
+    if torch.device(device).type == "cuda" and hasattr(torch, "_fused_sdp_choice"):
+        x = torch.randn(4, c.n_head, 44, c.head_dim, device=device, dtype=dtype)
+        keys = torch.randn(4, c.n_head, 64, c.head_dim, device=device, dtype=dtype)
+        pass_mask = torch.zeros(4, 1, 44, 64, device=device, dtype=dtype)
+        chosen = SDPBackend(torch._fused_sdp_choice(x, keys, keys, pass_mask)).name.lower()
+        rows.append(("attention kernel", "a training pass's shapes, bfloat16, with a mask", f"PyTorch picks {chosen}", "",
+                     ""))
+    return rows
+
+
+class Timeline:
+    """Standard output, each line stamped with the time it was written: what train.py said, and when."""
+
+    def __init__(self):
+        self.lines, self.rest = [], ""
+
+    def write(self, text):
+        *whole, self.rest = (self.rest + text).split("\n")
+        self.lines += [(time.time(), line) for line in whole]
+        return len(text)
+
+    def flush(self):
+        pass
+
+    def at(self, start):
+        """The time of the first line that starts with `start`."""
+        return next(t for t, line in self.lines if line.startswith(start))
+
+
+def end_to_end_rows(folder, device, dtype, steps, eval_size):
+    """
+    train.py itself, as a user runs it (in this process): on `folder`'s model and a generated CSV of
+    sentences about as long as the Kaggle data's, `steps` steps and a comparison on `eval_size` pairs
+    each way, compiled and not. Wall time split into loading, compiling, training and evaluating,
+    and extrapolated to the default run (5,000 steps, 500 pairs each way).
+    """
+    import contextlib
+    import csv
+    import io
+    import tempfile
+
+    import train
+
+    rows, work = [], Path(tempfile.mkdtemp(prefix="bench-e2e-"))
+    pairs = [(" ".join(en for en, _ in group), " ".join(fr for _, fr in group))  # three sentences a pair
+             for group in zip(*[iter(sample_pairs(3 * 600))] * 3)]
+    with open(work / "pairs.csv", "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([("en", "fr")] + pairs)
+    try:
+        for compiled in (False, True):
+            out, said = work / ("compiled" if compiled else "eager"), Timeline()
+            args = ["--model", folder, "--data", work / "pairs.csv", "--out", out, "--steps", steps,
+                    "--heldout", eval_size, "--val-size", 16, "--eval-size", eval_size, "--save-every", steps,
+                    "--device", device, "--dtype", str(dtype).removeprefix("torch."), "--warmup", 10,
+                    "--compile" if compiled else "--no-compile"]
+            t0 = time.time()
+            with contextlib.redirect_stdout(said), contextlib.redirect_stderr(io.StringIO()):
+                code = train.main([str(a) for a in args])
+            end = time.time()
+            if code:
+                raise SystemExit(f"train.py ended with {code}: {said.lines[-3:]}")
+            compiling = sum(float(line.rsplit(" in ", 1)[1].split()[0]) for _, line in said.lines
+                            if line.startswith("compiled the training pass for"))
+            loading, trained = said.at("model ") - t0, said.at("prefixes: ")
+            training, evaluating = trained - said.at("model ") - compiling, end - trained
+            translations = 2 * 3 * eval_size  # both ways, three rows: 0-shot, 3-shot, prefix
+            default = loading + compiling + training / steps * 5000 + evaluating / translations * 2 * 3 * 500
+            rows.append((f"the default run end to end{', --compile' if compiled else ''}",
+                         f"{steps} steps of 32 sequences, {eval_size} pairs each way",
+                         f"{end - t0:.0f} s: loading {loading:.0f}, compiling {compiling:.0f}, training {training:.0f} "
+                         f"({training / steps * 1000:.0f} ms a step), evaluating {evaluating:.0f}",
+                         f"extrapolated to 5,000 steps and 500 pairs each way: {default / 60:.1f} min", ""))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return rows
+
+
+def model_rows(rows, table, folder, device, dtype, seq_len, new_tokens, eval_sentences, repeats):
+    """The rows measured on one model loaded once: training, decoding, evaluation, attention; table() after each group."""
+    model = mini_gpt2.from_pretrained(folder, device=device, dtype=dtype).requires_grad_(False)
+    for group in (lambda: training_rows(folder, model, device, dtype, seq_len, repeats),
+                  lambda: decoding_rows(folder, model, device, dtype, new_tokens, repeats),
+                  lambda: steady_decoding_rows(model, device, new_tokens // 4, new_tokens, repeats),
+                  lambda: evaluation_rows(model, device, eval_sentences, repeats),
+                  lambda: attention_rows(model, device, dtype)):
+        table()  # what was measured so far, kept if what follows fails
+        rows += group()
+
+
+def write_table(path, size, dtype, device, repeats, rows):
+    name = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "CPU"
+    table = [f"GPT-2 {size} with random weights, {str(dtype).removeprefix('torch.')}, on {name} "
+             f"(torch {torch.__version__}); medians of {repeats}", "",
+             "| measure | setting | ours | reference | ours / reference |", "|---|---|---|---|---:|"]
+    table += ["| " + " | ".join(row) + " |" for row in rows]
+    text = "\n".join(table) + "\n"
+    Path(path).write_text(text)
+    return text
+
+
 def main():
     ap = parser(__doc__)
     ap.add_argument("--seq-len", type=int, help="tokens per training sequence (default 96; 24 for --size tiny)")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--eval-sentences", type=int, help="default 64 (16 for --size tiny)")
+    ap.add_argument("--e2e-steps", type=int, help="steps of the end-to-end rows (default 150; 4 for --size tiny)")
     ap.add_argument("--out", default="bench_gpu.md", help="where the table is written too (default bench_gpu.md)")
     ap.add_argument("--compile-backend", default=fast.BACKEND,
                     help=f"torch.compile's backend for the --compile rows (default {fast.BACKEND}; the tests use aot_eager)")
@@ -215,23 +398,19 @@ def main():
     seq_len = args.seq_len or (24 if tiny else 96)
     on_gpu = torch.device(device).type == "cuda"
     folder = random_checkpoint(size, dtype=torch.bfloat16, device="cuda" if on_gpu else "cpu")
+    rows, table = [], lambda: write_table(args.out, size, dtype, device, args.repeats, rows)
     try:
         g = torch.Generator().manual_seed(1)
-        rows = precision_rows(folder, device, torch.randint(0, 50256, (4, 128), generator=g).tolist())
-        model = mini_gpt2.from_pretrained(folder, device=device, dtype=dtype).requires_grad_(False)
-        rows += training_rows(folder, model, device, dtype, seq_len, args.repeats)
-        rows += decoding_rows(folder, model, device, dtype, args.new_tokens, args.repeats)
-        rows += evaluation_rows(model, device, args.eval_sentences or (16 if tiny else 64), args.repeats)
+        rows += precision_rows(folder, device, torch.randint(0, 50256, (4, 128), generator=g).tolist())
+        model_rows(rows, table, folder, device, dtype, seq_len, args.new_tokens,
+                   args.eval_sentences or (16 if tiny else 64), args.repeats)
+        if on_gpu:
+            torch.cuda.empty_cache()  # the model is let go: the end-to-end runs load their own
+        table()
+        rows += end_to_end_rows(folder, device, dtype, args.e2e_steps or (4 if tiny else 150), 2 if tiny else 32)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    name = torch.cuda.get_device_name(device) if on_gpu else "CPU"
-    table = [f"GPT-2 {size} with random weights, {str(dtype).removeprefix('torch.')}, on {name} "
-             f"(torch {torch.__version__}); medians of {args.repeats}", "",
-             "| measure | setting | ours | reference | ours / reference |", "|---|---|---|---|---:|"]
-    table += ["| " + " | ".join(row) + " |" for row in rows]
-    text = "\n".join(table) + "\n"
-    Path(args.out).write_text(text)
-    print("\n" + text)
+    print("\n" + write_table(args.out, size, dtype, device, args.repeats, rows))
     print(f"({time.time() - t0:.0f} s in all; table written to {args.out})")
 
 

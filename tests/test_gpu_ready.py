@@ -221,12 +221,17 @@ def test_bench_gpu_runs_tiny_on_the_cpu(tmp_path):
     # with no deadline: a slow machine takes longer, that is all.
     r = run("benchmarks/bench_gpu.py", "--size", "tiny", "--device", "cpu", "--out", tmp_path / "bench.md", "--threads", 1,
             "--repeats", 1, "--new-tokens", 4, "--eval-sentences", 2, "--seq-len", 8, "--compile-backend", "aot_eager",
-            timeout=None)
+            "--e2e-steps", 2, timeout=None)
     assert r.returncode == 0, r.stderr[-3000:]
     table = (tmp_path / "bench.md").read_text()
     for row in ("bf16 vs fp32 logits", "prefix training", "PEFT", "prefix training, --compile", "compiling took",
-                "greedy decoding", "no CUDA graph", "evaluation", "translations differ"):
+                "greedy decoding", "no CUDA graph", "evaluation", "translations differ", "steady state", "(the slope)",
+                "a query that sees nothing", "this project's masks", "| the default run end to end |",
+                "| the default run end to end, --compile |", "extrapolated to 5,000 steps"):
         assert row in table, table
+    e2e = [line for line in table.splitlines() if line.startswith("| the default run end to end")]
+    assert all(re.search(r"s: loading \d+, compiling \d+, training \d+ \(\d+ ms a step\), evaluating \d+", line)
+               for line in e2e), e2e
     assert table in r.stdout
 
 
