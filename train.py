@@ -267,9 +267,9 @@ def train(args, run):
             "init": args.init, "data": str(Path(args.data).resolve()) if args.data else "kaggle", "rows": args.rows,
             "heldout": args.heldout, "val_size": args.val_size, "seed": args.seed, "data_sha256": record["data_sha256"],
             "heldout_pairs": len(split.held), "val_pairs": len(split.val), "trainable_params": n_learned}
-    run.start(record, lambda path, learned, **more: method.save(path, learned, model.config, **meta, **more),
-              method.FILES, method.LEARNED)
     try:
+        run.start(record, lambda path, learned, **more: method.save(path, learned, model.config, **meta, **more),
+                  method.FILES, method.LEARNED)
         train_loop(model, method, learned, optimizer, Batches(examples, args.batch_size, args.seed), val_examples, run,
                    packing=packing, peak_lr=args.lr, warmup=args.warmup, steps=args.steps, eval_every=args.eval_every,
                    save_every=args.save_every, grad_checkpoint=args.grad_checkpoint)

@@ -7,7 +7,6 @@ import argparse
 import math
 import signal
 import sys
-from contextlib import contextmanager
 
 import torch
 
@@ -42,8 +41,25 @@ def stop_status(e):
     return 128 + (e.signum if isinstance(e, Stopped) else signal.SIGINT)
 
 
-def _raise_stopped(signum, frame):
-    raise Stopped(signum)
+def stop_signals():
+    """Ctrl-C's SIGINT and the stop signals this system has (Windows has no SIGHUP)."""
+    return [signal.SIGINT] + [getattr(signal, name) for name in STOP_SIGNALS if hasattr(signal, name)]
+
+
+def _stop(signum, frame):
+    """The first Ctrl-C or stop signal, raised where the program is; from here on, any other is ignored (ignore_stops)."""
+    ignore_stops()
+    raise KeyboardInterrupt if signum == signal.SIGINT else Stopped(signum)
+
+
+def ignore_stops():
+    """
+    The program is stopping: a second Ctrl-C, or torchrun's SIGTERM to every process, must not cut
+    short the checkpoint being saved or the line that says what was kept. (cli.run puts the handlers
+    back when it ends.)
+    """
+    for s in stop_signals():
+        signal.signal(s, signal.SIG_IGN)
 
 
 class Quiet(Exception):
@@ -54,25 +70,9 @@ class Quiet(Exception):
         self.status = status
 
 
-@contextmanager
-def stops_held():
-    """Ctrl-C and the stop signals wait until the block is done (a checkpoint being written), then act."""
-    names = ["SIGINT"] + [name for name in STOP_SIGNALS if hasattr(signal, name)]
-    held = []
-    previous = {s: signal.signal(s, lambda signum, frame: held.append(signum)) for s in map(signal.Signals.__getitem__, names)}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        if held:
-            raise KeyboardInterrupt if held[0] == signal.SIGINT else Stopped(held[0])
-
-
 def run(main):
     """Run a script's main(): its return value is the exit status; a UserError or OSError is one line."""
-    stops = [getattr(signal, name) for name in STOP_SIGNALS if hasattr(signal, name)]  # Windows has no SIGHUP
-    previous = {s: signal.signal(s, _raise_stopped) for s in stops}
+    previous = {s: signal.signal(s, _stop) for s in stop_signals()}
     try:  # (under torchrun, only process 0's words are seen: dist.setup)
         sys.exit(main())
     except Quiet as e:
@@ -83,8 +83,9 @@ def run(main):
     except OSError as e:  # a file or folder the code did not expect to fail
         print(f"error: {os_problem(e, e.filename or 'a file', 'using')}", file=sys.stderr)
         sys.exit(1)
-    except KeyboardInterrupt as e:
-        print(f"\n{stop_word(e)}", file=sys.stderr)
+    except KeyboardInterrupt as e:  # before a training run started, or outside one
+        ignore_stops()
+        print(f"\n{stop_word(e)}; nothing was saved", file=sys.stderr)
         sys.exit(stop_status(e))
     except dist.PeerGone as e:  # a process of torchrun's ended without a word: process 0 says so, the others nothing
         print(f"error: another process ended ({e})", file=sys.stderr)

@@ -51,6 +51,7 @@ MAY_CHANGE = ("steps", "lr", "warmup", "save_every", "eval_every", "grad_checkpo
 RUN_FILES = ("checkpoint.pt", "log.csv", *(name for m in METHODS.values() for name in m.FILES), "split.json", "loss.png",
              "results.json", "results.md", "bleu.png")
 LOG_HEADER = ["step", "loss", "lr", "tokens", "seconds", "val_loss"]
+ASIDE = ".earlier-run"  # where --overwrite keeps the earlier run's files until the new run's first checkpoint
 
 
 class LossNotFinite(Exception):
@@ -125,6 +126,9 @@ class Run:
         lock.truncate()
         lock.write(str(os.getpid()))
         lock.flush()
+        if (out / ASIDE).exists():
+            raise UserError(f"{out / ASIDE} holds the files of a run that --overwrite had moved aside when it was stopped: "
+                            f"move them back into {out} (or delete the folder), then run again")
         found = [name for name in RUN_FILES if (out / name).exists()]
         if found and not (s["resume"] or s["overwrite"] or s["eval_only"]):
             if "checkpoint.pt" in found:
@@ -218,10 +222,17 @@ class Run:
         dist.together(lambda: self._start(record) if self.main else None)
 
     def _start(self, record):
-        for name in self.replaced:
-            shutil.rmtree(self.out / name) if (self.out / name).is_dir() else (self.out / name).unlink(missing_ok=True)
+        if self.replaced:  # set aside, not deleted: a stop before the first checkpoint puts them back (_restore)
+            try:
+                (self.out / ASIDE).mkdir()
+                for name in self.replaced:
+                    os.replace(self.out / name, self.out / ASIDE / name)
+            except OSError as e:
+                raise UserError(f"--overwrite: {os_problem(e, self.out / ASIDE, 'moving the earlier run into')}") from None
         write_bytes(self.out / "split.json", json.dumps(record, indent=1).encode())
         rows = self._log_rows() if self.step else []
+        if rows and rows[-1][0] == str(self.step) and not rows[-1][5] and self.needs_validation(self.settings["eval_every"]):
+            self.row = rows.pop()[:5]  # its validation was cut short: the step's row waits for it (one row a step)
         with atomic_write(self.log_path, "w") as f:
             csv.writer(f).writerows([LOG_HEADER] + rows)
         try:
@@ -318,6 +329,8 @@ class Run:
         write = lambda: self._checkpoint(learned, optimizer) if self.main else None  # noqa: E731
         write() if alone else dist.together(write)
         self.saved = self.step
+        if self.main and (self.out / ASIDE).exists():  # the new run has something to show: the earlier one goes
+            shutil.rmtree(self.out / ASIDE, ignore_errors=True)
 
     def _checkpoint(self, learned, optimizer):
         if not all(bool(torch.isfinite(p).all()) for p in learned.parameters()):
@@ -339,25 +352,26 @@ class Run:
         kept: returns the exit status for an interruption, raises a UserError for what the user can
         fix, re-raises a bug.
         """
+        cli.ignore_stops()  # a second Ctrl-C or signal must not cut short what is saved below, nor the line that says it
         if self.bar:
             self.bar.close()
         if not self.main:  # process 0 saves, and says what
             return cli.stop_status(e) if isinstance(e, KeyboardInterrupt) else self._quietly(e)
-        if isinstance(e, LossNotFinite):
-            todo = (f"the last good checkpoint (step {self.saved}) is {self.checkpoint_path}: --resume with a lower --lr"
-                    if self.saved else "nothing was saved: run again with a lower --lr and --overwrite")
-            raise UserError(f"{e} at step {e.step}; stopped, and {todo}") from None
-        if self.step > self.saved:
+        if self.step > self.saved and not isinstance(e, LossNotFinite):
             optimizer.zero_grad(set_to_none=True)
-            try:
-                with cli.stops_held():  # a second Ctrl-C, or torchrun's SIGTERM to all, waits for the checkpoint
-                    self.checkpoint(learned, optimizer, alone=True)  # with the row of the last step, if its validation was cut short
+            try:  # with the row of the last step, if its validation was cut short
+                self.checkpoint(learned, optimizer, alone=True)
             except UserError:
                 pass
+        back = self._restore() if not self.saved else ""  # nothing to show: an --overwrite's earlier run comes back
+        if isinstance(e, LossNotFinite):
+            todo = (f"the last good checkpoint (step {self.saved}) is {self.checkpoint_path}: --resume with a lower --lr"
+                    if self.saved else f"nothing was saved{back}: run again with a lower --lr and --overwrite")
+            raise UserError(f"{e} at step {e.step}; stopped, and {todo}") from None
         if self.saved:
             kept = f"{self.checkpoint_path} holds step {self.saved}: continue with the same command and --resume"
         else:
-            kept = "no step was completed, so nothing was saved"
+            kept = f"no step was completed, so nothing was saved{back}"
         if isinstance(e, KeyboardInterrupt):  # Ctrl-C, SIGTERM or SIGHUP (cli.Stopped)
             print(f"\n{cli.stop_word(e)} at step {self.step}; {kept}", file=sys.stderr)
             return cli.stop_status(e)
@@ -371,6 +385,22 @@ class Run:
             raise UserError(f"{problem}. Stopped at step {self.step}; {kept}") from None
         print(f"\nstopped by an error at step {self.step}; {kept}", file=sys.stderr)
         raise e
+
+    def _restore(self):
+        """Put back the files --overwrite set aside (the new run's own go): -> what to add to the stop's line."""
+        aside = self.out / ASIDE
+        if not aside.exists():
+            return ""
+        try:
+            for name in RUN_FILES:
+                if (self.out / name).exists():
+                    shutil.rmtree(self.out / name) if (self.out / name).is_dir() else (self.out / name).unlink()
+            for path in aside.iterdir():
+                os.replace(path, self.out / path.name)
+            aside.rmdir()
+        except OSError:
+            return f"; the earlier run's files are in {aside}"
+        return f"; the earlier run's files are back in {self.out}"
 
     @staticmethod
     def _quietly(e):

@@ -26,6 +26,7 @@ from methods import prompt
 import train
 import translate
 from mini_gpt2 import UserError, files
+from machinery import run_folder
 from machinery.run_folder import RUN_FILES
 from tests.conftest import ROOT, fail_in_step, load_learned, make_checkpoint, one_line_error, run, train_args
 from tests.http_server import Hub
@@ -389,6 +390,43 @@ def test_overwrite_replaces_every_file_of_the_earlier_run_once_the_new_one_start
     assert [r["step"] for r in csv.DictReader(open(out / "log.csv"))] == ["0", "1", "2"]
 
 
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, RuntimeError("a bug"), "nan"])
+def test_overwrite_gives_the_earlier_run_back_if_the_new_one_stops_before_its_first_checkpoint(run_copy, tiny_ckpt,
+                                                                                               csv_file, call,
+                                                                                               monkeypatch, stop):
+    before = snapshot(run_copy)
+    fail_in_step(monkeypatch, 1, stop)  # the first step: nothing of the new run to show
+    args = train_args(tiny_ckpt[0], csv_file, run_copy, "--overwrite", "--no-eval", "--seed", 1)
+    if isinstance(stop, RuntimeError):
+        with pytest.raises(RuntimeError):  # a bug keeps its traceback
+            train.main(args)
+    else:
+        r = call(train.main, *args)
+        assert r.returncode == (130 if stop is KeyboardInterrupt else 1), r.stderr
+        assert f"nothing was saved; the earlier run's files are back in {run_copy}" in r.stderr, r.stderr
+    assert snapshot(run_copy) == before and not (run_copy / ".earlier-run").exists()
+
+
+def test_overwrite_lets_the_earlier_run_go_once_the_new_one_has_a_checkpoint(run_copy, tiny_ckpt, csv_file, call,
+                                                                            monkeypatch):
+    before = snapshot(run_copy)
+    fail_in_step(monkeypatch, 3, KeyboardInterrupt)  # steps 1 and 2 done, no checkpoint yet (--save-every 100)
+    args = train_args(tiny_ckpt[0], csv_file, run_copy, "--overwrite", "--no-eval", "--seed", 1, "--save-every", 100)
+    r = call(train.main, *args)
+    assert r.returncode == 130 and f"{run_copy / 'checkpoint.pt'} holds step 2" in r.stderr, r.stderr
+    assert torch.load(run_copy / "checkpoint.pt", weights_only=True)["step"] == 2 and not (run_copy / ".earlier-run").exists()
+    assert snapshot(run_copy)["checkpoint.pt"] != before["checkpoint.pt"]
+
+
+def test_an_earlier_run_left_aside_is_named_not_lost(run_copy, tiny_ckpt, csv_file, call):
+    """A run killed (-9) before its first checkpoint leaves the earlier run aside: the next run names where it is."""
+    (run_copy / ".earlier-run").mkdir()
+    shutil.move(run_copy / "checkpoint.pt", run_copy / ".earlier-run" / "checkpoint.pt")
+    line = one_line_error(call(train.main, *train_args(tiny_ckpt[0], csv_file, run_copy, "--resume", "--no-eval")))
+    assert f"{run_copy / '.earlier-run'} holds the files of a run that --overwrite had moved aside" in line
+    assert (run_copy / ".earlier-run" / "checkpoint.pt").exists()
+
+
 def test_a_folder_left_by_a_run_that_saved_no_checkpoint_is_not_offered_to_resume(tiny_ckpt, csv_file, tmp_path,
                                                                                  call, monkeypatch):
     out = tmp_path / "run"
@@ -449,6 +487,49 @@ def test_ctrl_c_in_the_last_validation_stops_there_and_resume_finishes_the_run(t
     val = [[(row["step"], row["val_loss"]) for row in csv.DictReader(open(d / "log.csv")) if row["val_loss"]]
            for d in (straight, out)]
     assert val[0] == val[1] and val[0][-1][0] == "6"
+    assert [row["step"] for row in csv.DictReader(open(out / "log.csv"))] == [str(k) for k in range(7)]  # a row a step
+
+
+def test_a_signal_in_a_validation_then_resume_leaves_one_row_a_step(tiny_ckpt, csv_file, tmp_path, call, monkeypatch):
+    """SIGHUP while step 2 is validated: the step is saved without its validation; --resume validates it in its own row."""
+    out, real, calls = tmp_path / "run", train.validation_loss, {"n": 0}
+
+    def validation_loss(*args):
+        calls["n"] += 1
+        if calls["n"] == 2:  # steps 0, then 2
+            stop_signal("SIGHUP")
+        return real(*args)
+
+    monkeypatch.setattr(train, "validation_loss", validation_loss)
+    args = train_args(tiny_ckpt[0], csv_file, out, "--no-eval", "--save-every", 100, "--eval-every", 2)
+    r = call(train.main, *args)
+    assert r.returncode == 129 and f"hung up at step 2; {out / 'checkpoint.pt'} holds step 2" in r.stderr, r.stderr
+    monkeypatch.undo()
+    assert call(train.main, *args, "--resume").returncode == 0
+    rows = list(csv.DictReader(open(out / "log.csv")))
+    assert [row["step"] for row in rows] == [str(k) for k in range(7)]
+    assert all(row["val_loss"] for row in rows if row["step"] in ("0", "2", "4", "6")) and rows[2]["loss"]
+
+
+def test_a_second_ctrl_c_while_the_checkpoint_is_written_waits_for_it(tiny_ckpt, csv_file, tmp_path, call, monkeypatch):
+    """Ctrl-C, then another while the checkpoint is being written (and SIGTERM): no traceback, a whole checkpoint, one line."""
+    real = files.write_bytes
+
+    def write_bytes(path, data):
+        if path.name == "checkpoint.pt":
+            os.kill(os.getpid(), signal.SIGINT)  # delivered here and now: Python runs the handler at once
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(path, data)
+
+    monkeypatch.setattr(run_folder, "write_bytes", write_bytes)
+    fail_in_step(monkeypatch, 3, KeyboardInterrupt)
+    out = tmp_path / "run"
+    r = call(train.main, *train_args(tiny_ckpt[0], csv_file, out, "--no-eval", "--save-every", 100))
+    assert r.returncode == 130 and "Traceback" not in r.stderr, r.stderr
+    assert [line for line in r.stderr.splitlines() if line.strip()] == [
+        f"interrupted at step 2; {out / 'checkpoint.pt'} holds step 2: continue with the same command and --resume"]
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
 
 
 def test_sigterm_saves_the_last_step_and_says_so(tiny_ckpt, csv_file, tmp_path):
@@ -496,7 +577,8 @@ def test_sigterm_in_the_comparison_says_the_training_is_kept(tiny_ckpt, csv_file
     r = call(train.main, *train_args(tiny_ckpt[0], csv_file, out))
     assert r.returncode == 143 and f"terminated in the evaluation; the training is complete and saved in {out}" in r.stderr
     r = call(train.main, "--eval-only", "--out", out, "--eval-size", 1)
-    assert r.returncode == 143 and r.stderr.strip() == "terminated"  # outside training too: one word, the shell's status
+    # outside training too: one line that says what was kept, and the shell's status
+    assert r.returncode == 143 and r.stderr.strip() == "terminated; nothing was saved"
 
 
 def test_two_runs_in_one_folder_do_not_both_proceed(tiny_ckpt, csv_file, tmp_path):
