@@ -240,16 +240,20 @@ def max_new_tokens_for(source_ids):
     return 2 * len(source_ids) + 8
 
 
-def check_room(n_positions, sources, limits, taken=0, numbers=None):
+def check_room(n_positions, sources, limits, taken=0, numbers=None, option=None):
     """
     A one-line error for an input whose translation (and `taken` positions of prompts) would pass
-    GPT-2's positions. numbers: how to number the inputs in the message (default 1, 2, ...).
+    GPT-2's positions. numbers: how to number the inputs in the message (default 1, 2, ...);
+    option: the command-line option that set the limits, if one did (named, with what fits).
     """
     for i, (s, m) in enumerate(zip(sources, limits)):
         if taken + len(s) + m > n_positions:
-            prompts = f" and {taken} for the prompts" if taken else ""
-            raise UserError(f"input {numbers[i] if numbers else i + 1} is {len(s)} tokens; with {m} for the "
-                            f"translation{prompts} that passes GPT-2's {n_positions} positions")
+            number, prompts = numbers[i] if numbers else i + 1, f" and {taken} for the prompts" if taken else ""
+            if option:
+                raise UserError(f"{option} {m}: input {number} is {len(s)} tokens{prompts}, so at most "
+                                f"{max(0, n_positions - taken - len(s))} new tokens fit GPT-2's {n_positions} positions")
+            raise UserError(f"input {number} is {len(s)} tokens; with {m} for the translation{prompts} that passes "
+                            f"GPT-2's {n_positions} positions")
 
 
 @torch.no_grad()

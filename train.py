@@ -52,12 +52,13 @@ def make_examples(pairs, max_len, method):
     sentences fit max_len (prefix.fits). Returns the examples and how many did not fit.
     """
     examples, too_long = [], 0
-    for en_text, fr_text in tqdm(pairs, desc="tokenizing", unit=" pairs", leave=False):
-        en, fr = Sentence(en_text, encode_sentence(en_text)), Sentence(fr_text, encode_sentence(fr_text))
-        if fits(en.ids, fr.ids, max_len):  # both ways, or neither: the rule counts both sentences
-            examples += [method.example(fr, en, "fr", "en"), method.example(en, fr, "en", "fr")]
-        else:
-            too_long += 2
+    with tqdm(pairs, desc="tokenizing", unit=" pairs", leave=False) as bar:  # gone before any stop's line
+        for en_text, fr_text in bar:
+            en, fr = Sentence(en_text, encode_sentence(en_text)), Sentence(fr_text, encode_sentence(fr_text))
+            if fits(en.ids, fr.ids, max_len):  # both ways, or neither: the rule counts both sentences
+                examples += [method.example(fr, en, "fr", "en"), method.example(en, fr, "en", "fr")]
+            else:
+                too_long += 2
     return examples, too_long
 
 
@@ -243,6 +244,7 @@ def train(args, run):
     method = METHODS[args.method]
     if args.resume:
         run.resume()  # the checkpoint, checked; run.restore puts it into what is learned, below
+    cli.try_optional_packages()
     config = dist.together(lambda: config_of(args.model))  # a small file: checked before the large ones load
     check_lengths(args, config.n_positions)
     split, record, examples, val_examples, held_out, shots = load_examples(args, run, config.n_positions)
@@ -301,8 +303,9 @@ def load_examples(args, run, n_positions):
     if args.resume:
         run.check_data(record)
     if not split.train:
-        raise UserError("no pair is left to train on: every pair is held out, for validation, or a (near-)duplicate "
-                        "of a held-out or validation pair")
+        raise UserError(f"{record['data']}: no pair is left to train on: each of its {len(pairs)} is held out, for "
+                        "validation, or a (near-)duplicate of a held-out or validation pair; give more (and different) "
+                        "pairs, or lower --heldout and --val-size")
     method = METHODS[args.method]
     examples, too_long = make_examples([pairs[i] for i in split.train], args.max_len, method)
     val_examples, _ = make_examples([pairs[i] for i in split.val], args.max_len, method)
@@ -334,6 +337,8 @@ def compare(args, out):
     for path in paths:
         if not path.exists():
             raise UserError(f"no file of what train.py learned at {path}: train first, or point --learned at one")
+    comparison.check_results(out, paths)  # never another comparison's results replaced
+    cli.try_optional_packages()
     files = dist.together(lambda: comparison.read_files(paths))
     meta = files[0][2]
     args.model = args.model or meta.get("model", cli.DEFAULT_MODEL)

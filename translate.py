@@ -26,7 +26,7 @@ from machinery.cli import natural_float, positive_int
 from machinery.learned_file import check_fits
 from methods import METHODS
 from mini_gpt2 import UserError, fast
-from mini_gpt2.load import config_of
+from mini_gpt2.load import check_file, config_of
 from prefix import check_room, encode_sentence, max_new_tokens_for
 
 DEFAULT_PREFIX = Path("runs/prefix/prefix.safetensors")  # where train.py writes its prefixes
@@ -77,6 +77,8 @@ def main(argv=None):
     if args.top_k is not None and args.temperature == 0:
         ap.error("--top-k has no effect with greedy decoding: give --temperature above 0 too")
 
+    if args.model and not args.learned and Path(args.model).exists():
+        check_file(args.model)  # a damaged --model is named as such, not taken for a missing learned file
     path = methods.best_file_in(args.learned or (args.model if finetuned(args.model) else DEFAULT_PREFIX))
     if not path.exists():
         raise UserError(f"no prefix file at {path}: train one first with `python train.py` "
@@ -98,7 +100,7 @@ def main(argv=None):
     limits = {i: args.max_new_tokens or max_new_tokens_for(sources[i]) for i in todo}
     taken = method.POSITIONS_PER_VIRTUAL_TOKEN * int(meta.get("prefix_len", 0)) + method.PROMPT_POSITIONS
     check_room(config.n_positions, list(sources.values()), list(limits.values()), taken=taken,
-               numbers=[i + 1 for i in todo])
+               numbers=[i + 1 for i in todo], option="--max-new-tokens" if args.max_new_tokens else None)
     cli.note_if_slow(str(name), args.device)
     model = mini_gpt2.from_pretrained(name, device=args.device, dtype=cli.DTYPES[args.dtype])
     translate = method.translator(model, learned)

@@ -4,6 +4,7 @@ can fix (mini_gpt2.UserError, or an OSError from a file) becomes one line instea
 """
 
 import argparse
+import importlib
 import math
 import signal
 import sys
@@ -166,6 +167,32 @@ def settle_device(ap, args):
             print(f"note: {args.device} has no bfloat16 arithmetic, so the weights are float32 (twice the memory)",
                   file=sys.stderr)
         args.dtype = str(mini_gpt2.default_dtype(args.device)).removeprefix("torch.")
+
+
+_noted = set()
+
+
+def optional(name):
+    """
+    An optional package (sacrebleu, matplotlib): the module, or None. Not installed, what it adds is
+    left out and the outputs say so; installed but failing to import in any other way, one note too.
+    """
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+    except Exception as e:  # a broken install: anything at all
+        if name.split(".")[0] not in _noted:  # once a package
+            _noted.add(name.split(".")[0])
+            print(f"note: {name} is installed but fails to import ({type(e).__name__}: "
+                  f"{(str(e).strip().splitlines() or [''])[0]}); going on without it", file=sys.stderr)
+        return None
+
+
+def try_optional_packages():
+    """sacrebleu and matplotlib, tried before any work: a broken install is one note now, not a failure after it."""
+    for name in ("sacrebleu", "matplotlib", "matplotlib.pyplot"):
+        optional(name)
 
 
 def note_if_slow(model, device):

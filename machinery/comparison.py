@@ -39,7 +39,7 @@ from nltk.translate.bleu_score import SmoothingFunction, corpus_bleu, sentence_b
 from tqdm import tqdm
 
 import methods
-from machinery import dist, plots
+from machinery import cli, dist, plots
 from machinery.cli import positive_int
 from methods import METHODS
 from methods.prompting import DIRECTIONS, FewShot, few_shot_head, few_shot_tail
@@ -94,29 +94,24 @@ def bleu_scores(hypotheses, references):
     return {k: 100 * v for k, v in scores.items()}
 
 
-def mt_scores(hypotheses, references):
+def mt_metrics():
     """
-    What machine-translation papers report (Post, 2018): sacreBLEU's corpus BLEU and chrF++, with
-    its defaults (its own 13a tokens, not ours), in percent; {} if sacrebleu is not installed.
+    What machine-translation papers report (Post, 2018): sacreBLEU's corpus BLEU and chrF++, with its
+    defaults (its own 13a tokens, not ours), as metric objects {name: metric}; {} without sacrebleu.
+    The scores and their signatures both come from these very objects.
     """
-    try:
-        import sacrebleu
-    except ImportError:
-        return {}
-    return {"sacrebleu": sacrebleu.BLEU().corpus_score(hypotheses, [references]).score,
-            "chrf++": sacrebleu.CHRF(word_order=2).corpus_score(hypotheses, [references]).score}
+    sacrebleu = cli.optional("sacrebleu")
+    return {} if sacrebleu is None else {"sacrebleu": sacrebleu.BLEU(), "chrf++": sacrebleu.CHRF(word_order=2)}
 
 
-def mt_signatures():
-    """sacreBLEU's signatures of the two scores (what they were computed with), or None without it."""
-    try:
-        import sacrebleu
-    except ImportError:
-        return None
-    metrics = {"sacrebleu": sacrebleu.BLEU(), "chrf++": sacrebleu.CHRF(word_order=2)}
-    for m in metrics.values():
-        m.corpus_score(["x"], [["x"]])  # a signature says how many references there were: one, as here
-    return {name: str(m.get_signature()) for name, m in metrics.items()}
+def mt_scores(hypotheses, references, metrics):
+    """Each of mt_metrics()'s corpus scores of the hypotheses against one reference each, in percent."""
+    return {name: m.corpus_score(hypotheses, [references]).score for name, m in metrics.items()}
+
+
+def signatures(metrics):
+    """What each metric computed its scores with (after its first score: a signature also says how many references)."""
+    return {name: str(m.get_signature()) for name, m in metrics.items()} or None
 
 
 def bleu_stats(hypotheses, references):
@@ -174,11 +169,11 @@ def translate_all(translate, texts, source, target, limits, batch_size, bar=None
 
     def mine():
         done = {}
-        for rows in dist.share(batches):
+        for j, rows in enumerate(dist.share(batches)):
             pick = lambda xs: [xs[i] for i in rows]  # noqa: E731
             done |= dict(zip(rows, translate(pick(texts), source, target, pick(limits), graphs=graphs)))
-            if bar is not None:
-                bar.update(len(rows) * dist.world)
+            if bar is not None:  # this batch, and those the other processes decode beside it
+                bar.update(sum(map(len, batches[j * dist.world:(j + 1) * dist.world])))
         return done
 
     out = [None] * len(texts)
@@ -188,26 +183,25 @@ def translate_all(translate, texts, source, target, limits, batch_size, bar=None
     return out
 
 
-def evaluate(translators, pairs, batch_size, baseline=None, seed=0):
+def evaluate(translators, pairs, batch_size, baseline=None, seed=0, metrics=None):
     """
     Translate the held-out pairs (Pair) both ways with each row's translator {name: translator};
-    score each direction and both together, and every other row against `baseline` (a name among
-    them: paired_bootstrap with `seed`). Returns (scores, outputs).
+    score each direction and both together (with mt_metrics' `metrics` too), and every other row
+    against `baseline` (a name among them: paired_bootstrap with `seed`). Returns (scores, outputs).
     """
-    scores, outputs = {}, {}
-    bar = tqdm(total=2 * len(translators) * len(pairs), desc="evaluating", unit=" sentences")
-    for source, target in DIRECTIONS:
-        texts = [p.text[source] for p in pairs]
-        limits = [max_new_tokens_for(p.ids[source]) for p in pairs]  # the same limit for every row
-        for name, translate in translators.items():
-            outputs[(name, source, target)] = translate_all(translate, texts, source, target, limits, batch_size, bar)
-    bar.close()
+    scores, outputs, metrics = {}, {}, mt_metrics() if metrics is None else metrics
+    with tqdm(total=2 * len(translators) * len(pairs), desc="evaluating", unit=" sentences") as bar:  # closed if stopped
+        for source, target in DIRECTIONS:
+            texts = [p.text[source] for p in pairs]
+            limits = [max_new_tokens_for(p.ids[source]) for p in pairs]  # the same limit for every row
+            for name, translate in translators.items():
+                outputs[(name, source, target)] = translate_all(translate, texts, source, target, limits, batch_size, bar)
     for name in translators:
         for direction in [f"{s}->{t}" for s, t in DIRECTIONS] + ["both"]:
             picked = [(s, t) for s, t in DIRECTIONS if direction in (f"{s}->{t}", "both")]
             refs = [p.text[t] for s, t in picked for p in pairs]
             hyps = [h for s, t in picked for h in outputs[(name, s, t)]]
-            row = scores[f"{name} {direction}"] = bleu_scores(hyps, refs) | mt_scores(hyps, refs) | {"pairs": len(refs)}
+            row = scores[f"{name} {direction}"] = bleu_scores(hyps, refs) | mt_scores(hyps, refs, metrics) | {"pairs": len(refs)}
             if baseline and name != baseline:
                 row |= paired_bootstrap(hyps, [h for s, t in picked for h in outputs[(baseline, s, t)]], refs, seed)
     return scores, outputs
@@ -265,7 +259,7 @@ def about_file(path, meta):
             "peak_memory": f"{peak} GiB" if peak else "-"}
 
 
-def write_reports(out, scores, outputs, examples, prompts, pairs, settings, about):
+def write_reports(out, scores, outputs, examples, prompts, pairs, settings, about, signed):
     """results.json (everything), results.md (the table, the pictures, examples) and bleu.png."""
     out = Path(out)
     names = list(dict.fromkeys(k[0] for k in outputs))  # the methods, in order
@@ -279,7 +273,7 @@ def write_reports(out, scores, outputs, examples, prompts, pairs, settings, abou
                "few_shot_prompts": prompts,
                "tokenisation": "BLEU on words and single punctuation marks (regex \\w+|[^\\w\\s]), case kept; "
                                "sentence_whitespace: str.split(); sacrebleu and chrf++: sacreBLEU's own",
-               "sacrebleu_signatures": mt_signatures(), "about": about,
+               "sacrebleu_signatures": signed, "about": about,
                "delta": f"corpus BLEU minus the baseline's on the same sentences, with the 95% interval of 1000 paired "
                         f"bootstrap resamples (seed {settings['seed']})",
                "split": split, "translations": samples}
@@ -291,7 +285,7 @@ def write_reports(out, scores, outputs, examples, prompts, pairs, settings, abou
     md = [f"# {' against '.join(names)}", "",
           f"{what_was_compared(settings)}: greedy decoding, at most twice the source length plus 8 tokens. BLEU in percent "
           f"(NLTK; words and punctuation marks as tokens), sacreBLEU and chrF++ with sacreBLEU's own tokens "
-          f"({(mt_signatures() or {}).get('sacrebleu', 'not installed')}); the difference from the baseline with its 95% "
+          f"({(signed or {}).get('sacrebleu', 'not installed')}); the difference from the baseline with its 95% "
           f"paired-bootstrap interval (1000 resamples). What was learned:{learned or ' nothing (prompting only)'}",
           "", table(scores, about, f"{settings['shots']}-shot"), ""]
     pictures = [(plots.bleu_png(scores, out / "bleu.png", f"Corpus BLEU: {what_was_compared(settings)}"),
@@ -374,17 +368,37 @@ def run(model, learned_files, examples, pairs, out, batch_size, settings):
         translators[row] = METHODS[meta["method"]].translator(model, learned)
         files.append({"row": row, "path": str(path), "method": meta["method"], "metadata": meta})
         about[row] = about_file(path, meta)
+    metrics = mt_metrics()
     with torch.no_grad():
-        scores, outputs = evaluate(translators, pairs, batch_size, baseline, settings["seed"])
+        scores, outputs = evaluate(translators, pairs, batch_size, baseline, settings["seed"], metrics)
     settings = {"model": settings["model"], "files": files, "eval_size": len(pairs), "shots": len(examples),
                 "rows_read": settings["split"]["rows_read"]} | settings
     prompts = {f"{s}->{t}": few_shot.prompt(s, t) for s, t in DIRECTIONS}
     if not dist.is_main():  # process 0 writes and prints
         return scores
-    paths = write_reports(out, scores, outputs, examples, prompts, pairs, settings, about)
+    paths = write_reports(out, scores, outputs, examples, prompts, pairs, settings, about, signatures(metrics))
     print("\n" + table(scores, about, baseline, terminal=True) + "\n")
     print(f"results: {paths[0]} and {paths[1]} (the whole table)")
     return scores
+
+
+def check_results(out, paths):
+    """
+    --eval-only into a folder that holds results: only the same comparison (the same learned files)
+    may replace them, and a note says so; another one would lose rows, and is refused in one line.
+    """
+    found = Path(out) / "results.json"
+    if not found.exists():
+        return
+    rows = lambda files: sorted(str(Path(f).resolve()) for f in files)  # noqa: E731
+    try:
+        earlier = rows(f["path"] for f in json.loads(found.read_text(encoding="utf-8"))["settings"]["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        earlier = None
+    if earlier != rows(paths):
+        raise UserError(f"{out} holds the results of another comparison ({found}): its table would lose its rows; "
+                        f"choose another --out, or move its results.json, results.md and bleu.png away first")
+    print(f"note: {out} holds this comparison's results already; they are replaced by the new ones")
 
 
 def check_split(meta, rows, heldout, seed, split):

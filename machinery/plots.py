@@ -6,24 +6,39 @@ and nothing else changes.
 
 import csv
 import io
+import sys
+from pathlib import Path
 
+from machinery import cli
 from mini_gpt2.files import write_bytes
 
 
 def _pyplot():
-    try:
-        import matplotlib
-    except ImportError:
+    """matplotlib's pyplot, drawing to files, never to a window; None without it (cli.optional)."""
+    matplotlib = cli.optional("matplotlib")
+    if matplotlib is None:
         return None
-    matplotlib.use("Agg")  # draw to files, never to a window
-    import matplotlib.pyplot as plt
-    return plt
+    matplotlib.use("Agg")
+    return cli.optional("matplotlib.pyplot")
 
 
-def _save(plt, fig, path):
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
+def _draw(path, draw):
+    """
+    draw(pyplot) -> a figure, saved at `path` as a PNG. None without matplotlib, or if drawing failed
+    in any way (one note): the pictures are never worth a run.
+    """
+    plt = _pyplot()
+    if plt is None:
+        return None
+    try:
+        fig = draw(plt)
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+        plt.close(fig)
+    except Exception as e:
+        print(f"note: matplotlib failed to draw {Path(path).name} ({type(e).__name__}: "
+              f"{(str(e).strip().splitlines() or [''])[0]}); going on without it", file=sys.stderr)
+        return None
     write_bytes(path, buf.getvalue())
     return path
 
@@ -39,13 +54,14 @@ def smooth(values, weight):
 
 def loss_png(log_path, path, title):
     """Training loss (raw and smoothed) and validation loss against step, from log.csv, titled. None without matplotlib."""
-    plt = _pyplot()
-    if plt is None:
-        return None
     with open(log_path, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     train = [(int(r["step"]), float(r["loss"])) for r in rows if r["loss"]]
     val = [(int(r["step"]), float(r["val_loss"])) for r in rows if r["val_loss"]]
+    return _draw(path, lambda plt: _loss_figure(plt, train, val, title))
+
+
+def _loss_figure(plt, train, val, title):
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
         steps, losses = zip(*train)
@@ -58,14 +74,15 @@ def loss_png(log_path, path, title):
     ax.set_ylabel("loss per target token (nats)")
     ax.grid(alpha=0.3)
     ax.legend()
-    return _save(plt, fig, path)
+    return fig
 
 
 def bleu_png(scores, path, title):
     """Corpus BLEU of each method in each direction, as bars, in percent, titled. None without matplotlib."""
-    plt = _pyplot()
-    if plt is None:
-        return None
+    return _draw(path, lambda plt: _bleu_figure(plt, scores, title))
+
+
+def _bleu_figure(plt, scores, title):
     methods = list(dict.fromkeys(key.rsplit(" ", 1)[0] for key in scores))
     directions = list(dict.fromkeys(key.rsplit(" ", 1)[1] for key in scores))
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -80,4 +97,4 @@ def bleu_png(scores, path, title):
     ax.set_ylabel("corpus BLEU (%)")
     ax.grid(axis="y", alpha=0.3)
     ax.legend()
-    return _save(plt, fig, path)
+    return fig

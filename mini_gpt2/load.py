@@ -77,6 +77,13 @@ def read_config(config_file):
     return config
 
 
+def check_file(path):
+    """A model folder or .safetensors file on this disk: its weights' file readable (its header), else one line naming it."""
+    weights, _ = resolve(path)
+    with _open(weights):
+        pass
+
+
 def config_of(name_or_path):
     """The model's sizes, without loading (or downloading) its weights."""
     if name_or_path in CONFIGS and not Path(name_or_path).exists():
@@ -98,8 +105,10 @@ def _open(weights):
         raise UserError(f"{weights} is not a readable safetensors file ({e}); {_fix(weights)}") from None
 
 
-def _fix(path):
-    """What to do about a damaged model file."""
+def _fix(path, metadata=None):
+    """What to do about a damaged model file (its safetensors metadata, if it could be read: what wrote it)."""
+    if (metadata or {}).get("method") == "finetune":
+        return "the fine-tuning that wrote it went wrong: train again (with a lower --lr), or use another model"
     if in_cache(path):
         return f"delete {path} and run again to download it anew"
     return "replace it with the file as released on the Hugging Face hub (openai-community/<size>)"
@@ -145,6 +154,8 @@ def from_pretrained(name_or_path, device=None, dtype=None):
             if t.shape != expected[name]:
                 raise UserError(f"{weights}: {key} has shape {tuple(t.shape)}, expected {tuple(expected[name])}")
             state[name] = t.to(device=device, dtype=dtype)
+            if not bool(torch.isfinite(state[name]).all()):  # as every file of numbers this project reads is checked
+                raise UserError(f"{weights} holds NaN or inf values (in {key}); {_fix(weights, f.metadata())}")
     model.load_state_dict(state, strict=False, assign=True)
     model.lm_head.weight = model.wte.weight  # assign=True replaced wte.weight: tie again
     return model.eval()

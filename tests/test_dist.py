@@ -62,6 +62,25 @@ def test_two_processes_train_as_one(one, tiny_ckpt, csv_file, tmp_path):
     assert "prefixes:" in out0 and out1 == "" and err1 == ""  # process 0 speaks for both
 
 
+def test_a_clipped_step_under_torchrun_is_the_one_process_step(tiny_ckpt, csv_file, tmp_path, monkeypatch, one_thread):
+    """Gradients a million times too large: summed over the processes first, then clipped, as one process clips its own."""
+    real = train.target_loss
+    monkeypatch.setattr(train, "target_loss", lambda *a: real(*a) * 1e6)
+    alone = tmp_path / "alone"
+    assert train.main(args_for(tiny_ckpt, csv_file, alone, "--no-eval")) == 0
+    monkeypatch.undo()
+    out = tmp_path / "run"
+    (code0, _, err0), (code1, _, err1) = processes(args_for(tiny_ckpt, csv_file, out, "--no-eval"), tmp_path / "r",
+                                                   fault=("all", None, "huge gradients"))
+    assert (code0, code1) == (0, 0), (err0, err1)
+    for name in ("prefix.safetensors", "prefix-last.safetensors"):  # what was learned: the same steps
+        if (alone / name).exists():
+            (x, _, ma), (y, _, mb) = load_learned(alone / name), load_learned(out / name)
+            assert torch.allclose(x, y, atol=1e-5) and ma["step"] == mb["step"]
+    losses = [[float(r["loss"]) for r in csv.DictReader(open(d / "log.csv")) if r["loss"]] for d in (alone, out)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)  # a million times the usual loss, to float32 rounding
+
+
 def test_two_processes_compare_as_one(one, csv_file, tmp_path, call, one_thread):
     """The same file, evaluated by one process and by two: the same table, every translation the same."""
     args = ["--eval-only", "--prefix", one / "prefix.safetensors", "--eval-size", 3, "--eval-batch-size", 1]

@@ -8,6 +8,7 @@ import errno
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -22,13 +23,14 @@ from safetensors.torch import save_file
 from machinery import cli
 import mini_gpt2
 import prefix
+from machinery import learned_file
 from methods import prompt
 import train
 import translate
 from mini_gpt2 import UserError, files
 from machinery import run_folder
 from machinery.run_folder import RUN_FILES
-from tests.conftest import ROOT, fail_in_step, load_learned, make_checkpoint, one_line_error, run, train_args
+from tests.conftest import HANG, ROOT, fail_in_step, load_learned, make_checkpoint, one_line_error, run, train_args
 from tests.http_server import Hub
 
 
@@ -225,7 +227,7 @@ def test_stdin_that_is_not_utf8_is_one_line(tiny_ckpt, tiny_config, tmp_path, en
     path = write_prefix(tmp_path / "p.safetensors", tiny_config, model=str(tiny_ckpt[0]))
     plain = {k: v for k, v in os.environ.items() if k not in ("PYTHONIOENCODING", "LC_ALL", "LANG", "PYTHONUTF8")}
     r = subprocess.run([sys.executable, str(ROOT / "translate.py"), "--prefix", str(path)], input="Été\n".encode("latin-1"),
-                       capture_output=True, cwd=ROOT, env=plain | env, timeout=300)
+                       capture_output=True, cwd=ROOT, env=plain | env, timeout=HANG)
     r = subprocess.CompletedProcess(r.args, r.returncode, r.stdout.decode(), r.stderr.decode())
     assert "the text on stdin is not UTF-8" in one_line_error(r) and not r.stdout
 
@@ -546,7 +548,7 @@ def test_sigterm_saves_the_last_step_and_says_so(tiny_ckpt, csv_file, tmp_path):
         while "1" not in logged() and p.poll() is None:
             time.sleep(0.05)  # waits for the run to be under way; what is checked does not depend on how long
         p.send_signal(signal.SIGTERM)
-        _, err = p.communicate(timeout=300)
+        _, err = p.communicate(timeout=HANG)
     finally:
         p.kill()
     r = subprocess.CompletedProcess(args, p.returncode, "", err)
@@ -875,3 +877,137 @@ def test_translate_with_no_file_says_to_train_one_even_beside_a_fine_tuned_weigh
     line = one_line_error(call(translate.main, "Bonjour"))
     assert line == f"error: no prefix file at {translate.DEFAULT_PREFIX}: train one first with `python train.py` " \
         "(or point --learned at one)"
+
+
+# ----------------------------------------------------------------------------- 6. nothing overwritten, nothing garbage
+
+def test_a_comparison_never_replaces_another_ones_results(tiny_ckpt, csv_file, tiny_config, tmp_path, call):
+    out = tmp_path / "run"
+    assert call(train.main, *train_args(tiny_ckpt[0], csv_file, out)).returncode == 0  # a run and its comparison
+    other = write_prefix(tmp_path / "other.safetensors", tiny_config, model=str(tiny_ckpt[0]))
+    before = snapshot(out)
+    line = one_line_error(call(train.main, "--eval-only", "--out", out, "--learned", other, "--eval-size", 2))
+    assert f"{out} holds the results of another comparison" in line and "choose another --out" in line, line
+    assert snapshot(out) == before
+    r = call(train.main, "--eval-only", "--out", out, "--eval-size", 2)  # its own comparison again: allowed, and said
+    assert r.returncode == 0 and f"note: {out} holds this comparison's results already; they are replaced" in r.stdout
+
+
+def nan_model_folder(tiny_ckpt, folder):
+    """A fine-tuned model folder as train.py writes one, but with a NaN in one weight (written past finetune.save)."""
+    model = mini_gpt2.from_pretrained(tiny_ckpt[0], device="cpu")
+    state = {n: p.detach().clone() for n, p in model.named_parameters()}
+    state["h.1.mlp.c_fc.weight"][3, 5] = float("nan")
+    meta = learned_file.describe("finetune", prefix.NAMES, model.config, model=str(tiny_ckpt[0]))
+    mini_gpt2.save_pretrained(folder, state, model.config, meta)
+    return folder
+
+
+def test_a_fine_tuned_folder_with_nan_is_refused_in_one_line(tiny_ckpt, csv_file, tmp_path, call):
+    folder = nan_model_folder(tiny_ckpt, tmp_path / "model")
+    for r in (call(translate.main, "--model", folder, "Bonjour"),
+              call(translate.main, "--learned", folder, "Bonjour"),
+              call(train.main, "--eval-only", "--learned", folder, "--data", csv_file, "--out", tmp_path / "o",
+                   "--eval-size", 2)):
+        line = one_line_error(r)
+        assert f"{folder / 'model.safetensors'} holds NaN or inf values (in transformer.h.1.mlp.c_fc.weight)" in line, line
+        assert "the fine-tuning that wrote it went wrong: train again" in line
+    assert not (tmp_path / "o" / "results.json").exists()
+
+
+def test_a_damaged_model_folder_is_named_whatever_else_is_given(tiny_ckpt, tmp_path, call):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_ckpt[0], folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])  # cut short
+    line = one_line_error(call(translate.main, "--model", folder, "Bonjour"))  # no --learned: not a missing prefix file
+    assert f"{weights} is not a readable safetensors file" in line, line
+
+
+@pytest.mark.parametrize("error", [ValueError("numpy.dtype size changed, may indicate binary incompatibility"),
+                                   RuntimeError("font cache is broken")])
+def test_optional_packages_failing_in_any_way_are_a_note_before_the_work(tiny_ckpt, csv_file, tmp_path, call,
+                                                                           monkeypatch, error):
+    from machinery import cli
+
+    real = cli.importlib.import_module
+
+    def import_module(name, *a):
+        if name.split(".")[0] in ("sacrebleu", "matplotlib"):
+            raise error
+        return real(name, *a)
+
+    monkeypatch.setattr(cli.importlib, "import_module", import_module)
+    monkeypatch.setattr(cli, "_noted", set())
+    out = tmp_path / "run"
+    fail_in_step(monkeypatch, 1, KeyboardInterrupt)  # stopped before any step: the notes came before the work
+    r = call(train.main, *train_args(tiny_ckpt[0], csv_file, out))
+    notes = [line for line in r.stderr.splitlines() if line.startswith("note:")]
+    assert r.returncode == 130 and len(notes) == 2, r.stderr
+    assert all(f"is installed but fails to import ({type(error).__name__}: " in n for n in notes)
+    monkeypatch.undo()
+    monkeypatch.setattr(cli.importlib, "import_module", import_module)
+    r = call(train.main, *train_args(tiny_ckpt[0], csv_file, out, "--overwrite"))  # and on to the end, without them
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert "sacreBLEU and chrF++: not computed" in (out / "results.md").read_text()
+    assert not (out / "loss.png").exists() and not (out / "bleu.png").exists()
+
+
+def test_a_picture_that_fails_to_draw_is_a_note(tiny_ckpt, csv_file, tmp_path, call, monkeypatch):
+    import matplotlib.figure
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda *a, **k: (_ for _ in ()).throw(OSError("no fonts")))
+    out = tmp_path / "run"
+    r = call(train.main, *train_args(tiny_ckpt[0], csv_file, out))
+    assert r.returncode == 0 and "note: matplotlib failed to draw loss.png (OSError: no fonts)" in r.stderr, r.stderr
+    assert (out / "results.md").exists() and not (out / "bleu.png").exists()
+
+
+def test_messages_name_the_file_or_option_and_the_fix(tiny_ckpt, tiny_config, tmp_path, call):
+    same = tmp_path / "same.csv"
+    same.write_text("en,fr\n" + "The cat sleeps.,Le chat dort.\n" * 200)
+    line = one_line_error(call(train.main, *train_args(tiny_ckpt[0], same, tmp_path / "o")))
+    assert line.startswith(f"error: {same}: no pair is left to train on") and "give more (and different) pairs" in line
+    pfile = write_prefix(tmp_path / "p.safetensors", tiny_config, model=str(tiny_ckpt[0]))
+    line = one_line_error(call(translate.main, "--learned", pfile, "--max-new-tokens", 1000000000, "Bonjour"))
+    n = len(prefix.encode_sentence("Bonjour"))
+    assert line == f"error: --max-new-tokens 1000000000: input 1 is {n} tokens, so at most {1024 - n} new tokens fit " \
+                   "GPT-2's 1024 positions"
+
+
+def test_a_stop_in_the_comparison_is_the_last_line(tiny_ckpt, csv_file, tmp_path, call, monkeypatch):
+    """Progress bars on: the comparison's bar is closed before the line that says what was kept."""
+    import tqdm.std
+
+    monkeypatch.setattr(tqdm.std.tqdm, "__init__", tqdm.std.tqdm.__dict__["__init__"].func)  # bars on (conftest's off)
+    monkeypatch.setenv("TQDM_DISABLE", "")
+    real = train.comparison.translate_all
+
+    def translate_all(*args):  # a sentence done, then Ctrl-C
+        args[-1].update(1)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train.comparison, "translate_all", translate_all)
+    out = tmp_path / "run"
+    r = call(train.main, *train_args(tiny_ckpt[0], csv_file, out))
+    shown = [line for line in re.split(r"[\r\n]", r.stderr) if line.strip()]
+    assert r.returncode == 130 and shown[-1].startswith("interrupted in the evaluation"), shown[-3:]
+    assert real  # (the real one, put back by monkeypatch)
+
+
+def test_under_torchrun_the_comparisons_bar_counts_each_sentence_once(monkeypatch):
+    """Process 0's bar, 2 processes, 5 batches of 4 sentences and 2: 18 sentences, counted as 18."""
+    from machinery import dist
+
+    counted = []
+
+    class Bar:
+        def update(self, n):
+            counted.append(n)
+
+    monkeypatch.setattr(dist, "world", 2)
+    monkeypatch.setattr(dist, "together", lambda fn: fn())
+    monkeypatch.setattr(dist, "gather", lambda items: [items])
+    texts = [f"phrase {i}" for i in range(18)]
+    train.comparison.translate_all(lambda texts, *a, **k: texts, texts, "fr", "en", list(range(18)), 4, Bar())
+    assert sum(counted) == 18 and len(counted) == 3  # process 0 decodes batches 0, 2 and 4 of the 5

@@ -172,9 +172,9 @@ def test_both_directions_is_the_corpus_bleu_of_all_their_sentences_together():
     refs = {"en": [en for en, _ in pairs], "fr": [fr for _, fr in pairs]}
     for target, source in (("en", "fr"), ("fr", "en")):
         h, r = answers[target], refs[target]
-        assert scores[f"fixed {source}->{target}"] == comparison.bleu_scores(h, r) | comparison.mt_scores(h, r) | {"pairs": 4}
+        assert scores[f"fixed {source}->{target}"] == comparison.bleu_scores(h, r) | comparison.mt_scores(h, r, comparison.mt_metrics()) | {"pairs": 4}
     h, r = answers["en"] + answers["fr"], refs["en"] + refs["fr"]
-    assert scores["fixed both"] == comparison.bleu_scores(h, r) | comparison.mt_scores(h, r) | {"pairs": 8}
+    assert scores["fixed both"] == comparison.bleu_scores(h, r) | comparison.mt_scores(h, r, comparison.mt_metrics()) | {"pairs": 8}
     assert len({scores[f"fixed {d}"]["corpus"] for d in ("fr->en", "en->fr", "both")}) == 3  # all three differ
 
 

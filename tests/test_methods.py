@@ -260,7 +260,7 @@ def test_sacrebleu_and_chrf_are_the_librarys_own():
 
     french = (["J'aime l'été, vraiment.", "C'est l'heure-là."], ["J'aime l'été, c'est vrai.", "C'est l'heure."])
     for hyps, refs in ((HYPS, REFS), french):
-        s = comparison.mt_scores(hyps, refs)
+        s = comparison.mt_scores(hyps, refs, comparison.mt_metrics())
         assert s["sacrebleu"] == sacrebleu.corpus_bleu(hyps, [refs]).score
         assert s["chrf++"] == sacrebleu.corpus_chrf(hyps, [refs], word_order=2).score
         assert 0 < s["chrf++"] < 100 and s["sacrebleu"] != comparison.bleu_scores(hyps, refs)["corpus"]
@@ -270,6 +270,7 @@ def test_without_sacrebleu_the_table_says_so(monkeypatch):
     import sys
 
     monkeypatch.setitem(sys.modules, "sacrebleu", None)
-    assert comparison.mt_scores(HYPS, REFS) == {} and comparison.mt_signatures() is None
+    metrics = comparison.mt_metrics()
+    assert metrics == {} and comparison.mt_scores(HYPS, REFS, metrics) == {} and comparison.signatures(metrics) is None
     scores = {"0-shot both": comparison.bleu_scores(HYPS, REFS) | {"pairs": 8}}
     assert "sacrebleu is not installed (pip install sacrebleu)" in comparison.table(scores)
