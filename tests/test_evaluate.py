@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from machinery import comparison
 from methods import prompting
 import methods
 import prefix
+import mini_gpt2
 from mini_gpt2 import from_pretrained
 from tests.conftest import PAIRS, run
 
@@ -95,6 +97,8 @@ def test_eval_only_end_to_end_with_both_methods(tiny_ckpt, csv_file, tmp_path):
                f"{s['sentence_whitespace']:.2f} |")
         printed = f"| {method} | {direction} | {s['pairs']} | {s['corpus']:.2f} | {s['sacrebleu']:.2f} | {s['chrf++']:.2f} |"
         assert row in md and printed in r.stdout  # the terminal's table: the three scores MT papers report
+    check_by_header(read_table(r.stdout), results["scores"], results["about"])  # the printed table, read back
+    check_by_header(read_table(md[md.index("| method |"):]), results["scores"], results["about"])  # and results.md's
     at = {fr: en for en, fr in pairs} | {en: fr for en, fr in pairs}
     assert all(row["reference"] == at[row["source"]] for rows_ in results["translations"].values() for row in rows_)
 
@@ -194,3 +198,130 @@ def test_the_zero_shot_prompt_takes_the_positions_it_says():
         for s, t in prompting.DIRECTIONS:
             extra = len(prompting.zero_shot_ids(text, s, t)) - len(prefix.encode_sentence(text))
             assert 0 <= extra <= prompting.ZERO_SHOT_TOKENS
+
+
+# ----------------------------------------------------------------------------- every printed figure, by its header
+
+# What each column holds, written out here rather than read from comparison.py.
+BY_HEADER = {"corpus BLEU": "corpus", "mean sentence BLEU (smoothed)": "sentence_smoothed",
+             "mean sentence BLEU (whitespace, unsmoothed)": "sentence_whitespace", "sacreBLEU": "sacrebleu",
+             "chrF++": "chrf++"}
+ABOUT_BY_HEADER = {"trainable parameters": "trainable_params", "file": "file_size", "training tokens/s": "tokens_per_s",
+                   "training peak memory": "peak_memory"}
+FRENCH = ["Bonjour! Je suis Sully.", "Merci beaucoup.", "Où est la gare?", "J'aime le pain, et le fromage.",
+          "Il pleut aujourd'hui.", "À demain, mon ami.", "Le chat dort bien.", "Nous sommes très en retard."]
+
+
+class Answers:
+    """A translator that answers from a table: {target language: [the answer for pair i]}."""
+
+    def __init__(self, answers, pairs):
+        self.answers, self.pairs = answers, pairs
+
+    def __call__(self, texts, source, target, limits, **decoding):
+        at = [p[{"en": 0, "fr": 1}[source]] for p in self.pairs]
+        return [self.answers[target][at.index(t)] for t in texts]
+
+
+def scored(seed=5):
+    """A comparison of two rows on the first 8 pairs, the baseline and a better one, scored with sacrebleu's metrics."""
+    pairs = PAIRS[:8]
+    base = Answers({"en": [h.split(",")[0] for h in HYPOTHESES], "fr": [f.split(",")[0] for f in FRENCH]}, pairs)
+    better = Answers({"en": HYPOTHESES, "fr": FRENCH}, pairs)
+    held = comparison.evaluation_pairs(pairs, 128, 8)
+    scores, outputs = comparison.evaluate({"3-shot": base, "better": better}, held, 3, "3-shot", seed)
+    return scores, outputs, held
+
+
+def read_table(text):
+    """The first Markdown table in `text`: one {header: cell} a row."""
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    return [dict(zip(cells[0], row)) for row in cells[2:]]
+
+
+def check_by_header(rows, scores, about):
+    """Each cell of each row is its figure in results.json's scores (or about), as its header says; intervals low to high."""
+    for row in rows:
+        s = scores[f"{row['method']} {row['direction']}"]
+        assert int(row["pairs"]) == s["pairs"]
+        for header, key in BY_HEADER.items():
+            if header in row:
+                assert row[header] == f"{s[key]:.2f}", (header, row)
+        (delta,) = [cell for header, cell in row.items() if header.startswith("corpus BLEU - ")]
+        if "delta" in s:
+            d, low, high = map(float, re.fullmatch(r"([-+][\d.]+) \[([-+][\d.]+), ([-+][\d.]+)\]", delta).groups())
+            assert (d, low, high) == (round(s["delta"], 2), round(s["delta_low"], 2), round(s["delta_high"], 2))
+            assert low <= d <= high
+        for header, key in ABOUT_BY_HEADER.items():
+            if header in row:
+                assert row[header] == str(about.get(row["method"], {}).get(key, "-"))
+
+
+def test_every_column_of_both_tables_is_its_figure_by_its_header():
+    scores, _, _ = scored()
+    about = {"better": {"trainable_params": "1,234", "file_size": "5 KiB", "tokens_per_s": "100", "peak_memory": "1.5 GiB"}}
+    for terminal in (True, False):
+        rows = read_table(comparison.table(scores, about, "3-shot", terminal=terminal))
+        assert len(rows) == 6 and all(scores[f"better {d}"]["delta_low"] < scores[f"better {d}"]["delta_high"]
+                                      for d in ("fr->en", "en->fr", "both"))  # intervals wide enough to tell ends apart
+        check_by_header(rows, scores, about)
+        shown = {h for h in rows[0] if h in BY_HEADER}
+        assert shown == ({"corpus BLEU", "sacreBLEU", "chrF++"} if terminal else set(BY_HEADER))
+        assert terminal or set(ABOUT_BY_HEADER) <= set(rows[0])
+
+
+def test_the_both_rows_interval_resamples_the_pooled_sentences_of_both_directions():
+    """The "both" row by hand: both directions' sentences in one corpus, 1,000 draws of it, NLTK's BLEU on each."""
+    import numpy as np
+
+    scores, outputs, held = scored(seed=7)
+    hyps = outputs[("better", "fr", "en")] + outputs[("better", "en", "fr")]
+    base = outputs[("3-shot", "fr", "en")] + outputs[("3-shot", "en", "fr")]
+    refs = [p.text["en"] for p in held] + [p.text["fr"] for p in held]
+    picks = np.random.default_rng(7).integers(0, len(refs), size=(1000, len(refs)))
+    corpus = lambda texts, idx: comparison.bleu_scores([texts[i] for i in idx], [refs[i] for i in idx])["corpus"]  # noqa: E731
+    low, high = np.percentile([corpus(hyps, idx) - corpus(base, idx) for idx in picks], [2.5, 97.5])
+    both = scores["better both"]
+    assert both["delta_low"] == pytest.approx(low, abs=1e-6) and both["delta_high"] == pytest.approx(high, abs=1e-6)
+    assert both["delta"] == pytest.approx(corpus(hyps, range(16)) - corpus(base, range(16)))
+
+
+def test_the_signatures_are_those_of_the_metrics_that_scored(tiny_ckpt, tmp_path, monkeypatch):
+    """Whatever sacreBLEU's metrics are set to, results.json's signatures are theirs and so are the scores."""
+    import sacrebleu
+
+    monkeypatch.setattr(comparison, "mt_metrics", lambda: {"sacrebleu": sacrebleu.BLEU(lowercase=True),
+                                                           "chrf++": sacrebleu.CHRF(word_order=0)})
+    model = from_pretrained(tiny_ckpt[0], device="cpu")
+    held = comparison.evaluation_pairs(PAIRS[:2], 128, 2)
+    record = {"data": "pairs.csv", "rows_read": 12, "heldout": [2, 3], "data_sha256": "x"}
+    comparison.run(model, [], PAIRS[4:5], held, tmp_path, 2, comparison.settings_of("tiny", 0, 12, 2, 128, record))
+    results = json.loads((tmp_path / "results.json").read_text())
+    signed = results["sacrebleu_signatures"]
+    assert "case:lc" in signed["sacrebleu"] and "nw:0" in signed["chrf++"], signed
+    rows = results["translations"]["fr->en"]
+    hyps, refs = [r["0-shot"] for r in rows], [r["reference"] for r in rows]
+    assert results["scores"]["0-shot fr->en"]["chrf++"] == sacrebleu.CHRF(word_order=0).corpus_score(hyps, [refs]).score
+
+
+def test_a_few_shot_prompt_read_through_the_examples_cache_is_the_whole_prompt(tiny_ckpt, monkeypatch):
+    """The first answer token's logits, from FewShot's cache of the examples and the sentence after it, are the whole prompt's."""
+    from mini_gpt2.generate import prefill
+
+    model = from_pretrained(tiny_ckpt[0], device="cpu")
+    few = prompting.FewShot(model, [("Thank you.", "Merci."), ("The cat sleeps.", "Le chat dort.")])
+    texts = ["Où est la gare ?", "Il pleut aujourd'hui, et il fait froid."]
+    seen = []
+
+    def first_logits(model, prompts, limits, *, past_kv=None, past_valid=None, past_positions=None, **decoding):
+        h, _, _, _ = prefill(model, prompts, past_kv, past_valid, past_positions, 1)
+        seen.append(model.logits(h[:, -1]))
+        return [[] for _ in prompts]
+
+    monkeypatch.setattr(prompting, "generate", first_logits)
+    few(texts, "fr", "en", [5, 5])
+    with torch.no_grad():
+        for text, logits in zip(texts, seen[0]):
+            whole = model(torch.tensor([mini_gpt2.encode(prompting.few_shot_prompt(few.examples, text, "fr", "en"))]))
+            assert torch.allclose(logits, whole[0, -1], atol=1e-4), (logits - whole[0, -1]).abs().max()

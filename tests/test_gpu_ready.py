@@ -296,3 +296,16 @@ def test_no_query_ever_sees_nothing_and_every_mask_is_aligned(tiny_ckpt, monkeyp
                 translate(texts, "fr", "en", [6, 6, 6])
     assert len(seen) > 100 and all(ok for ok, _, _ in seen), [shape for ok, _, shape in seen if not ok][:5]
     assert all(aligned for _, aligned, _ in seen), [shape for _, aligned, shape in seen if not aligned][:5]
+
+
+def test_every_pass_of_every_budget_fits_it_and_takes_as_many_rows_as_fit():
+    """Packed for each budget from 10 to 400 tokens: no pass over it (unless a lone row), none that could take the next."""
+    examples = some_examples()
+    size = lambda ex: len(ex.source) + len(ex.target)  # noqa: E731
+    for budget in range(10, 400, 3):
+        passes = train.micro_batches(examples, budget)
+        assert sorted(ex for p in passes for ex in p) == sorted(examples)
+        for p, after in zip(passes, passes[1:] + [None]):
+            assert len(p) * max(map(size, p)) <= budget or len(p) == 1, (budget, [size(ex) for ex in p])
+            if after:  # the next example would not have fitted
+                assert (len(p) + 1) * size(after[0]) > budget, (budget, [size(ex) for ex in p], size(after[0]))

@@ -274,3 +274,28 @@ def test_without_sacrebleu_the_table_says_so(monkeypatch):
     assert metrics == {} and comparison.mt_scores(HYPS, REFS, metrics) == {} and comparison.signatures(metrics) is None
     scores = {"0-shot both": comparison.bleu_scores(HYPS, REFS) | {"pairs": 8}}
     assert "sacrebleu is not installed (pip install sacrebleu)" in comparison.table(scores)
+
+
+def test_bfloat16_fine_tuning_in_several_passes_is_the_float32_step_and_saves_the_masters(tiny_ckpt, tmp_path):
+    """Every pass's gradient reaches the float32 masters (added, not replaced), and what is saved are those masters."""
+    from methods import finetune as method
+
+    exs, grads = examples(), {}
+    assert len(train.micro_batches(exs, 20)) >= 2
+    for dtype, budget in ((torch.float32, 10**6), (torch.bfloat16, 20)):  # one pass; two or more
+        model = from_pretrained(tiny_ckpt[0], device="cpu", dtype=dtype)
+        tuned = method.start(model, Start(4, "words", False, 0))
+        train.mean_loss(model, method, tuned, exs, train.Packing(budget), backward=True)
+        grads[dtype] = torch.cat([m.grad.flatten() for m in tuned.masters.values()])
+    g32, g16 = grads[torch.float32], grads[torch.bfloat16]
+    assert torch.nn.functional.cosine_similarity(g32, g16, dim=0) > 0.99 and abs(g16.norm() / g32.norm() - 1) < 0.05
+    torch.optim.AdamW(tuned.parameters(), lr=1e-2).step()  # the bfloat16 model's masters move
+    method.save(tmp_path / "model", tuned, model.config)
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "model" / "model.safetensors")
+    masters = tuned.state()
+    assert all(t.dtype == torch.float32 for t in saved.values())
+    assert torch.equal(saved["transformer.wte.weight"], masters["wte.weight"])
+    assert torch.equal(saved["transformer.h.1.mlp.c_fc.weight"], masters["h.1.mlp.c_fc.weight"].t())  # Conv1D layout
+    assert not torch.equal(masters["wte.weight"].to(torch.bfloat16).float(), masters["wte.weight"])  # finer than bf16

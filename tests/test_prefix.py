@@ -183,3 +183,36 @@ def test_the_reparameterisation_gives_each_virtual_token_its_own_embedding(kv):
         p.embed[1, 2] += 1.0  # prefix 1's virtual token 2
     changed = (p().detach() - before).abs().sum(dim=(1, 2, 3, 5)) > 0  # (n_prefixes, P)
     assert changed.tolist() == [[False] * 4, [False, False, True, False]]
+
+
+def test_an_example_starts_with_its_source_languages_prefix_and_ends_in_endoftext():
+    fr, en = prefix.Sentence("Bonjour.", encode_sentence("Bonjour.")), prefix.Sentence("Hello.", encode_sentence("Hello."))
+    ex = prefix.example(fr, en, "fr", "en")
+    assert ex == Example(fr.ids, en.ids + [EOT], NAMES.index("[start_french]"), NAMES.index("[start_english]"))
+    ex = prefix.example(en, fr, "en", "fr")
+    assert ex == Example(en.ids, fr.ids + [EOT], NAMES.index("[start_english]"), NAMES.index("[start_french]"))
+    from methods import prompting  # LoRA's and fine-tuning's: the zero-shot prompt before the same target
+
+    ex = prompting.zero_shot_example(fr, en, "fr", "en")
+    assert ex.source == encode("fr: Bonjour.\nen:") and ex.target == en.ids + [EOT]
+
+
+def test_translating_into_english_starts_from_the_french_prefix_and_switches_to_the_english_one(model, kv):
+    seen = []
+
+    def translate_ids(model, kv, sources, src_prefix, tgt_prefix, limits, **decoding):
+        seen.append((src_prefix, tgt_prefix))
+        return [[] for _ in sources]
+
+    for source, target in (("fr", "en"), ("en", "fr")):
+        prefix.translator(model, kv, translate_ids)(["une", "deux"], source, target, [3, 3])
+    fr, en = NAMES.index("[start_french]"), NAMES.index("[start_english]")
+    assert seen == [([fr, fr], [en, en]), ([en, en], [fr, fr])]
+
+
+def test_as_past_gives_each_layer_its_keys_then_its_values():
+    kv_rows = torch.randn(3, 2, 2, 5, 4, 16)  # (B, L, 2 = key/value, nh, P, hd)
+    past = as_past(kv_rows)
+    assert len(past) == 2
+    for layer, (k, v) in enumerate(past):
+        assert torch.equal(k, kv_rows[:, layer, 0]) and torch.equal(v, kv_rows[:, layer, 1])

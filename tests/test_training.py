@@ -117,6 +117,15 @@ def test_the_best_prefix_is_kept_and_the_last_beside_it(tiny_ckpt, csv_file, tmp
     assert "still falling" not in said
 
 
+def test_a_tie_keeps_the_first_best_and_the_file_and_the_message_agree(tiny_ckpt, csv_file, tmp_path, capsys,
+                                                                       monkeypatch):
+    out = tmp_path / "run"
+    fake_validation(monkeypatch, [5.0, 3.0, 3.0, 4.0])  # steps 0, 2, 4, 6: steps 2 and 4 tie
+    assert train.main(train_args(tiny_ckpt[0], csv_file, out, "--no-eval")) == 0
+    assert int(load_learned(out / "prefix.safetensors")[2]["step"]) == 2
+    assert f"{out / 'prefix.safetensors'} is the best (step 2, validation loss 3.0000)" in capsys.readouterr().out
+
+
 def test_the_best_prefix_survives_a_resume(tiny_ckpt, csv_file, tmp_path, monkeypatch):
     out = tmp_path / "run"
     fake_validation(monkeypatch, [5.0, 4.0, 1.0, 3.5])  # steps 0 to 3: the best is step 2, before the interruption
