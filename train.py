@@ -4,7 +4,7 @@ input-embedding prompts; lora, low-rank updates of its attention; finetune, ever
 compare them with zero-shot and 3-shot prompting of the same model on held-out pairs.
 
     python train.py                              # the reference experiment: GPT-2 XL, 200,000 pairs
-    python train.py --model gpt2 --data data/sample-en-fr.csv --steps 300 --eval-size 50   # a CPU, 15 minutes
+    python train.py --model gpt2 --data data/sample-en-fr.csv --heldout 60 --val-size 40 --steps 300 --eval-size 50
     python train.py ... --resume                 # the same command again continues an interrupted run
     python train.py --eval-only --learned runs/prefix runs/lora   # only the comparison
 
@@ -187,8 +187,9 @@ def mean_loss(model, method, learned, examples, packing, backward=False, grad_ch
     n_targets = sum(len(ex.target) for ex in examples)
     # -- scale enters here (machinery/dist.py): under torchrun each process computes its share of the
     # sequences, and the losses and gradients are summed over all the processes. Alone, this is all of them.
-    mine = dist.share(sorted(examples, key=row_size))
-    total = dist.together(lambda: summed_loss(model, method, learned, mine, packing, n_targets, backward, grad_checkpoint))
+    mine = dist.share(sorted(examples, key=row_size))  # every world-th by length: the shares take alike
+    total = dist.together(  # and if one process fails, every process stops, with its message
+        lambda: summed_loss(model, method, learned, mine, packing, n_targets, backward, grad_checkpoint))
     if backward:
         dist.sum_gradients(learned)
     return dist.sum_(total) / n_targets
@@ -244,7 +245,6 @@ def train(args, run):
     method = METHODS[args.method]
     if args.resume:
         run.resume()  # the checkpoint, checked; run.restore puts it into what is learned, below
-    cli.try_optional_packages()
     config = dist.together(lambda: config_of(args.model))  # a small file: checked before the large ones load
     check_lengths(args, config.n_positions)
     split, record, examples, val_examples, held_out, shots = load_examples(args, run, config.n_positions)
@@ -262,7 +262,8 @@ def train(args, run):
     packing = Packing(args.max_batch_tokens, method.POSITIONS_PER_VIRTUAL_TOKEN * args.prefix_len)
     # -- speed enters here (mini_gpt2/fast.py): with --compile, the blocks of the training passes run through
     # torch.compile, the passes padded to few shapes: lengths a multiple of fast.ROUND, rows up to the budget.
-    if args.compile and fast.compile_training(model, args.max_batch_tokens, -(-args.batch_size // dist.world), tqdm.write):
+    rows = math.ceil(args.batch_size / dist.world)  # a step's sequences in one process: the most a pass can hold
+    if args.compile and fast.compile_training(model, args.max_batch_tokens, rows, tqdm.write):
         packing = packing._replace(round_to=fast.ROUND)
 
     meta = {"model": args.model, "steps": args.steps, "lr": args.lr, "batch": args.batch_size, "reparam": args.reparam,
@@ -338,7 +339,6 @@ def compare(args, out):
         if not path.exists():
             raise UserError(f"no file of what train.py learned at {path}: train first, or point --learned at one")
     comparison.check_results(out, paths)  # never another comparison's results replaced
-    cli.try_optional_packages()
     files = dist.together(lambda: comparison.read_files(paths))
     meta = files[0][2]
     args.model = args.model or meta.get("model", cli.DEFAULT_MODEL)
@@ -426,7 +426,7 @@ def parse_args(argv=None):
         ap.error(f"--reparam trains --method prefix through an MLP; it does not apply to --method {args.method}")
     if args.lr is not None and args.lr > MAX_LR:
         ap.error(f"--lr {args.lr:g}: AdamW moves every number by about the rate per step, so rates above {MAX_LR:g} "
-                 "only diverge (the defaults are 0.05 and below)")
+                 f"only diverge (the defaults are {max(M.LR for M in METHODS.values()):g} and below)")
     method = METHODS[args.method]
     args.lr = args.lr or (method.REPARAM_LR if args.reparam else method.LR)
     args.eval_every = args.eval_every or args.save_every
@@ -459,6 +459,7 @@ def check_lengths(args, n_positions):
 def main(argv=None):
     args = parse_args(argv)
     encoding()  # GPT-2's tokenizer, before any data: without its files, one line says where they go
+    cli.try_optional_packages()
     args.device = dist.setup(args.device)  # under torchrun: join the others, on a GPU of this process's own
     with Run(args.out, vars(args)) as run:  # claims --out before anything large loads
         if args.eval_only:

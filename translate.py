@@ -63,7 +63,7 @@ def main(argv=None):
     ap.add_argument("--learned", "--prefix", help=f"the file of what train.py learned, of any --method "
                     f"(prefix.safetensors, lora.safetensors, ...), its run's --out folder, or a fine-tuned model folder "
                     f"(default {DEFAULT_PREFIX}, or --model if that is a fine-tuned model)")
-    ap.add_argument("--model", help="model size or checkpoint folder (default: the one the prefix was trained for); a "
+    ap.add_argument("--model", help="model size or checkpoint folder (default: the one the learned file was trained for); a "
                     "model folder that train.py --method finetune wrote translates by itself")
     ap.add_argument("--max-new-tokens", type=positive_int,
                     help="longest translation in tokens (default: twice the input, plus 8)")

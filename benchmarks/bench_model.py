@@ -1,7 +1,7 @@
 """
 mini_gpt2 against transformers' GPT-2 on the same random weights: load time, greedy decoding speed
 at batch 1 and 16 (and fast.py's static-shape decoding against generate.py's plain loop),
-and the 3-shot evaluation against the way it was first written. Prints figures and ratios;
+and the 3-shot evaluation with plain prompts against the examples' cache. Prints figures and ratios;
 asserts nothing.
 
     python benchmarks/bench_model.py                       # gpt2 shape on CPU (2 threads), float32

@@ -6,6 +6,7 @@ can fix (mini_gpt2.UserError, or an OSError from a file) becomes one line instea
 import argparse
 import importlib
 import math
+import os
 import signal
 import sys
 
@@ -190,9 +191,13 @@ def optional(name):
 
 
 def try_optional_packages():
-    """sacrebleu and matplotlib, tried before any work: a broken install is one note now, not a failure after it."""
-    for name in ("sacrebleu", "matplotlib", "matplotlib.pyplot"):
-        optional(name)
+    """
+    sacrebleu and matplotlib, tried before any work: a broken install is one note, before the work,
+    not a failure after it. Under torchrun, before the processes join, by process 0, which speaks for all.
+    """
+    if os.environ.get("RANK", "0") == "0":
+        for name in ("sacrebleu", "matplotlib", "matplotlib.pyplot"):
+            optional(name)
 
 
 def note_if_slow(model, device):

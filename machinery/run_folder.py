@@ -352,11 +352,11 @@ class Run:
         kept: returns the exit status for an interruption, raises a UserError for what the user can
         fix, re-raises a bug.
         """
-        cli.ignore_stops()  # a second Ctrl-C or signal must not cut short what is saved below, nor the line that says it
         if self.bar:
             self.bar.close()
         if not self.main:  # process 0 saves, and says what
             return cli.stop_status(e) if isinstance(e, KeyboardInterrupt) else self._quietly(e)
+        cli.ignore_stops()  # a second Ctrl-C or signal must not cut short what is saved below, nor the line that says it
         if self.step > self.saved and not isinstance(e, LossNotFinite):
             optimizer.zero_grad(set_to_none=True)
             try:  # with the row of the last step, if its validation was cut short

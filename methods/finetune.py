@@ -9,7 +9,7 @@ each weight's gradient goes to its float32 master as soon as it is complete (and
 one is freed), AdamW steps the masters, and the first pass after a step copies them into the
 model. Memory, per parameter: master 4 bytes, its gradient 4, AdamW's two moments 8, the
 bfloat16 copy 2: 18 bytes, 16 in float32. For GPT-2 XL (1.56B) that is 26 GiB (23 GiB) before
-any activation, of which fine-tuning keeps about 1.5 times as many as the other methods (README).
+any activation, of which fine-tuning keeps about 1.5 times as many as the other methods (docs/comparison.md).
 
 What is saved is a model folder in the hub's layout (mini_gpt2.save_pretrained: model.safetensors
 and config.json, the float32 masters), which mini_gpt2.from_pretrained, translate.py --model and

@@ -28,6 +28,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from . import generate as plain  # the plain decoding this replaces: its choice of token
 from .model import Block, KVCache, mask_bias
 from .tokenizer import EOT
 
@@ -228,20 +229,6 @@ class Graphs:
         return step
 
 
-def pick(logits, temperature, top_k, generator):
-    """The next token of each row (B,): the most likely, or drawn from softmax(logits / temperature) over the top_k."""
-    if not temperature:
-        return logits.argmax(-1)
-    # In float64 (a temperature such as 1e-320 is 0 in float32; Apple's GPUs have no float64), shifted
-    # so that the largest is 0: divided by a tiny temperature the others go to -inf, never +inf or NaN.
-    logits = logits.double() if logits.device.type in ("cpu", "cuda") else logits.float()
-    logits = (logits - logits.max(-1, keepdim=True).values) / temperature
-    if top_k:
-        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)[:, 0]
-
-
 @torch.no_grad()
 def decode(model, h, cache, keys_valid, next_pos, limits, stop_ids, temperature=0.0, top_k=None, generator=None,
            graphs=None):
@@ -265,7 +252,7 @@ def decode(model, h, cache, keys_valid, next_pos, limits, stop_ids, temperature=
     for t in range(steps):
         if temperature and rng is not None:
             states.append(rng.get_state())
-        new[:, t] = pick(logits, temperature, top_k, generator)
+        new[:, t] = plain.pick(logits, temperature, top_k, generator)
         done |= torch.isin(new[:, t], stop) | (limit <= t)
         alive[:, t] = ~done
         if t == steps - 1 or ((t + 1) % CHECK_EVERY == 0 and bool(done.all())):

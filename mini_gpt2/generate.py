@@ -103,7 +103,7 @@ def decode(model, h, cache, keys_valid, next_pos, limits, stop_ids=(EOT,), tempe
     out, done = [[] for _ in range(B)], [False] * B
     pos = next_pos.clone()
     for t in range(max(limits)):
-        tok = fast.pick(logits, temperature, top_k, generator)  # every row's next token (B,)
+        tok = pick(logits, temperature, top_k, generator)  # every row's next token (B,)
         for b, token in enumerate(tok.tolist()):
             done[b] = done[b] or token in stop_ids or t >= limits[b]
             if not done[b]:
@@ -116,3 +116,17 @@ def decode(model, h, cache, keys_valid, next_pos, limits, stop_ids=(EOT,), tempe
         # the next position, but for a finished row (or one at its limit): it stays within GPT-2's positions
         pos += torch.tensor([not done[b] and t + 1 < limits[b] for b in range(B)], device=pos.device)
     return out
+
+
+def pick(logits, temperature, top_k, generator):
+    """The next token of each row (B,): the most likely, or drawn from softmax(logits / temperature) over the top_k."""
+    if not temperature:
+        return logits.argmax(-1)
+    # In float64 (a temperature such as 1e-320 is 0 in float32; Apple's GPUs have no float64), shifted
+    # so that the largest is 0: divided by a tiny temperature the others go to -inf, never +inf or NaN.
+    logits = logits.double() if logits.device.type in ("cpu", "cuda") else logits.float()
+    logits = (logits - logits.max(-1, keepdim=True).values) / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)[:, 0]

@@ -8,7 +8,7 @@ nh = n_head, hd = head dim (C // nh).
 
 The attention keeps a per-layer cache of past keys and values. Those entries need not come from
 tokens: prefix-tuning (prefix.py) puts learned keys/values there, which is why attention also
-takes an explicit mask and explicit position ids.
+takes an explicit mask, and the model explicit position ids.
 """
 
 import functools
@@ -251,7 +251,12 @@ class GPT(nn.Module):
         w = self.lm_head.weight
         if h.is_cuda and w.dtype == torch.bfloat16 and float32_products(h.device):
             return torch.mm(h.reshape(-1, h.size(-1)), w.t(), out_dtype=torch.float32).view(*h.shape[:-1], -1)
-        return F.linear(h.float(), w.float())
+        if w.dtype == torch.float32 or (torch.is_grad_enabled() and w.requires_grad):
+            return F.linear(h.float(), w.float())
+        # elsewhere, a float32 copy of wte, kept while wte stays as it is: decoding reads it at every token
+        if getattr(self, "wte_float32", (None,))[0] != (w.data_ptr(), w._version):
+            self.wte_float32 = (w.data_ptr(), w._version), w.detach().float()
+        return F.linear(h.float(), self.wte_float32[1])
 
     def forward(self, idx, past_kv=None, attn_mask=None, position_ids=None):
         """Logits (B, T, vocab_size) for every position, in float32."""

@@ -162,7 +162,7 @@ def test_tokenizer_round_trips_french():
 
 def test_sampling_follows_the_temperature_and_top_k():
     """The frequencies of 20,000 seeded draws are softmax(logits / T), over the top k if given."""
-    from mini_gpt2.fast import pick
+    from mini_gpt2.generate import pick
 
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
     g = torch.Generator().manual_seed(0)
