@@ -246,10 +246,26 @@ def train(args, run):
     if args.resume:
         run.resume()  # the checkpoint, checked; run.restore puts it into what is learned, below
     config = dist.together(lambda: config_of(args.model))  # a small file: checked before the large ones load
-    check_lengths(args, config.n_positions)
-    split, record, examples, val_examples, held_out, shots = load_examples(args, run, config.n_positions)
+    check_lengths(method, args.max_len, args.prefix_len, config.n_positions)
+    if args.warmup > args.steps:
+        print(f"note: --warmup {args.warmup} is longer than --steps {args.steps}: the learning rate rises to "
+              f"{lr_at(args.steps - 1, args.lr, args.warmup, args.steps):.3g} at the last step and never reaches the "
+              f"peak {args.lr:g}")
+    pairs, split, shots, record = dist.in_turn(lambda: data.load(args.data, args.rows, args.heldout, args.val_size,
+                                                                 args.seed, args.shots))  # process 0 may download it
+    if args.resume:
+        run.check_data(record)
+    examples, val_examples = training_examples(pairs, split, record["data"], method, args.max_len)
+    held_out = comparison.evaluation_pairs([pairs[i] for i in split.held], args.max_len, args.eval_size)
+    shot_pairs = [pairs[i] for i in shots]  # the few-shot examples
+    taken = method.POSITIONS_PER_VIRTUAL_TOKEN * args.prefix_len  # the positions of a row's learned tokens
+    if not args.no_eval:
+        comparison.check_few_shot_room(shot_pairs, held_out, config.n_positions, args.shots)
+        if taken:
+            comparison.check_prompt_room(held_out, config.n_positions, taken, f"--prefix-len {args.prefix_len}",
+                                         "lower --prefix-len or --max-len, or add --no-eval")
 
-    model = load_model(args)
+    model = load_model(args.model, args.device, args.dtype)
     model.requires_grad_(False)  # GPT-2 stays frozen (but with --method finetune): only what is learned learns
     learned = method.start(model, Start(args.prefix_len, args.init, args.reparam, args.seed))
     optimizer = torch.optim.AdamW(learned.parameters(), lr=args.lr, weight_decay=0.0)
@@ -259,7 +275,7 @@ def train(args, run):
     print(f"model {args.model} on {args.device} in {args.dtype}{', frozen' if method.FROZEN else ''}; training "
           f"{n_learned:,} parameters: {method.WHAT.format(P=args.prefix_len)}"
           f"{', through the MLP' if args.reparam else ''}, peak learning rate {args.lr:g}")
-    packing = Packing(args.max_batch_tokens, method.POSITIONS_PER_VIRTUAL_TOKEN * args.prefix_len)
+    packing = Packing(args.max_batch_tokens, taken)
     # -- speed enters here (mini_gpt2/fast.py): with --compile, the blocks of the training passes run through
     # torch.compile, the passes padded to few shapes: lengths a multiple of fast.ROUND, rows up to the budget.
     rows = math.ceil(args.batch_size / dist.world)  # a step's sequences in one process: the most a pass can hold
@@ -287,9 +303,9 @@ def train(args, run):
         return 0
     if not method.FROZEN:  # the comparison's 0-shot and 3-shot rows are of the model as released
         del learned, optimizer
-        model = load_model(args)
+        model = load_model(args.model, args.device, args.dtype)
     try:
-        comparison.run(model, comparison.read_files([run.out / method.FILES[0]]), shots, held_out, run.out,
+        comparison.run(model, comparison.read_files([run.out / method.FILES[0]]), shot_pairs, held_out, run.out,
                        args.eval_batch_size, comparison.settings_of(args.model, args.seed, args.rows, args.heldout,
                                                                     args.max_len, record))
     except KeyboardInterrupt as e:
@@ -297,36 +313,25 @@ def train(args, run):
     return 0
 
 
-def load_examples(args, run, n_positions):
-    """The pairs, split, and made into training and validation examples; the held-out pairs and the few-shot examples."""
-    pairs, split, shots, record = dist.in_turn(lambda: data.load(args.data, args.rows, args.heldout, args.val_size,
-                                                                 args.seed, args.shots))  # process 0 may download it
-    if args.resume:
-        run.check_data(record)
+def training_examples(pairs, split, source, method, max_len):
+    """The training and validation examples of the pairs `split` gives them (from `source`, named in messages)."""
     if not split.train:
-        raise UserError(f"{record['data']}: no pair is left to train on: each of its {len(pairs)} is held out, for "
+        raise UserError(f"{source}: no pair is left to train on: each of its {len(pairs)} is held out, for "
                         "validation, or a (near-)duplicate of a held-out or validation pair; give more (and different) "
                         "pairs, or lower --heldout and --val-size")
-    method = METHODS[args.method]
-    examples, too_long = make_examples([pairs[i] for i in split.train], args.max_len, method)
-    val_examples, _ = make_examples([pairs[i] for i in split.val], args.max_len, method)
+    examples, too_long = make_examples([pairs[i] for i in split.train], max_len, method)
+    val_examples, _ = make_examples([pairs[i] for i in split.val], max_len, method)
     if not examples or not val_examples:
         raise UserError(f"every {'training' if not examples else 'validation'} pair is longer than --max-len "
-                        f"{args.max_len} tokens")
-    held_out = comparison.evaluation_pairs([pairs[i] for i in split.held], args.max_len, args.eval_size)
-    if not args.no_eval:
-        comparison.check_few_shot_room([pairs[i] for i in shots], held_out, n_positions, args.shots)
-        if method.POSITIONS_PER_VIRTUAL_TOKEN:
-            comparison.check_prompt_room(held_out, n_positions, method.POSITIONS_PER_VIRTUAL_TOKEN * args.prefix_len,
-                                         f"--prefix-len {args.prefix_len}", "lower --prefix-len or --max-len, or add --no-eval")
-    print(f"training examples: {len(examples)} (both directions; {too_long} longer than {args.max_len} tokens skipped); "
+                        f"{max_len} tokens")
+    print(f"training examples: {len(examples)} (both directions; {too_long} longer than {max_len} tokens skipped); "
           f"validation examples: {len(val_examples)}")
-    return split, record, examples, val_examples, held_out, [pairs[i] for i in shots]
+    return examples, val_examples
 
 
-def load_model(args):
-    """GPT-2, on this process's device: process 0 first, which may download it into the cache."""
-    return dist.in_turn(lambda: mini_gpt2.from_pretrained(args.model, device=args.device, dtype=cli.DTYPES[args.dtype]))
+def load_model(name, device, dtype):
+    """GPT-2 (`name`: a hub name or a folder), on this process's device: process 0 first, which may download it."""
+    return dist.in_turn(lambda: mini_gpt2.from_pretrained(name, device=device, dtype=cli.DTYPES[dtype]))
 
 
 def compare(args, out):
@@ -352,14 +357,15 @@ def compare(args, out):
     for _, _, file_meta in files:
         comparison.check_split(file_meta, args.rows, args.heldout, args.seed, record)
     held_out = comparison.evaluation_pairs([pairs[i] for i in split.held], args.max_len, args.eval_size)
-    examples = [pairs[i] for i in shots]
-    comparison.check_few_shot_room(examples, held_out, config.n_positions, args.shots)
+    shot_pairs = [pairs[i] for i in shots]
+    comparison.check_few_shot_room(shot_pairs, held_out, config.n_positions, args.shots)
     for path, _, file_meta in files:
         taken = METHODS[file_meta["method"]].POSITIONS_PER_VIRTUAL_TOKEN * int(file_meta.get("prefix_len", 0))
         if taken:
             comparison.check_prompt_room(held_out, config.n_positions, taken, path,
                                          "lower --max-len or --eval-size, or leave this file out")
-    comparison.run(load_model(args), files, examples, held_out, out, args.eval_batch_size,
+    model = load_model(args.model, args.device, args.dtype)
+    comparison.run(model, files, shot_pairs, held_out, out, args.eval_batch_size,
                    comparison.settings_of(args.model, args.seed, args.rows, args.heldout, args.max_len, record))
     return 0
 
@@ -437,23 +443,18 @@ def parse_args(argv=None):
     return args
 
 
-def check_lengths(args, n_positions):
+def check_lengths(method, max_len, prefix_len, n_positions):
     """--max-len and --prefix-len against the model's positions (its config.json alone), before anything large loads."""
-    if args.max_len > n_positions:
-        raise UserError(f"--max-len {args.max_len}: a sequence length of at most {n_positions} fits this model")
-    method = METHODS[args.method]
-    taken = method.POSITIONS_PER_VIRTUAL_TOKEN * args.prefix_len + method.PROMPT_POSITIONS
-    if method.LEARNS_TOKENS and (args.prefix_len > n_positions or taken + args.max_len > n_positions):
-        with_prompts = f" (the two prompts take {taken} positions, plus --max-len {args.max_len})" if taken else ""
-        raise UserError(f"--prefix-len {args.prefix_len}: too long a prefix length for this model's {n_positions} "
+    if max_len > n_positions:
+        raise UserError(f"--max-len {max_len}: a sequence length of at most {n_positions} fits this model")
+    taken = method.POSITIONS_PER_VIRTUAL_TOKEN * prefix_len + method.PROMPT_POSITIONS
+    if method.LEARNS_TOKENS and (prefix_len > n_positions or taken + max_len > n_positions):
+        with_prompts = f" (the two prompts take {taken} positions, plus --max-len {max_len})" if taken else ""
+        raise UserError(f"--prefix-len {prefix_len}: too long a prefix length for this model's {n_positions} "
                         f"positions{with_prompts}")
-    if not method.LEARNS_TOKENS and taken + args.max_len > n_positions:
-        raise UserError(f"--max-len {args.max_len}: with the zero-shot prompt's {taken} positions around the source, "
+    if not method.LEARNS_TOKENS and taken + max_len > n_positions:
+        raise UserError(f"--max-len {max_len}: with the zero-shot prompt's {taken} positions around the source, "
                         f"at most {n_positions - taken} fits this model")
-    if args.warmup > args.steps:
-        print(f"note: --warmup {args.warmup} is longer than --steps {args.steps}: the learning rate rises to "
-              f"{lr_at(args.steps - 1, args.lr, args.warmup, args.steps):.3g} at the last step and never reaches the "
-              f"peak {args.lr:g}")
 
 
 def main(argv=None):
