@@ -1,6 +1,6 @@
 """
 Speed, in one place: what it takes to run close to what a GPU can do, kept out of the files that
-explain the model. Two tricks, each checked against the plain code by the tests.
+explain the model. Three tricks, each checked against the plain code by the tests.
 
 1. Compiled training passes (train.py --compile; `compile_training`). A transformer block is
    dozens of small operations (LayerNorm, the attention's reshapes, GELU, residual adds), each a
@@ -11,7 +11,12 @@ explain the model. Two tricks, each checked against the plain code by the tests.
    are its inputs; every block's input needs a gradient, the first one's made to): one
    compilation a shape. A failure to compile is a note, and the training goes on uncompiled.
 
-2. Decoding with static shapes (`decode`, under mini_gpt2.generate on a GPU). A decoding step
+2. float32 logits from bfloat16 weights (`float32_logits`, under GPT.logits). On a GPU the
+   bfloat16 weights are multiplied as they are, the products summed and returned in float32
+   (products of bfloat16 numbers are exact in float32), with no float32 copy of wte (321 MB at
+   XL); on the CPU, a float32 copy kept while wte stays as it is, not made anew at every token.
+
+3. Decoding with static shapes (`decode`, under mini_gpt2.generate on a GPU). A decoding step
    feeds one token per row; it is bound by launching ~20 kernels per layer, not by arithmetic.
    With a cache of fixed capacity, a mask over all of it and the write position held in a tensor,
    every step has the same shapes and touches the same memory, so on CUDA the whole step is
@@ -136,7 +141,33 @@ class CompiledBlocks:
         self.say(f"compiled the training pass for {shape[0]} x {shape[1]} tokens in {self.shapes[shape]:.1f} s")
 
 
-# ----------------------------------------------------------------------------- 2. decoding with static shapes
+# ----------------------------------------------------------------------------- 2. float32 logits from bfloat16 weights
+
+@functools.cache
+def float32_products(device):
+    """Whether torch.mm on `device` gives bfloat16 products in float32, gradients included (PyTorch 2.8 on, CUDA)."""
+    try:
+        with torch.enable_grad():
+            a = torch.ones(2, 2, device=device, dtype=torch.bfloat16, requires_grad=True)
+            torch.mm(a, a.t(), out_dtype=torch.float32).sum().backward()
+        return True
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
+
+
+def float32_logits(model, h):
+    """model.logits(h) for weights that are not float32: the same numbers, without a float32 copy of wte per call."""
+    w = model.lm_head.weight
+    if h.is_cuda and w.dtype == torch.bfloat16 and float32_products(h.device):
+        return torch.mm(h.reshape(-1, h.size(-1)), w.t(), out_dtype=torch.float32).view(*h.shape[:-1], -1)
+    if torch.is_grad_enabled() and w.requires_grad:  # fine-tuning: the copy must carry the gradient back
+        return F.linear(h.float(), w.float())
+    if getattr(model, "wte_float32", (None,))[0] != (w.data_ptr(), w._version):  # made again once wte changes
+        model.wte_float32 = (w.data_ptr(), w._version), w.detach().float()
+    return F.linear(h.float(), model.wte_float32[1])
+
+
+# ----------------------------------------------------------------------------- 3. decoding with static shapes
 
 CAPACITY = 64  # a captured step's cache holds a multiple of this many entries: calls of similar lengths share it
 

@@ -11,7 +11,6 @@ tokens: prefix-tuning (prefix.py) puts learned keys/values there, which is why a
 takes an explicit mask, and the model explicit position ids.
 """
 
-import functools
 import math
 from dataclasses import dataclass, fields
 
@@ -47,18 +46,6 @@ CONFIGS = {
     "gpt2-large": GPTConfig(n_layer=36, n_head=20, n_embd=1280),   # 774M
     "gpt2-xl": GPTConfig(n_layer=48, n_head=25, n_embd=1600),      # 1558M
 }
-
-
-@functools.cache
-def float32_products(device):
-    """Whether torch.mm on `device` gives bfloat16 products in float32, gradients included (PyTorch 2.8 on, CUDA)."""
-    try:
-        with torch.enable_grad():
-            a = torch.ones(2, 2, device=device, dtype=torch.bfloat16, requires_grad=True)
-            torch.mm(a, a.t(), out_dtype=torch.float32).sum().backward()
-        return True
-    except (TypeError, RuntimeError, NotImplementedError):
-        return False
 
 
 class KVCache:
@@ -244,19 +231,12 @@ class GPT(nn.Module):
         """
         lm_head in float32, on the hidden states given (B..., C) -> (B..., vocab_size). GPT-2's
         logits are tens in magnitude, where bfloat16 steps by 0.25: rounded to it, they would blur
-        the loss and flip near-ties in decoding. On a GPU, bfloat16 weights are multiplied as they
-        are, summed and returned in float32, with no float32 copy of wte (products of bfloat16
-        numbers are exact in float32).
+        the loss and flip near-ties in decoding.
         """
-        w = self.lm_head.weight
-        if h.is_cuda and w.dtype == torch.bfloat16 and float32_products(h.device):
-            return torch.mm(h.reshape(-1, h.size(-1)), w.t(), out_dtype=torch.float32).view(*h.shape[:-1], -1)
-        if w.dtype == torch.float32 or (torch.is_grad_enabled() and w.requires_grad):
-            return F.linear(h.float(), w.float())
-        # elsewhere, a float32 copy of wte, kept while wte stays as it is: decoding reads it at every token
-        if getattr(self, "wte_float32", (None,))[0] != (w.data_ptr(), w._version):
-            self.wte_float32 = (w.data_ptr(), w._version), w.detach().float()
-        return F.linear(h.float(), self.wte_float32[1])
+        if self.lm_head.weight.dtype == torch.float32:
+            return F.linear(h.float(), self.lm_head.weight)
+        from . import fast  # speed: weights in bfloat16 give float32 logits without a float32 copy of wte per call
+        return fast.float32_logits(self, h)
 
     def forward(self, idx, past_kv=None, attn_mask=None, position_ids=None):
         """Logits (B, T, vocab_size) for every position, in float32."""
