@@ -149,9 +149,9 @@ class Prefixes(nn.Module):
         return self().detach().float().clone()
 
 
-def init_word_ids(name, prefix_len, words=INIT_WORDS):
+def init_word_ids(name, prefix_len):
     """The tokens of the real word a prefix starts from, repeated to fill P slots: " French: French:..." """
-    word = " " + words[name]
+    word = " " + INIT_WORDS[name]
     return encode(word * math.ceil(prefix_len / len(encode(word))))[:prefix_len]
 
 

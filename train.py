@@ -8,11 +8,9 @@ compare them with zero-shot and 3-shot prompting of the same model on held-out p
     python train.py ... --resume                 # the same command again continues an interrupted run
     python train.py --eval-only --learned runs/prefix runs/lora   # only the comparison
 
-Writes to --out: prefix.safetensors (the prefixes with the lowest validation loss; prompt.safetensors,
-lora.safetensors or the model folder model/ for the other methods), prefix-last.safetensors (the
-last ones, if not the best), checkpoint.pt (to resume), log.csv (the loss per step, the validation
-loss every --eval-every steps), split.json (which pairs did what), loss.png, and the comparison:
-results.json, results.md, bleu.png.
+Writes to --out the learned file (prefix.safetensors: the prefixes with the lowest validation
+loss), a checkpoint to resume from, the log of losses, and the comparison's results; the table in
+docs/training.md lists them all.
 
 This file is the training, in reading order: pairs to examples to batches, the loss, the loop,
 then the command line. What is done with --out (locking it, checkpoints, resuming, the log, what a
@@ -347,7 +345,7 @@ def compare(args, out):
     files = dist.together(lambda: comparison.read_files(paths))
     meta = files[0][2]
     args.model = args.model or meta.get("model", cli.DEFAULT_MODEL)
-    data.fill_split_settings(args, meta)  # the first file's split, unless told otherwise
+    vars(args).update(data.split_settings(vars(args), meta))  # the first file's split, unless told otherwise
     config = dist.together(lambda: config_of(args.model))  # a small file: every learned file is checked against it
     for path, _, file_meta in files:
         check_fits(file_meta, config, path)
@@ -377,27 +375,29 @@ def parse_args(argv=None):
     ap.add_argument("--model", help=f"gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a checkpoint folder "
                     f"(default {cli.DEFAULT_MODEL}; with --eval-only, the learned file's own)")
     ap.add_argument("--data", help="CSV with columns en,fr (default: the first --rows of the Kaggle dataset, downloaded)")
-    ap.add_argument("--rows", type=positive_int, help=f"read only the first N pairs (default {data.DEFAULT_ROWS})")
-    ap.add_argument("--heldout", type=natural_int, help="pairs held out for evaluation (at most a tenth; default 1000)")
-    ap.add_argument("--val-size", type=positive_int,
-                    help="pairs set aside from training to compute the validation loss on (at most a tenth; default 200)")
+    split = data.SPLIT_DEFAULTS
+    ap.add_argument("--rows", type=positive_int, help=f"read only the first N pairs (default {split['rows']})")
+    ap.add_argument("--heldout", type=natural_int,
+                    help=f"pairs held out for evaluation (at most a tenth; default {split['heldout']})")
+    ap.add_argument("--val-size", type=positive_int, help="pairs set aside from training to compute the validation "
+                    f"loss on (at most a tenth; default {split['val_size']})")
     ap.add_argument("--out", help="output folder (default runs/<method>)")
-    ap.add_argument("--steps", type=positive_int, default=5000, help="optimizer steps (default 5000)")
-    ap.add_argument("--batch-size", type=positive_int, default=32, help="sequences per optimizer step (default 32)")
+    ap.add_argument("--steps", type=positive_int, default=5000, help="optimizer steps (default %(default)s)")
+    ap.add_argument("--batch-size", type=positive_int, default=32, help="sequences per optimizer step (default %(default)s)")
     ap.add_argument("--max-batch-tokens", type=positive_int, default=3072,
                     help="padded tokens per forward pass: a step's sequences are packed into as few passes as fit "
-                    "(default 3072: GPT-2 XL in bfloat16 then needs about 11 GiB of GPU memory; see docs/gpu.md)")
+                    "(default %(default)s; docs/gpu.md gives the GPU memory it needs)")
     ap.add_argument("--lr", type=positive_float, help="peak learning rate (default: the method's, "
                     + ", ".join(f"{m} {M.LR:g}" for m, M in METHODS.items())
                     + f"; {METHODS['prefix'].REPARAM_LR:g} with --reparam)")
     ap.add_argument("--warmup", type=natural_int, default=100,
-                    help="linear warm-up steps, then linear decay to 0 (default 100)")
+                    help="linear warm-up steps, then linear decay to 0 (default %(default)s)")
     ap.add_argument("--method", choices=list(METHODS), default="prefix",
                     help="prefix: learned keys/values in every layer (Li & Liang; default); prompt: learned input "
                     "embeddings, which take positions like tokens (the reference experiment's method); lora: low-rank "
                     "updates of the attention's query and value weights (Hu et al.); finetune: every weight")
-    ap.add_argument("--prefix-len", type=positive_int, default=10, help="virtual tokens per prefix (default 10)")
-    ap.add_argument("--max-len", type=positive_int, default=128, help="skip pairs longer than this many tokens (default 128)")
+    ap.add_argument("--prefix-len", type=positive_int, default=10, help="virtual tokens per prefix (default %(default)s)")
+    ap.add_argument("--max-len", type=positive_int, default=128, help="skip pairs longer than this many tokens (default %(default)s)")
     ap.add_argument("--reparam", action="store_true", help="train through the paper's MLP reparameterisation")
     ap.add_argument("--init", choices=["words", "random"], default="words",
                     help="start from what the model makes of the words 'French:'/'English:' (their keys/values, or "
@@ -406,11 +406,11 @@ def parse_args(argv=None):
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                     help="run the training passes through torch.compile: minutes of compiling first, then faster steps "
                     "on a GPU; for long runs (default off; see docs/gpu.md)")
-    ap.add_argument("--save-every", type=positive_int, default=250, help="checkpoint every N steps (default 250)")
+    ap.add_argument("--save-every", type=positive_int, default=250, help="checkpoint every N steps (default %(default)s)")
     ap.add_argument("--eval-every", type=positive_int,
                     help="validation loss every N steps, and at the end (default: with each checkpoint)")
     cli.add_device_args(ap)
-    ap.add_argument("--seed", type=cli.seed, help="seeds the split, the data order and random init (default 0; "
+    ap.add_argument("--seed", type=cli.seed, help=f"seeds the split, the data order and random init (default {split['seed']}; "
                     "with --eval-only, the learned file's own, as --data, --rows, --heldout and --val-size are)")
     ap.add_argument("--resume", action="store_true", help="continue the run saved in --out (--lr, --steps, --warmup, "
                     "--save-every, --eval-every, --device, --dtype, --max-batch-tokens, --grad-checkpoint, --compile may "
@@ -419,7 +419,7 @@ def parse_args(argv=None):
     ap.add_argument("--no-eval", action="store_true", help="stop after training, without the comparison")
     comparison.add_args(ap)
     args = ap.parse_args(argv)
-    cli.settle_device(ap, args)
+    args.device, args.dtype = cli.settle_device(ap, args.device, args.dtype)
     if args.resume and args.overwrite:
         ap.error("--resume continues the run in --out and --overwrite replaces it: give one of them")
     if args.eval_only and (args.resume or args.overwrite):
@@ -438,7 +438,7 @@ def parse_args(argv=None):
     args.eval_every = args.eval_every or args.save_every
     args.out = args.out or f"runs/{args.method}"
     if not args.eval_only:  # --eval-only fills them from the learned file first
-        data.fill_split_settings(args, {})
+        vars(args).update(data.split_settings(vars(args), {}))
         args.model = args.model or cli.DEFAULT_MODEL
     return args
 

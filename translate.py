@@ -69,11 +69,11 @@ def main(argv=None):
                     help="longest translation in tokens (default: twice the input, plus 8)")
     ap.add_argument("--temperature", type=natural_float, default=0.0, help="0 = greedy (default); higher samples more freely")
     ap.add_argument("--top-k", type=positive_int, help="with --temperature: sample only from the k most likely tokens")
-    ap.add_argument("--batch-size", type=positive_int, default=16, help="inputs translated together (default 16)")
+    ap.add_argument("--batch-size", type=positive_int, default=16, help="inputs translated together (default %(default)s)")
     cli.add_device_args(ap)
     ap.add_argument("--seed", type=cli.seed, help="seed for sampling")
     args = ap.parse_args(argv)
-    cli.settle_device(ap, args)
+    args.device, args.dtype = cli.settle_device(ap, args.device, args.dtype)
     if args.top_k is not None and args.temperature == 0:
         ap.error("--top-k has no effect with greedy decoding: give --temperature above 0 too")
 

@@ -215,7 +215,7 @@ def steady_decoding_rows(model, device, short, long, repeats):
     weights = sum(p.numel() * p.element_size() for p in model.parameters())  # read once a step, whatever the batch
     bw, rows, g = bandwidth(device), [], torch.Generator().manual_seed(2)
     for B in (1, 16):
-        prompts = torch.randint(0, 50256, (B, 16), generator=g).tolist()
+        prompts = torch.randint(0, mini_gpt2.EOT, (B, 16), generator=g).tolist()
         kept = fast.Graphs()  # both lengths replay the steps captured once (the capture left out, as the prompt is)
 
         def decode(n, graphs):
@@ -255,7 +255,7 @@ def attention_rows(model, device, dtype):
     mask = torch.zeros(sees.shape, dtype=dtype, device=device).masked_fill(~sees, torch.finfo(dtype).min)
     kv = init_random(model, NAMES, 10, torch.Generator().manual_seed(0))
     lengths = [(22, 22), (10, 12), (5, 6), (30, 14)]  # 44 tokens at most: 64 keys with both prefixes; the others padded
-    examples = [Example(list(range(1000, 1000 + s)), list(range(2000, 2000 + t - 1)) + [50256], b % 2, 1 - b % 2)
+    examples = [Example(list(range(1000, 1000 + s)), list(range(2000, 2000 + t - 1)) + [mini_gpt2.EOT], b % 2, 1 - b % 2)
                 for b, (s, t) in enumerate(lengths)]
     batch = make_batch(examples, device)
 
@@ -401,7 +401,7 @@ def main():
     rows, table = [], lambda: write_table(args.out, size, dtype, device, args.repeats, rows)
     try:
         g = torch.Generator().manual_seed(1)
-        rows += precision_rows(folder, device, torch.randint(0, 50256, (4, 128), generator=g).tolist())
+        rows += precision_rows(folder, device, torch.randint(0, mini_gpt2.EOT, (4, 128), generator=g).tolist())
         model_rows(rows, table, folder, device, dtype, seq_len, args.new_tokens,
                    args.eval_sentences or (16 if tiny else 64), args.repeats)
         if on_gpu:

@@ -38,7 +38,7 @@ def decoding_speed(ours, hf, B, prompt_len, new_tokens, repeats, device, generat
     weights: ({"ours": tokens/s, "hf": tokens/s, and with eager_too "eager": ours without CUDA
     graphs}, the fraction of our tokens that are transformers'). All timed in turns.
     """
-    prompts = torch.randint(0, 50256, (B, prompt_len), generator=generator)
+    prompts = torch.randint(0, mini_gpt2.EOT, (B, prompt_len), generator=generator)
     out = {}
 
     def run_ours():
@@ -124,7 +124,7 @@ def main():
         t_hf = best_time(load_hf, args.repeats, device)
         print(f"\nload    mini_gpt2 {t_ours:6.2f} s   transformers {t_hf:6.2f} s   speed-up x{t_hf / t_ours:.2f}")
         ours, hf = load_ours(), load_hf()
-        x = torch.randint(0, 50256, (4, 128), generator=torch.Generator().manual_seed(1)).to(device)
+        x = torch.randint(0, mini_gpt2.EOT, (4, 128), generator=torch.Generator().manual_seed(1)).to(device)
         with torch.no_grad():
             a, b = ours(x).float(), hf(x).logits.float()
         print(f"logits on 4 x 128 random tokens: max |difference| {(a - b).abs().max().item():.3g} "
@@ -139,7 +139,7 @@ def main():
                   flush=True)
 
         for B in args.batch_sizes:  # the static shapes (fast.decode) against generate.py's plain loop, on the same prompts
-            prompts = torch.randint(0, 50256, (B, args.prompt_len), generator=g).tolist()
+            prompts = torch.randint(0, mini_gpt2.EOT, (B, args.prompt_len), generator=g).tolist()
             fast.GRAPHS = False  # the plain loop, on a GPU too
             try:
                 t = median_times({"static": lambda: static_generate(ours, prompts, args.new_tokens),

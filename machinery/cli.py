@@ -89,9 +89,6 @@ def run(main):
         ignore_stops()
         print(f"\n{stop_word(e)}; nothing was saved", file=sys.stderr)
         sys.exit(stop_status(e))
-    except dist.PeerGone as e:  # a process of torchrun's ended without a word: process 0 says so, the others nothing
-        print(f"error: another process ended ({e})", file=sys.stderr)
-        sys.exit(1)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
@@ -157,17 +154,18 @@ def add_device_args(ap):
                     help="precision of the model's weights (default: bfloat16 on a CUDA GPU that has it, else float32)")
 
 
-def settle_device(ap, args):
-    """Fill in --device and --dtype (a name in DTYPES) and check that they go together."""
-    args.device = args.device or mini_gpt2.default_device()
-    has_bf16 = mini_gpt2.default_dtype(args.device) == torch.bfloat16 or torch.device(args.device).type != "cuda"
-    if args.dtype == "bfloat16" and not has_bf16:
-        ap.error(f"--dtype bfloat16: {args.device} has no bfloat16 arithmetic; use float32")
-    if args.dtype is None:
-        if torch.device(args.device).type == "cuda" and not has_bf16:
-            print(f"note: {args.device} has no bfloat16 arithmetic, so the weights are float32 (twice the memory)",
+def settle_device(ap, device, dtype):
+    """--device and --dtype (a name in DTYPES) filled in where not given, and checked to go together: -> both."""
+    device = device or mini_gpt2.default_device()
+    has_bf16 = mini_gpt2.default_dtype(device) == torch.bfloat16 or torch.device(device).type != "cuda"
+    if dtype == "bfloat16" and not has_bf16:
+        ap.error(f"--dtype bfloat16: {device} has no bfloat16 arithmetic; use float32")
+    if dtype is None:
+        if torch.device(device).type == "cuda" and not has_bf16:
+            print(f"note: {device} has no bfloat16 arithmetic, so the weights are float32 (twice the memory)",
                   file=sys.stderr)
-        args.dtype = str(mini_gpt2.default_dtype(args.device)).removeprefix("torch.")
+        dtype = str(mini_gpt2.default_dtype(device)).removeprefix("torch.")
+    return device, dtype
 
 
 _noted = set()

@@ -48,6 +48,7 @@ from mini_gpt2.files import write_bytes
 from prefix import encode_sentence, fits, max_new_tokens_for
 
 N_EXAMPLES = 5  # examples per direction in results.md
+RESAMPLES = 1000  # of the paired bootstrap
 
 
 class Pair(NamedTuple):
@@ -62,9 +63,9 @@ def add_args(ap):
     g.add_argument("--learned", "--prefix", nargs="+", help="for --eval-only: files of what train.py learned, of any "
                    "--method (prefix.safetensors, lora.safetensors, ...), fine-tuned model folders, or training runs' "
                    "--out folders, each a row of the table (default: --out's own)")
-    g.add_argument("--eval-size", type=positive_int, default=500, help="held-out pairs to evaluate, each both ways (default 500)")
-    g.add_argument("--shots", type=positive_int, default=3, help="examples in the few-shot prompt (default 3)")
-    g.add_argument("--eval-batch-size", type=positive_int, default=16, help="sentences decoded together (default 16)")
+    g.add_argument("--eval-size", type=positive_int, default=500, help="held-out pairs to evaluate, each both ways (default %(default)s)")
+    g.add_argument("--shots", type=positive_int, default=3, help="examples in the few-shot prompt (default %(default)s)")
+    g.add_argument("--eval-batch-size", type=positive_int, default=16, help="sentences decoded together (default %(default)s)")
 
 
 # ----------------------------------------------------------------------------- BLEU
@@ -141,7 +142,7 @@ def bleu_from_stats(sums):
     return 100 * np.where((matched > 0).all(-1) & (c > 0), brevity * precision, 0.0)
 
 
-def paired_bootstrap(hyps, baseline, references, seed, resamples=1000):
+def paired_bootstrap(hyps, baseline, references, seed, resamples=RESAMPLES):
     """
     Corpus BLEU of `hyps` minus that of `baseline` on the same references, and its 95% interval
     (Koehn, 2004): the sentences resampled with replacement `resamples` times, both systems on
@@ -274,7 +275,7 @@ def write_reports(out, scores, outputs, examples, prompts, pairs, settings, abou
                "tokenisation": "BLEU on words and single punctuation marks (regex \\w+|[^\\w\\s]), case kept; "
                                "sentence_whitespace: str.split(); sacrebleu and chrf++: sacreBLEU's own",
                "sacrebleu_signatures": signed, "about": about,
-               "delta": f"corpus BLEU minus the baseline's on the same sentences, with the 95% interval of 1000 paired "
+               "delta": f"corpus BLEU minus the baseline's on the same sentences, with the 95% interval of {RESAMPLES} paired "
                         f"bootstrap resamples (seed {settings['seed']})",
                "split": split, "translations": samples}
     write_bytes(out / "results.json", json.dumps(results, ensure_ascii=False, indent=2).encode())
@@ -286,7 +287,7 @@ def write_reports(out, scores, outputs, examples, prompts, pairs, settings, abou
           f"{what_was_compared(settings)}: greedy decoding, at most twice the source length plus 8 tokens. BLEU in percent "
           f"(NLTK; words and punctuation marks as tokens), sacreBLEU and chrF++ with sacreBLEU's own tokens "
           f"({(signed or {}).get('sacrebleu', 'not installed')}); the difference from the baseline with its 95% "
-          f"paired-bootstrap interval (1000 resamples). What was learned:{learned or ' nothing (prompting only)'}",
+          f"paired-bootstrap interval ({RESAMPLES} resamples). What was learned:{learned or ' nothing (prompting only)'}",
           "", table(scores, about, f"{settings['shots']}-shot"), ""]
     pictures = [(plots.bleu_png(scores, out / "bleu.png", f"Corpus BLEU: {what_was_compared(settings)}"),
                  "BLEU by method and direction")]

@@ -139,18 +139,19 @@ def split(pairs, heldout=1000, val_size=200, seed=0):
 SPLIT_DEFAULTS = {"rows": DEFAULT_ROWS, "heldout": 1000, "val_size": 200, "seed": 0}
 
 
-def fill_split_settings(args, meta):
+def split_settings(given, meta):
     """
-    The split settings (args.rows, heldout, val_size, seed, data) not given on the command line:
-    from a prefix file's metadata if it has them, else the defaults.
+    The split settings {rows, heldout, val_size, seed, data}: those `given` (None: not given), else
+    a learned file's metadata `meta` if it has them, else the defaults.
     """
-    for name, default in SPLIT_DEFAULTS.items():
-        if getattr(args, name) is None:
-            setattr(args, name, int(meta[name]) if name in meta else default)
-    if args.data is None and meta.get("data", "kaggle") != "kaggle":
-        args.data = meta["data"]
-        if not Path(args.data).exists():
-            raise UserError(f"the prefix was trained on {args.data}, which is not there: give the data with --data")
+    settings = {name: given[name] if given[name] is not None else int(meta[name]) if name in meta else default
+                for name, default in SPLIT_DEFAULTS.items()}
+    settings["data"] = given["data"]
+    if given["data"] is None and meta.get("data", "kaggle") != "kaggle":
+        settings["data"] = meta["data"]
+        if not Path(meta["data"]).exists():
+            raise UserError(f"{meta['data']}, the data the learned file was trained on, is not there: give it with --data")
+    return settings
 
 
 def few_shot_indices(pairs, candidates, shots, seed):
@@ -225,7 +226,7 @@ def fetch_kaggle(rows=DEFAULT_ROWS):
     headers = {}
     if auth := kaggle_auth():
         headers["Authorization"] = "Basic " + base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
-    manual = (f"download it by hand from https://www.kaggle.com/datasets/{KAGGLE_DATASET}, unzip it, "
+    manual = (f"download it by hand from {KAGGLE_ENDPOINT}/datasets/{KAGGLE_DATASET}, unzip it, "
               f"and pass the CSV with --data en-fr.csv")
     make_cache_folder(dest.parent)
     part = dest.with_name(dest.name + ".incomplete")

@@ -37,8 +37,11 @@ class Elsewhere(UserError):
     """Raised on every process when another one failed; its message is that one's."""
 
 
-class PeerGone(Exception):
-    """A collective operation failed: another process has ended (or cannot be reached)."""
+class PeerGone(UserError):
+    """A collective operation failed: another process has ended (or cannot be reached), as `detail` says."""
+
+    def __init__(self, detail):
+        super().__init__(f"another process ended ({detail})")
 
 
 def collective(op, *args):

@@ -2,17 +2,12 @@
 The run's bookkeeping: everything train.py does with --out, so that train.py reads as the training.
 
 A Run claims the folder (one process at a time; an earlier run is never replaced by accident),
-checks a checkpoint before resuming from it, writes the log, the checkpoints and the prefix
-files, and says in one line what a stopped run kept. What it writes:
-
-    checkpoint.pt            all that --resume needs: the learned numbers, the optimizer, the step, the validation
-                             losses so far, the settings, the sha256 of the data
-    log.csv                  a row per step: loss, lr, tokens, seconds, and val_loss where it was validated
-                             (a row of its own for a validation no step row carries: step 0, or one a stop cut short)
-    prefix.safetensors       the learned numbers with the lowest validation loss so far (prompt.safetensors,
-                             lora.safetensors; for finetune, model/, a model folder in the hub's layout)
-    prefix-last.safetensors  those of the last step, if they are not the best (prompt-last.safetensors, ...)
-    split.json               which pairs did what (data.load's record)
+checks a checkpoint before resuming from it, writes the log, the checkpoints and the learned
+files, and says in one line what a stopped run kept (docs/training.md lists the files). The
+checkpoint holds all that --resume needs: the learned numbers, the optimizer, the step, the
+validation losses so far, the settings, the sha256 of the data. log.csv has a row per step, with
+val_loss where it was validated (a row of its own for a validation no step row carries: step 0,
+or one a stop cut short).
 
 Resume rules: the settings that fix the data order and the shapes (SAME_RUN) and the data itself
 must be as before; those in MAY_CHANGE may change, with a note. A resumed run is the same, bit for
@@ -375,8 +370,6 @@ class Run:
         if isinstance(e, KeyboardInterrupt):  # Ctrl-C, SIGTERM or SIGHUP (cli.Stopped)
             print(f"\n{cli.stop_word(e)} at step {self.step}; {kept}", file=sys.stderr)
             return cli.stop_status(e)
-        if isinstance(e, dist.PeerGone):  # killed, say: nothing it could tell
-            e = UserError(f"another process ended ({e})")
         if isinstance(e, torch.OutOfMemoryError):
             e = UserError(f"out of GPU memory; try --max-batch-tokens {max(1, self.settings['max_batch_tokens'] // 2)}, "
                           "or --grad-checkpoint")

@@ -830,6 +830,13 @@ def test_eval_only_notes_only_the_model_it_loads(tiny_ckpt, tiny_config, csv_fil
     assert "note:" not in r.stderr
 
 
+def test_eval_only_names_the_learned_files_data_when_it_is_gone(tiny_config, tmp_path, call):
+    gone = tmp_path / "moved-away.csv"
+    path = write_prefix(tmp_path / "p.safetensors", tiny_config, data=str(gone))
+    line = one_line_error(call(train.main, "--eval-only", "--learned", path, "--out", tmp_path / "o"))
+    assert line == f"error: {gone}, the data the learned file was trained on, is not there: give it with --data"
+
+
 def test_the_cpu_note(capsys):
     cli.note_if_slow("gpt2-xl", "cpu")
     cli.note_if_slow("gpt2", "cpu")
