@@ -113,6 +113,17 @@ def test_logits_are_float32_even_with_bfloat16_weights(models):
     assert torch.equal(model.logits(h), exact)
 
 
+def test_the_kept_float32_copy_of_wte_follows_wte(tiny_ckpt):
+    """Decoding's float32 copy of bfloat16 weights is made again once wte changes (as fine-tuning changes it in place)."""
+    model = from_pretrained(tiny_ckpt[0], device="cpu", dtype=torch.bfloat16)
+    h, _ = model.hidden(torch.tensor([encode(" Bonjour")]))
+    with torch.no_grad():
+        before = model.logits(h)
+        model.wte.weight.copy_(model.wte.weight.flip(0))  # FullModel puts the masters in this way
+        after = model.logits(h)
+    assert not torch.equal(after, before) and torch.equal(after, h.float() @ model.wte.weight.float().T)
+
+
 def test_bfloat16_generation_and_translation_run(models, kv):
     model = models[torch.bfloat16]
     out = generate(model, [encode(" The cat"), encode(" Bonjour, je")], 5, stop_ids=())
