@@ -254,11 +254,10 @@ def train(args, run):
     if args.resume:
         run.check_data(record)
     examples, val_examples = training_examples(pairs, split, record["data"], method, args.max_len)
-    held_out = comparison.evaluation_pairs([pairs[i] for i in split.held], args.max_len, args.eval_size)
-    shot_pairs = [pairs[i] for i in shots]  # the few-shot examples
     taken = method.POSITIONS_PER_VIRTUAL_TOKEN * args.prefix_len  # the positions of a row's learned tokens
-    if not args.no_eval:
-        comparison.check_few_shot_room(shot_pairs, held_out, config.n_positions, args.shots)
+    if not args.no_eval:  # the comparison's pairs, checked now: before the model loads and the training starts
+        held_out, shot_pairs = comparison.held_out_and_examples(pairs, split, shots, args.max_len, args.eval_size,
+                                                                config.n_positions, args.shots)
         if taken:
             comparison.check_prompt_room(held_out, config.n_positions, taken, f"--prefix-len {args.prefix_len}",
                                          "lower --prefix-len or --max-len, or add --no-eval")
@@ -290,19 +289,19 @@ def train(args, run):
         train_loop(model, method, learned, optimizer, Batches(examples, args.batch_size, args.seed), val_examples, run,
                    packing=packing, peak_lr=args.lr, warmup=args.warmup, steps=args.steps, eval_every=args.eval_every,
                    save_every=args.save_every, grad_checkpoint=args.grad_checkpoint)
+        run.finish(learned, math.log(model.config.vocab_size))  # the loss of guessing: every token alike
     except BaseException as e:  # Ctrl-C, a signal, a crash, out of memory, a loss that is not finite
         return run.stopped(e, learned, optimizer)
-    run.finish(learned, math.log(model.config.vocab_size))  # the loss of guessing: every token alike
     title = (f"{args.method} ({method.WHAT.format(P=args.prefix_len)}), {args.model}, {Path(record['data']).name}: "
              f"{len(examples):,} examples, {args.steps} steps of {args.batch_size}")
-    if dist.is_main() and plots.loss_png(run.log_path, run.out / "loss.png", title):
-        print(f"loss curves: {run.out / 'loss.png'}")
-    if args.no_eval:
-        return 0
-    if not method.FROZEN:  # the comparison's 0-shot and 3-shot rows are of the model as released
-        del learned, optimizer
-        model = load_model(args.model, args.device, args.dtype)
-    try:
+    try:  # the training is whole: a stop from here on says so
+        if dist.is_main() and plots.loss_png(run.log_path, run.out / "loss.png", title):
+            print(f"loss curves: {run.out / 'loss.png'}")
+        if args.no_eval:
+            return 0
+        if not method.FROZEN:  # the comparison's 0-shot and 3-shot rows are of the model as released
+            del learned, optimizer
+            model = load_model(args.model, args.device, args.dtype)
         comparison.run(model, comparison.read_files([run.out / method.FILES[0]]), shot_pairs, held_out, run.out,
                        args.eval_batch_size, comparison.settings_of(args.model, args.seed, args.rows, args.heldout,
                                                                     args.max_len, record))
@@ -354,9 +353,8 @@ def compare(args, out):
                                                                  args.seed, args.shots))  # process 0 may download it
     for _, _, file_meta in files:
         comparison.check_split(file_meta, args.rows, args.heldout, args.seed, record)
-    held_out = comparison.evaluation_pairs([pairs[i] for i in split.held], args.max_len, args.eval_size)
-    shot_pairs = [pairs[i] for i in shots]
-    comparison.check_few_shot_room(shot_pairs, held_out, config.n_positions, args.shots)
+    held_out, shot_pairs = comparison.held_out_and_examples(pairs, split, shots, args.max_len, args.eval_size,
+                                                            config.n_positions, args.shots)
     for path, _, file_meta in files:
         taken = METHODS[file_meta["method"]].POSITIONS_PER_VIRTUAL_TOKEN * int(file_meta.get("prefix_len", 0))
         if taken:

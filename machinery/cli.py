@@ -15,6 +15,7 @@ import torch
 from machinery import dist
 import mini_gpt2
 from mini_gpt2 import UserError
+from mini_gpt2.fast import why
 from mini_gpt2.files import os_problem
 
 
@@ -176,16 +177,19 @@ def optional(name):
     An optional package (sacrebleu, matplotlib): the module, or None. Not installed, what it adds is
     left out and the outputs say so; installed but failing to import in any other way, one note too.
     """
+    package = name.split(".")[0]
     try:
         return importlib.import_module(name)
-    except ImportError:
-        return None
+    except ModuleNotFoundError as e:
+        if e.name and (name + ".").startswith(e.name + "."):  # it, or the package it is in, is not installed
+            return None
+        problem = e  # another module it needs is missing: a broken install
     except Exception as e:  # a broken install: anything at all
-        if name.split(".")[0] not in _noted:  # once a package
-            _noted.add(name.split(".")[0])
-            print(f"note: {name} is installed but fails to import ({type(e).__name__}: "
-                  f"{(str(e).strip().splitlines() or [''])[0]}); going on without it", file=sys.stderr)
-        return None
+        problem = e
+    if package not in _noted:  # once a package
+        _noted.add(package)
+        print(f"note: {name} is installed but fails to import ({why(problem)}); going on without it", file=sys.stderr)
+    return None
 
 
 def try_optional_packages():

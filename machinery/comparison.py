@@ -244,8 +244,7 @@ def table(scores, about=None, baseline="3-shot", terminal=False):
 
 def what_was_compared(settings):
     """The model, the data and how much of it, in a line: for results.md and bleu.png."""
-    data = "the Kaggle data" if settings["data"] == "kaggle" else Path(settings["data"]).name
-    return (f"{settings['model']}, {data} ({settings['rows_read']:,} pairs read), {settings['eval_size']} held-out pairs "
+    return (f"{settings['model']}, {Path(settings['data']).name} ({settings['rows_read']:,} pairs read), {settings['eval_size']} held-out pairs "
             f"each way")
 
 
@@ -328,6 +327,17 @@ def evaluation_pairs(held_out, max_len, eval_size):
     return pairs[:eval_size]
 
 
+def held_out_and_examples(pairs, split, shots, max_len, eval_size, n_positions, n_shots):
+    """
+    The held-out Pairs to translate and the few-shot examples (en, fr) of data.load's `split` and
+    `shots`, checked to fit GPT-2's positions together (n_shots: the --shots asked for).
+    """
+    held_out = evaluation_pairs([pairs[i] for i in split.held], max_len, eval_size)
+    examples = [pairs[i] for i in shots]
+    check_few_shot_room(examples, held_out, n_positions, n_shots)
+    return held_out, examples
+
+
 def check_few_shot_room(examples, pairs, n_positions, shots):
     """A one-line error, before the model loads, if the few-shot prompt and a translation pass GPT-2's positions."""
     shots_ = [{"en": e, "fr": f} for e, f in examples]
@@ -367,7 +377,7 @@ def run(model, learned_files, examples, pairs, out, batch_size, settings):
     for path, learned, meta in learned_files:
         row = meta["method"] if meta["method"] not in translators else f"{meta['method']} ({path})"
         translators[row] = METHODS[meta["method"]].translator(model, learned)
-        files.append({"row": row, "path": str(path), "method": meta["method"], "metadata": meta})
+        files.append({"row": row, "path": str(Path(path).absolute()), "method": meta["method"], "metadata": meta})
         about[row] = about_file(path, meta)
     metrics = mt_metrics()
     with torch.no_grad():
@@ -395,7 +405,8 @@ def check_results(out, paths):
     try:
         earlier = rows(f["path"] for f in json.loads(found.read_text(encoding="utf-8"))["settings"]["files"])
     except (OSError, ValueError, KeyError, TypeError):
-        earlier = None
+        raise UserError(f"{found} is not a comparison's results that can be read: move it (and results.md, bleu.png) "
+                        f"away, or choose another --out") from None
     if earlier != rows(paths):
         raise UserError(f"{out} holds the results of another comparison ({found}): its table would lose its rows; "
                         f"choose another --out, or move its results.json, results.md and bleu.png away first")

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from machinery import cli
+from mini_gpt2.fast import why
 from mini_gpt2.files import write_bytes
 
 
@@ -36,8 +37,7 @@ def _draw(path, draw):
         fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
         plt.close(fig)
     except Exception as e:
-        print(f"note: matplotlib failed to draw {Path(path).name} ({type(e).__name__}: "
-              f"{(str(e).strip().splitlines() or [''])[0]}); going on without it", file=sys.stderr)
+        print(f"note: matplotlib failed to draw {Path(path).name} ({why(e)}); going on without it", file=sys.stderr)
         return None
     write_bytes(path, buf.getvalue())
     return path
@@ -54,14 +54,14 @@ def smooth(values, weight):
 
 def loss_png(log_path, path, title):
     """Training loss (raw and smoothed) and validation loss against step, from log.csv, titled. None without matplotlib."""
+    return _draw(path, lambda plt: _loss_figure(plt, log_path, title))
+
+
+def _loss_figure(plt, log_path, title):
     with open(log_path, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     train = [(int(r["step"]), float(r["loss"])) for r in rows if r["loss"]]
     val = [(int(r["step"]), float(r["val_loss"])) for r in rows if r["val_loss"]]
-    return _draw(path, lambda plt: _loss_figure(plt, train, val, title))
-
-
-def _loss_figure(plt, train, val, title):
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
         steps, losses = zip(*train)

@@ -47,6 +47,7 @@ RUN_FILES = ("checkpoint.pt", "log.csv", *(name for m in METHODS.values() for na
              "results.json", "results.md", "bleu.png")
 LOG_HEADER = ["step", "loss", "lr", "tokens", "seconds", "val_loss"]
 ASIDE = ".earlier-run"  # where --overwrite keeps the earlier run's files until the new run's first checkpoint
+DISCARDED = ".earlier-run-discarded"  # ASIDE, renamed at once when it may go, then deleted (a stop mid-way leaves only this)
 
 
 class LossNotFinite(Exception):
@@ -75,6 +76,7 @@ class Run:
         self.history = []                   # [(step, validation loss)]
         self.seconds_before = 0.0           # the time of the run before a resume
         self.replaced = []                  # the files of an earlier run that --overwrite replaces
+        self.set_aside = False              # whether they are all in ASIDE (until the new run's first checkpoint)
         self.row, self.log, self.bar = None, None, None
         self.t0 = self.t0_steps = time.time()
         self.tokens_seen = 0
@@ -121,6 +123,7 @@ class Run:
         lock.truncate()
         lock.write(str(os.getpid()))
         lock.flush()
+        shutil.rmtree(out / DISCARDED, ignore_errors=True)  # left by a stop while it was deleted: nobody's files now
         if (out / ASIDE).exists():
             raise UserError(f"{out / ASIDE} holds the files of a run that --overwrite had moved aside when it was stopped: "
                             f"move them back into {out} (or delete the folder), then run again")
@@ -218,12 +221,7 @@ class Run:
 
     def _start(self, record):
         if self.replaced:  # set aside, not deleted: a stop before the first checkpoint puts them back (_restore)
-            try:
-                (self.out / ASIDE).mkdir()
-                for name in self.replaced:
-                    os.replace(self.out / name, self.out / ASIDE / name)
-            except OSError as e:
-                raise UserError(f"--overwrite: {os_problem(e, self.out / ASIDE, 'moving the earlier run into')}") from None
+            self._set_aside()
         write_bytes(self.out / "split.json", json.dumps(record, indent=1).encode())
         rows = self._log_rows() if self.step else []
         if rows and rows[-1][0] == str(self.step) and not rows[-1][5] and self.needs_validation(self.settings["eval_every"]):
@@ -235,6 +233,28 @@ class Run:
         except OSError as e:
             raise UserError(os_problem(e, self.log_path, "writing")) from None
         self.bar = tqdm(total=self.settings["steps"], initial=self.step, desc="training", unit="step")
+
+    def _set_aside(self):
+        """
+        The earlier run's files into ASIDE, all or none: a failure or a stop part way moves back those
+        already moved (a second stop is ignored by then: cli._stop), so no file is ever left in neither place.
+        """
+        aside = self.out / ASIDE
+        try:
+            aside.mkdir()
+            for name in self.replaced:
+                os.replace(self.out / name, aside / name)
+        except BaseException as e:
+            try:
+                for path in aside.iterdir():
+                    os.replace(path, self.out / path.name)
+                aside.rmdir()
+            except OSError:
+                pass  # what is left in ASIDE, the next run names
+            if isinstance(e, OSError):
+                raise UserError(f"--overwrite: {os_problem(e, aside, 'moving the earlier run into')}") from None
+            raise
+        self.set_aside = True
 
     def _log_rows(self):
         """The rows of log.csv up to the checkpoint's step (rows a crash left after it, and a half-written one, dropped)."""
@@ -324,8 +344,13 @@ class Run:
         write = lambda: self._checkpoint(learned, optimizer) if self.main else None  # noqa: E731
         write() if alone else dist.together(write)
         self.saved = self.step
-        if self.main and (self.out / ASIDE).exists():  # the new run has something to show: the earlier one goes
-            shutil.rmtree(self.out / ASIDE, ignore_errors=True)
+        if self.main and self.set_aside:  # the new run has something to show: the earlier one goes
+            self.set_aside, gone = False, self.out / DISCARDED
+            try:
+                os.replace(self.out / ASIDE, gone)  # at once: a stop while it is deleted leaves no ASIDE behind
+            except OSError:
+                gone = self.out / ASIDE
+            shutil.rmtree(gone, ignore_errors=True)
 
     def _checkpoint(self, learned, optimizer):
         if not all(bool(torch.isfinite(p).all()) for p in learned.parameters()):
@@ -382,7 +407,7 @@ class Run:
     def _restore(self):
         """Put back the files --overwrite set aside (the new run's own go): -> what to add to the stop's line."""
         aside = self.out / ASIDE
-        if not aside.exists():
+        if not self.set_aside:  # nothing set aside, or not all of it: nothing here is the new run's alone
             return ""
         try:
             for name in RUN_FILES:

@@ -420,6 +420,51 @@ def test_overwrite_lets_the_earlier_run_go_once_the_new_one_has_a_checkpoint(run
     assert snapshot(run_copy)["checkpoint.pt"] != before["checkpoint.pt"]
 
 
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, OSError(errno.EXDEV, "Invalid cross-device link")])
+def test_a_stop_while_the_earlier_run_is_set_aside_leaves_every_file_where_it_was(run_copy, tiny_ckpt, csv_file, call,
+                                                                                 monkeypatch, stop):
+    from machinery import run_folder
+
+    before, real, moves = snapshot(run_copy), os.replace, []
+
+    def replace(src, dst):  # the second file's move is where the stop (or the failure) comes
+        moves.append(src)
+        if len(moves) == 2:
+            raise stop
+        return real(src, dst)
+
+    monkeypatch.setattr(run_folder.os, "replace", replace)
+    r = call(train.main, *train_args(tiny_ckpt[0], csv_file, run_copy, "--overwrite", "--no-eval", "--seed", 1))
+    assert r.returncode == (130 if stop is KeyboardInterrupt else 1), r.stderr
+    assert snapshot(run_copy) == before and not (run_copy / ".earlier-run").exists()
+
+
+def test_a_discarded_earlier_run_left_by_a_stop_is_no_obstacle(run_copy, tiny_ckpt, csv_file, call):
+    """A stop while the earlier run was being deleted leaves it renamed: nobody's files, deleted by the next run."""
+    (run_copy / ".earlier-run-discarded").mkdir()
+    (run_copy / ".earlier-run-discarded" / "log.csv").write_text("step\n")
+    r = call(train.main, *train_args(tiny_ckpt[0], csv_file, run_copy, "--resume", "--no-eval", "--steps", 8))
+    assert r.returncode == 0, r.stderr
+    assert not (run_copy / ".earlier-run-discarded").exists()
+
+
+def test_ctrl_c_after_the_last_step_says_what_is_kept(tiny_ckpt, csv_file, tmp_path, call, monkeypatch):
+    from machinery import run_folder
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_folder.Run, "_finish", interrupted)
+    out = tmp_path / "run"
+    r = call(train.main, *train_args(tiny_ckpt[0], csv_file, out, "--no-eval"))
+    assert r.returncode == 130
+    assert f"interrupted at step 6; {out / 'checkpoint.pt'} holds step 6: continue with the same command and --resume" \
+        in r.stderr, r.stderr
+    monkeypatch.undo()
+    r = call(train.main, *train_args(tiny_ckpt[0], csv_file, out, "--no-eval", "--resume"))  # the advice works
+    assert r.returncode == 0 and "the last and the best" in r.stdout, r.stderr
+
+
 def test_an_earlier_run_left_aside_is_named_not_lost(run_copy, tiny_ckpt, csv_file, call):
     """A run killed (-9) before its first checkpoint leaves the earlier run aside: the next run names where it is."""
     (run_copy / ".earlier-run").mkdir()
@@ -900,6 +945,22 @@ def test_a_comparison_never_replaces_another_ones_results(tiny_ckpt, csv_file, t
     assert r.returncode == 0 and f"note: {out} holds this comparison's results already; they are replaced" in r.stdout
 
 
+def test_the_same_comparison_from_another_folder_is_the_same_and_unreadable_results_are_named(
+        tiny_ckpt, csv_file, tmp_path, call, monkeypatch):
+    out = tmp_path / "run"
+    assert call(train.main, *train_args(tiny_ckpt[0], csv_file, out, "--no-eval")).returncode == 0
+    monkeypatch.chdir(tmp_path)
+    assert call(train.main, "--eval-only", "--out", "run", "--eval-size", 2).returncode == 0  # --out as a relative path
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    r = call(train.main, "--eval-only", "--out", out, "--eval-size", 2)
+    assert r.returncode == 0 and f"note: {out} holds this comparison's results already" in r.stdout, r.stderr
+    (out / "results.json").write_text('{"settings": {"fi')  # cut short
+    line = one_line_error(call(train.main, "--eval-only", "--out", out, "--eval-size", 2))
+    assert line == (f"error: {out / 'results.json'} is not a comparison's results that can be read: move it (and "
+                    "results.md, bleu.png) away, or choose another --out")
+
+
 def nan_model_folder(tiny_ckpt, folder):
     """A fine-tuned model folder as train.py writes one, but with a NaN in one weight (written past finetune.save)."""
     model = mini_gpt2.from_pretrained(tiny_ckpt[0], device="cpu")
@@ -932,7 +993,9 @@ def test_a_damaged_model_folder_is_named_whatever_else_is_given(tiny_ckpt, tmp_p
 
 
 @pytest.mark.parametrize("error", [ValueError("numpy.dtype size changed, may indicate binary incompatibility"),
-                                   RuntimeError("font cache is broken")])
+                                   RuntimeError("font cache is broken"),
+                                   ImportError("libgfortran.so.5: cannot open shared object file"),
+                                   ModuleNotFoundError("No module named 'numpy._core'", name="numpy._core")])
 def test_optional_packages_failing_in_any_way_are_a_note_before_the_work(tiny_ckpt, csv_file, tmp_path, call,
                                                                            monkeypatch, error):
     from machinery import cli
