@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 import methods
 import mini_gpt2
@@ -26,7 +25,7 @@ from machinery.cli import natural_float, positive_int
 from machinery.learned_file import check_fits
 from methods import METHODS
 from mini_gpt2 import UserError, fast
-from mini_gpt2.load import check_file, config_of
+from mini_gpt2.load import config_of, metadata_of
 from prefix import check_room, encode_sentence, max_new_tokens_for
 
 DEFAULT_PREFIX = Path("runs/prefix/prefix.safetensors")  # where train.py writes its prefixes
@@ -77,8 +76,6 @@ def main(argv=None):
     if args.top_k is not None and args.temperature == 0:
         ap.error("--top-k has no effect with greedy decoding: give --temperature above 0 too")
 
-    if args.model and not args.learned and Path(args.model).exists():
-        check_file(args.model)  # a damaged --model is named as such, not taken for a missing learned file
     path = methods.best_file_in(args.learned or (args.model if finetuned(args.model) else DEFAULT_PREFIX))
     if not path.exists():
         raise UserError(f"no prefix file at {path}: train one first with `python train.py` "
@@ -126,15 +123,8 @@ def main(argv=None):
 
 
 def finetuned(path):
-    """Whether `path` is a model folder that train.py --method finetune wrote."""
-    if not path:
-        return False
-    weights = Path(path) / "model.safetensors"
-    try:
-        with safe_open(str(weights), framework="pt") as f:
-            return (f.metadata() or {}).get("method") == "finetune"
-    except (OSError, SafetensorError):
-        return False
+    """Whether --model `path` is a model folder that train.py --method finetune wrote (a damaged one is named in one line)."""
+    return bool(path) and Path(path).exists() and metadata_of(path).get("method") == "finetune"
 
 
 if __name__ == "__main__":

@@ -229,7 +229,7 @@ class Step:
                                                self.at)
                 return self.out
             except RuntimeError as e:  # a GPU or driver that cannot capture this: on without graphs, as on a CPU
-                warnings.warn(f"decoding without CUDA graphs ({str(e).splitlines()[0]})")
+                warnings.warn(f"decoding without CUDA graphs ({next(iter(str(e).splitlines()), type(e).__name__)})")
                 self.graph = False
         return compute_step(self.model, self.k, self.v, self.tok, self.pos, self.valid, self.at)
 

@@ -77,11 +77,11 @@ def read_config(config_file):
     return config
 
 
-def check_file(path):
-    """A model folder or .safetensors file on this disk: its weights' file readable (its header), else one line naming it."""
+def metadata_of(path):
+    """A model folder or .safetensors file on this disk: its weights' header metadata; an unreadable one, one line naming it."""
     weights, _ = resolve(path)
-    with _open(weights):
-        pass
+    with _open(weights) as f:
+        return f.metadata() or {}
 
 
 def config_of(name_or_path):
@@ -154,8 +154,11 @@ def from_pretrained(name_or_path, device=None, dtype=None):
             if t.shape != expected[name]:
                 raise UserError(f"{weights}: {key} has shape {tuple(t.shape)}, expected {tuple(expected[name])}")
             state[name] = t.to(device=device, dtype=dtype)
-            if not bool(torch.isfinite(state[name]).all()):  # as every file of numbers this project reads is checked
-                raise UserError(f"{weights} holds NaN or inf values (in {key}); {_fix(weights, f.metadata())}")
+        # as every file of numbers this project reads is checked; one flag a tensor, read once (on a GPU: one wait)
+        finite = torch.stack([torch.isfinite(t).all() for t in state.values()]).tolist()
+        if not all(finite):
+            key = names[list(state)[finite.index(False)]]
+            raise UserError(f"{weights} holds NaN or inf values (in {key}); {_fix(weights, f.metadata())}")
     model.load_state_dict(state, strict=False, assign=True)
     model.lm_head.weight = model.wte.weight  # assign=True replaced wte.weight: tie again
     return model.eval()

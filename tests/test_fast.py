@@ -162,14 +162,30 @@ def test_captured_steps_are_kept_across_calls(model, graphs):
 
 
 def test_a_gpu_that_cannot_capture_decodes_without_graphs(model, monkeypatch):
+    tries = []
+
     def capture(fn, *buffers):
+        tries.append(fn)
         raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore")
 
     want = generate(model, PROMPTS, 12, stop_ids=())
     monkeypatch.setattr(fast, "uses_graphs", lambda device: True)
     monkeypatch.setattr(fast, "capture", capture)
     with pytest.warns(UserWarning, match=r"decoding without CUDA graphs \(CUDA error: operation not permitted when "
-                                         r"stream is capturing\)$"):
+                                         r"stream is capturing\)$") as warned:
+        assert generate(model, PROMPTS, 12, stop_ids=()) == want
+    assert len(tries) == 1 and len(warned) == 1  # tried once, said once: not at every token
+
+
+
+def test_a_capture_failing_without_words_is_named_by_its_type(model, monkeypatch):
+    def capture(fn, *buffers):
+        raise RuntimeError()
+
+    want = generate(model, PROMPTS, 12, stop_ids=())
+    monkeypatch.setattr(fast, "uses_graphs", lambda device: True)
+    monkeypatch.setattr(fast, "capture", capture)
+    with pytest.warns(UserWarning, match=r"decoding without CUDA graphs \(RuntimeError\)$"):
         assert generate(model, PROMPTS, 12, stop_ids=()) == want
 
 
