@@ -2,7 +2,7 @@
 The one check for the GPU this project is meant for: GPT-2 XL with random weights (no weights need
 to be copied to the machine), in bfloat16, one Markdown table printed and written to --out.
 
-    python benchmarks/bench_gpu.py                                  # GPT-2 XL on CUDA: a few minutes on an H100
+    python benchmarks/bench_gpu.py                                  # GPT-2 XL on CUDA: about 8 minutes on an H100
     python benchmarks/bench_gpu.py --size tiny --device cpu         # the same code on a tiny model, in seconds
 
 Rows:
@@ -20,8 +20,8 @@ Rows:
 - attention: the gradient of a pass with 64 keys and padding rows (the shape of pytorch#196678)
   through each fused kernel, finite or not, with this project's masks and with a query that sees
   nothing; and which kernel PyTorch picks for a training pass;
-- the default run end to end: train.py itself, compiled and not, on a generated CSV for a few
-  hundred steps and a small comparison, its wall time split into loading, compiling, training and
+- the default run end to end: train.py itself, compiled and not, on a generated CSV for
+  --e2e-steps steps and a small comparison, its wall time split into loading, compiling, training and
   evaluating, and extrapolated to the default 5,000 steps and 500 pairs each way.
 
 The table is written after each group of rows, so a run cut short keeps what it measured.
@@ -50,10 +50,12 @@ from methods import prompting  # noqa: E402
 import mini_gpt2  # noqa: E402
 from benchmarks.bench_model import decoding_speed  # noqa: E402
 from benchmarks.bench_prefix import compiled_model, examples, hf_step, our_step, reference  # noqa: E402
+from benchmarks.common import graphs as graphs_on  # noqa: E402
 from benchmarks.common import (bandwidth, median_times, parser, peak_memory, peak_tflops,  # noqa: E402
                                random_checkpoint, sample_pairs, setup)
 from methods import METHODS  # noqa: E402
 from mini_gpt2 import fast  # noqa: E402
+from mini_gpt2.model import mask_bias  # noqa: E402
 from prefix import NAMES, Example, encode_sentence, init_random, max_new_tokens_for, prefix_hidden  # noqa: E402
 
 
@@ -193,11 +195,8 @@ def evaluation_rows(model, device, n, repeats):
 
     def run(name, graphs):
         def fn():
-            fast.GRAPHS = graphs
-            try:
+            with graphs_on(graphs):
                 out[(name, graphs)] = comparison.translate_all(methods[name], texts, "fr", "en", limits, 16)
-            finally:
-                fast.GRAPHS = True
         return fn
 
     fns = {(name, graphs): run(name, graphs) for name in methods for graphs in (True, False)}
@@ -219,11 +218,8 @@ def steady_decoding_rows(model, device, short, long, repeats):
         kept = fast.Graphs()  # both lengths replay the steps captured once (the capture left out, as the prompt is)
 
         def decode(n, graphs):
-            fast.GRAPHS = graphs
-            try:
+            with graphs_on(graphs):
                 mini_gpt2.generate(model, prompts, n, stop_ids=(), graphs=kept)
-            finally:
-                fast.GRAPHS = True
 
         speed = {}
         for graphs in (True, False):
@@ -252,7 +248,7 @@ def attention_rows(model, device, dtype):
     q, k, v = (torch.randn(2, c.n_head, 64, c.head_dim, generator=g).to(device, dtype) for _ in range(3))
     sees = torch.ones(2, 1, 64, 64, dtype=torch.bool, device=device).tril()
     sees[1, :, 40:] = False  # queries 40 on of row 1 see nothing
-    mask = torch.zeros(sees.shape, dtype=dtype, device=device).masked_fill(~sees, torch.finfo(dtype).min)
+    mask = mask_bias(sees, dtype)
     kv = init_random(model, NAMES, 10, torch.Generator().manual_seed(0))
     lengths = [(22, 22), (10, 12), (5, 6), (30, 14)]  # 44 tokens at most: 64 keys with both prefixes; the others padded
     examples = [Example(list(range(1000, 1000 + s)), list(range(2000, 2000 + t - 1)) + [mini_gpt2.EOT], b % 2, 1 - b % 2)
@@ -283,11 +279,11 @@ def attention_rows(model, device, dtype):
         rows.append(("attention gradient", what, "; ".join(cells), "", ""))
     if torch.device(device).type == "cuda" and hasattr(torch, "_fused_sdp_choice"):
         x = torch.randn(4, c.n_head, 44, c.head_dim, device=device, dtype=dtype)
-        keys = torch.randn(4, c.n_head, 64, c.head_dim, device=device, dtype=dtype)
-        pass_mask = torch.zeros(4, 1, 44, 64, device=device, dtype=dtype)
+        keys = torch.randn(4, c.n_head, 64, c.head_dim, device=device, dtype=dtype, requires_grad=True)  # as in training
+        pass_mask = mask_bias(torch.ones(4, 1, 44, 64, dtype=torch.bool, device=device), dtype)
         chosen = SDPBackend(torch._fused_sdp_choice(x, keys, keys, pass_mask)).name.lower()
-        rows.append(("attention kernel", "a training pass's shapes, bfloat16, with a mask", f"PyTorch picks {chosen}", "",
-                     ""))
+        rows.append(("attention kernel", f"a training pass's shapes, {str(dtype).removeprefix('torch.')}, with a mask",
+                     f"PyTorch picks {chosen}", "", ""))
     return rows
 
 
@@ -410,7 +406,7 @@ def main():
         rows += end_to_end_rows(folder, device, dtype, args.e2e_steps or (4 if tiny else 150), 2 if tiny else 32)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    print("\n" + write_table(args.out, size, dtype, device, args.repeats, rows))
+    print("\n" + table())
     print(f"({time.time() - t0:.0f} s in all; table written to {args.out})")
 
 

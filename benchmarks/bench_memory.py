@@ -8,6 +8,7 @@ lm_head keeps for backward, once per pass). Prints figures; asserts nothing.
     python benchmarks/bench_memory.py
 """
 
+import argparse
 import os
 import sys
 
@@ -35,6 +36,7 @@ def saved_bytes(n_layer, width, B, T, P, dtype, grad_checkpoint):
 
 
 def main():
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     torch.set_num_threads(2)
     size, P, budget = "gpt2-xl", 10, 3072
     width = SIZES[size]

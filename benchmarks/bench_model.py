@@ -28,7 +28,7 @@ from methods import prompting  # noqa: E402
 import mini_gpt2  # noqa: E402
 from mini_gpt2 import fast  # noqa: E402
 from mini_gpt2.generate import prefill  # noqa: E402
-from benchmarks.common import best_time, median_times, parser, random_checkpoint, sample_pairs, setup  # noqa: E402
+from benchmarks.common import best_time, graphs, median_times, parser, random_checkpoint, sample_pairs, setup  # noqa: E402
 from prefix import encode_sentence, max_new_tokens_for  # noqa: E402
 
 
@@ -45,11 +45,8 @@ def decoding_speed(ours, hf, B, prompt_len, new_tokens, repeats, device, generat
         out["ours"] = mini_gpt2.generate(ours, prompts.tolist(), new_tokens, stop_ids=())
 
     def run_eager():
-        fast.GRAPHS = False
-        try:
+        with graphs(False):
             out["eager"] = mini_gpt2.generate(ours, prompts.tolist(), new_tokens, stop_ids=())
-        finally:
-            fast.GRAPHS = True
 
     def run_hf():
         with torch.no_grad():
@@ -140,13 +137,10 @@ def main():
 
         for B in args.batch_sizes:  # the static shapes (fast.decode) against generate.py's plain loop, on the same prompts
             prompts = torch.randint(0, mini_gpt2.EOT, (B, args.prompt_len), generator=g).tolist()
-            fast.GRAPHS = False  # the plain loop, on a GPU too
-            try:
+            with graphs(False):  # the plain loop, on a GPU too
                 t = median_times({"static": lambda: static_generate(ours, prompts, args.new_tokens),
                                   "plain": lambda: mini_gpt2.generate(ours, prompts, args.new_tokens, stop_ids=())},
                                  args.repeats, device)
-            finally:
-                fast.GRAPHS = True
             print(f"batch {B}: static-shape decoding {B * args.new_tokens / t['static']:.1f} tokens/s, generate.py's plain "
                   f"loop {B * args.new_tokens / t['plain']:.1f}, x{t['plain'] / t['static']:.2f}")
 

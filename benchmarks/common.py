@@ -1,6 +1,7 @@
 """Helpers shared by the benchmark scripts: random GPT-2 weights in the official format, timing, devices."""
 
 import argparse
+import contextlib
 import os
 import statistics
 import tempfile
@@ -125,6 +126,18 @@ def bandwidth(device):
         return None
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in BANDWIDTH.items() if k in name), None)
+
+
+@contextlib.contextmanager
+def graphs(on):
+    """Decoding through CUDA graphs (mini_gpt2.fast.GRAPHS) on or off inside the block, as it was after it."""
+    from mini_gpt2 import fast
+
+    before, fast.GRAPHS = fast.GRAPHS, on
+    try:
+        yield
+    finally:
+        fast.GRAPHS = before
 
 
 def parser(doc):
