@@ -8,10 +8,12 @@ import json
 import math
 import re
 import sys
+import types
 
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 
 from machinery import data, run_folder
 import train
@@ -187,8 +189,12 @@ def test_the_time_left_leaves_the_first_validation_out(tiny_ckpt, csv_file, tmp_
     monkeypatch.setattr(train, "mean_loss", lambda *a, **k: clock.__setitem__(0, clock[0] + 1) or real_loss(*a, **k))
     monkeypatch.setattr(run_folder.Run, "step_done", lambda self, step, *a: (real_step(self, step, *a),
                                                                                seen.append(self.bar.format_dict)))
+    monkeypatch.setattr(run_folder, "time", types.SimpleNamespace(time=lambda: clock[0]))  # the speed's clock too
     assert train.main(train_args(tiny_ckpt[0], csv_file, tmp_path / "run", "--no-eval")) == 0
     assert [(d["n"], d["elapsed"]) for d in seen] == [(k, float(k)) for k in range(1, 7)]
+    tokens = sum(int(r["tokens"]) for r in csv.DictReader(open(tmp_path / "run" / "log.csv")) if r["tokens"])
+    with safe_open(str(tmp_path / "run" / "prefix-last.safetensors"), "pt") as f:  # the best is step 0's: all tie
+        assert f.metadata()["tokens_per_s"] == f"{tokens / 6:.0f}"  # 6 steps of 1 s: the validation left out
 
 
 def test_learning_rate_defaults_differ_as_documented():
@@ -231,6 +237,20 @@ def test_pictures_when_matplotlib_is_installed(tiny_ckpt, csv_file, tmp_path, mo
     printed = capsys.readouterr().out
     table = [line for line in printed.splitlines() if line.startswith("|")]
     assert table and max(map(len, table)) <= 100 and "the whole table" in printed
+
+
+def test_bleu_bars_are_the_corpus_scores_in_percent(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    from machinery import plots
+
+    heights, real = [], matplotlib.axes.Axes.bar
+    monkeypatch.setattr(matplotlib.axes.Axes, "bar", lambda self, x, h, *a, **k: (heights.append(list(h)),
+                                                                                  real(self, x, h, *a, **k))[1])
+    scores = {f"{m} {d}": {"corpus": v} for m, values in (("3-shot", (12.5, 20.0)), ("prefix", (31.25, 40.0)))
+              for d, v in zip(("fr->en", "en->fr"), values)}
+    assert plots.bleu_png(scores, tmp_path / "bleu.png", "BLEU") == tmp_path / "bleu.png"
+    assert heights == [[12.5, 20.0], [31.25, 40.0]]
 
 
 def test_no_matplotlib_no_pictures_and_nothing_fails(tiny_ckpt, csv_file, tmp_path, monkeypatch):
